@@ -1,0 +1,3 @@
+from msprior.cli import main
+
+main()

@@ -1,0 +1,270 @@
+"""Typed configuration: YAML files in `configs/` loaded into dataclasses.
+
+Unknown keys and mistyped values fail at load with a message naming the key and the file.
+`overrides` take dotted `section.key=value` strings (the value is parsed as YAML, so `4`, `1e-3`,
+`true` and `[0.9, 0.99]` keep their types). A `Config` round-trips through `to_dict` / `to_yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as a one-line message for the user."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "transformer"  # "transformer" (ALiBi decoder) or "gru"
+    dim: int = 512  # width of the residual stream
+    num_layers: int = 8
+    num_heads: int = 8  # attention heads (transformer only)
+    head_dim: int = 32  # per-head width; heads x head_dim need not equal dim
+    ff_mult: int = 4  # feed-forward hidden width = ff_mult x dim
+    seq_len: int = 256  # frames of context: training window and streaming KV-cache length
+    dropout: float = 0.01
+    conditioning: str = "none"  # "none", "tokens" (discrete stream) or "features" (continuous)
+    cond_ratio: int = 4  # decoder frames per conditioning frame (must match the latent table)
+    cond_layers: int = 2  # transformer layers of the conditioning encoder
+    pretrained_embedding_dim: int = 0  # >0: embedding = frozen RAVE codebooks of this dim, projected
+
+    def validate(self, where: str) -> None:
+        _choice(where, "model.family", self.family, ("transformer", "gru"))
+        _choice(where, "model.conditioning", self.conditioning, ("none", "tokens", "features"))
+        for key in ("dim", "num_layers", "num_heads", "head_dim", "ff_mult", "seq_len", "cond_ratio"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}: model.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}: model.dropout must be in [0, 1), got {self.dropout}")
+        if self.family == "gru" and self.conditioning != "none":
+            raise ConfigError(
+                f"{where}: model.conditioning={self.conditioning!r} needs model.family='transformer' "
+                "(the GRU prior has no cross-attention)"
+            )
+        if self.conditioning != "none" and self.cond_layers < 1:
+            raise ConfigError(f"{where}: model.cond_layers must be >= 1 with conditioning")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    warmup_steps: int = 10_000  # linear warm-up from warmup_start x lr to lr
+    warmup_start: float = 0.01
+    decay: float = 0.9999985  # exponential decay per step after the warm-up
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def validate(self, where: str) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{where}: optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"{where}: optim.betas must be two floats, got {self.betas}")
+        if not 0 < self.decay <= 1:
+            raise ConfigError(f"{where}: optim.decay must be in (0, 1], got {self.decay}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # global batch (split across workers)
+    max_steps: int = 1_000_000
+    val_every: int = 1000  # steps between validations (and checkpoints)
+    val_batches: int = 16  # batches per validation
+    patience: int = 20  # validations without improvement before early stopping; 0 = never stop
+    ema: float = 0.0  # EMA decay of the weights used for validation/export; 0 = off
+    log_every: int = 50  # steps between metric logs
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        for key in ("batch_size", "max_steps", "val_every", "val_batches", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}: train.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"{where}: train.ema must be in [0, 1), got {self.ema}")
+
+
+@dataclass
+class DataConfig:
+    val_fraction: float = 0.05  # share of SOURCE FILES held out for validation (never chunks)
+    seed: int = 0  # seed of the deterministic file split
+
+    def validate(self, where: str) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"{where}: data.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class Config:
+    name: str = "decoder_only"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self, where: str = "config") -> "Config":
+        for section in (self.model, self.optim, self.train, self.data):
+            section.validate(where)
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> Dict[str, Any]:
+        """`{"model.dim": 512, ...}`: for MLflow params and sweep search spaces."""
+        out: Dict[str, Any] = {"name": self.name}
+        for section in ("model", "optim", "train", "data"):
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                out[f"{section}.{key}"] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], where: str = "config") -> "Config":
+        return _build(cls, data, where, prefix="").validate(where)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+CONFIG_DIRS = (
+    Path(__file__).resolve().parent / "_configs",  # wheel installs (force-included by pyproject)
+    Path(__file__).resolve().parent.parent / "configs",  # source checkout / editable install
+)
+
+
+def config_dir() -> Path:
+    for d in CONFIG_DIRS:
+        if d.is_dir():
+            return d
+    raise ConfigError("cannot find the shipped configs/ directory: reinstall msprior")
+
+
+def available_configs() -> List[str]:
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        return p
+    candidate = config_dir() / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        raise ConfigError(
+            f"unknown config {str(name_or_path)!r}: use one of {', '.join(available_configs())} "
+            "or a path to a .yaml file"
+        )
+    return candidate
+
+
+def load_config(name_or_path: Union[str, Path], overrides: Sequence[str] = ()) -> Config:
+    """Load a shipped config by name (`decoder_only`) or a YAML path, then apply overrides."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, optim, train, data)")
+    data.setdefault("name", path.stem)
+    cfg = _build(Config, data, str(path), prefix="")
+    cfg = apply_overrides(cfg, overrides, where=str(path))
+    return cfg.validate(str(path))
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str], where: str = "config") -> Config:
+    data = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--override {item!r}: expected section.key=value, e.g. model.num_layers=4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"--override {item!r}: expected section.key=value, e.g. model.num_layers=4")
+        section, name = parts
+        if section not in data or not isinstance(data[section], dict):
+            raise ConfigError(
+                f"--override {item!r}: unknown section {section!r}{_suggest(section, _sections())}"
+            )
+        if name not in data[section]:
+            raise ConfigError(
+                f"--override {item!r}: unknown key {key!r}{_suggest(name, list(data[section]))}"
+            )
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        data[section][name] = value
+    return _build(Config, data, f"{where} (with --override)", prefix="").validate(where)
+
+
+# --- strict dataclass construction --------------------------------------------------------------
+
+
+def _choice(where: str, key: str, value: str, options: Sequence[str]) -> None:
+    if value not in options:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(map(repr, options))}, got {value!r}")
+
+
+def _sections() -> List[str]:
+    return ["model", "optim", "train", "data"]
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
+
+
+def _build(cls, data: Any, where: str, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key {prefix + str(key)!r}{_suggest(str(key), list(fields))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, where, prefix=f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check(value, hint, where, prefix + key)
+    return cls(**kwargs)
+
+
+def _check(value: Any, hint: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (list, List):
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return [_check(v, item_type, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: {key}: unsupported type {hint}")  # pragma: no cover
