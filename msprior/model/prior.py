@@ -457,7 +457,7 @@ class Prior(nn.Module):
     def sample(self, context: Tensor, cond: Optional[Tensor] = None, temperature: float = 1.0) -> Tuple[Tensor, Tensor]:
         """Next frame after `context` [B, T, Q], recomputing the whole prefix (the reference that
         the cached streaming path must match)."""
-        h = self.context(context[:, -self.seq_len :] if cond is None else context, cond)
+        h = self.context(context, cond)  # the sliding-window mask bounds what the transformer sees
         return self.predict(h[:, -1], temperature)
 
     # -- streaming (export / realtime) ---------------------------------------------------------
@@ -485,7 +485,7 @@ class Prior(nn.Module):
             if cond is None:
                 raise ValueError("this prior is conditioned: pass the conditioning stream")
             first = (-pos0) % self.cond_ratio  # index of the first frame in this buffer with t % r == 0
-            idx = torch.arange(first, n, self.cond_ratio, device=x.device)
+            idx = torch.arange(first, max(first, n), self.cond_ratio, device=x.device)
             cpos0 = int(self.cond_pos[0])
             mem_pos = torch.arange(idx.numel(), device=x.device) + cpos0
             if idx.numel() > 0:
