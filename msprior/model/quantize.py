@@ -16,10 +16,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Dithered values stay this far (as a fraction of a bin) from the bin edges, so that
-# quantize(dequantize(t)) == t despite float32 rounding of erf / erfinv.
-_EDGE = 0.01
-
 
 def quantize(z: Tensor, resolution: int) -> Tensor:
     """Latents z (float, any shape) -> int64 tokens in [0, resolution): floor(Phi(z) * resolution)."""
@@ -27,16 +23,18 @@ def quantize(z: Tensor, resolution: int) -> Tensor:
     return torch.floor(u * resolution).long().clamp(0, resolution - 1)
 
 
-def dequantize(tokens: Tensor, resolution: int, noise: Optional[Tensor] = None) -> Tensor:
+def dequantize(tokens: Tensor, resolution: int, noise: Optional[Tensor] = None, edge: float = 0.01) -> Tensor:
     """Tokens -> float32 latents: Phi^-1 of a point inside the token's bin.
 
     `noise` (same shape as tokens, uniform in [0, 1)) dithers the point inside the bin, as the
-    original MSPrior's export does; None takes the bin's centre (deterministic).
+    original MSPrior's export does; None takes the bin's centre (deterministic). Dithered points stay
+    `edge` (a fraction of a bin) away from the bin's edges, so that quantize(dequantize(t)) == t
+    despite float32 rounding in erf / erfinv.
     """
     t = tokens.float()
     if noise is None:
         offset = torch.full_like(t, 0.5)
     else:
-        offset = _EDGE + (1.0 - 2.0 * _EDGE) * noise.to(t.dtype)
+        offset = edge + (1.0 - 2.0 * edge) * noise.to(t.dtype)
     u = (t.clamp(0, resolution - 1) + offset) / resolution  # strictly inside (0, 1)
     return math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
