@@ -1,0 +1,114 @@
+"""Model benchmark (CPU): training throughput and streamed-generation latency of a config.
+
+    python bench/model.py [--config decoder_only] [--batch 8] [--quantizers 8] [--vocab 1024]
+
+Prints
+  * training tokens/s (frames x quantizers per second, forward + backward + AdamW step) at a fixed
+    batch of seq_len-frame windows, all threads;
+  * the latency of one streamed generation step (one frame through the KV cache / GRU state, then
+    the skip predictor samples its Q tokens) on ONE thread, median and p99, at the start of a stream
+    and once the cache is full, against the baseline measured in the same run: the same step without
+    a cache (recomputing the seq_len-frame prefix), as a ratio.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from msprior.config import load_config
+from msprior.model import DatasetFacts, build_prior
+
+
+def percentile(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="decoder_only")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--quantizers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--train_steps", type=int, default=5)
+    ap.add_argument("--gen_steps", type=int, default=300)
+    ap.add_argument("--override", nargs="*", default=[])
+    args = ap.parse_args()
+
+    cfg = load_config(args.config, args.override)
+    facts = DatasetFacts(args.quantizers, args.vocab, cond_ratio=cfg.model.cond_ratio, cond_vocab=64, cond_features=16)
+    torch.manual_seed(0)
+    prior = build_prior(cfg.model, facts)
+    params = sum(p.numel() for p in prior.parameters())
+    T, Q = cfg.model.seq_len, args.quantizers
+    batch = {"rave": torch.randint(0, args.vocab, (args.batch, T + 1, Q))}
+    Tc = -(-T // cfg.model.cond_ratio)
+    if cfg.model.conditioning == "tokens":
+        batch["tokens"] = torch.randint(0, 64, (args.batch, Tc))
+    elif cfg.model.conditioning == "features":
+        batch["features"] = torch.randn(args.batch, Tc, 16)
+    print(f"config={args.config} params={params / 1e6:.1f}M batch={args.batch} seq_len={T} Q={Q} V={args.vocab} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+
+    # --- training throughput ---
+    opt = torch.optim.AdamW([p for p in prior.parameters() if p.requires_grad], lr=1e-4)
+    prior.train()
+    times = []
+    for i in range(args.train_steps + 1):
+        t0 = time.perf_counter()
+        loss = prior.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i > 0:  # the first step warms up allocators
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    print(f"train: {step_s:.2f} s/step  {args.batch * T * Q / step_s:,.0f} tokens/s "
+          f"(original MSPrior reference on this machine kind: ~12 s/step at batch 8, Q=8 -> "
+          f"{12.0 / step_s:.1f}x)")
+
+    # --- streamed generation latency, one thread ---
+    torch.set_num_threads(1)
+    prior.eval()
+    cond_frame = None
+    if cfg.model.conditioning == "tokens":
+        cond_frame = torch.zeros(1, 1, dtype=torch.long)
+    elif cfg.model.conditioning == "features":
+        cond_frame = torch.zeros(1, 1, 16)
+
+    def gen_step(frame):
+        h = prior.stream_context(frame, cond_frame)
+        return prior.predict(h[:, -1], 1.0)[0].unsqueeze(1)
+
+    with torch.inference_mode():
+        prior.init_stream(1)
+        frame = torch.zeros(1, 1, Q, dtype=torch.long)
+        start, full = [], []
+        for i in range(args.gen_steps + T):
+            t0 = time.perf_counter()
+            frame = gen_step(frame)
+            dt = (time.perf_counter() - t0) * 1e3
+            (start if i < args.gen_steps // 2 else full).append(dt) if (i < args.gen_steps // 2 or i >= T) else None
+        # baseline: no cache, recompute a seq_len-frame prefix for every generated frame
+        prefix = torch.randint(0, args.vocab, (1, T, Q))
+        cond = None
+        if cfg.model.conditioning == "tokens":
+            cond = torch.zeros(1, Tc, dtype=torch.long)
+        elif cfg.model.conditioning == "features":
+            cond = torch.zeros(1, Tc, 16)
+        base = []
+        for _ in range(max(10, args.gen_steps // 20)):
+            t0 = time.perf_counter()
+            prior.sample(prefix, cond, 1.0)
+            base.append((time.perf_counter() - t0) * 1e3)
+    med_full = statistics.median(full)
+    print(f"stream step, 1 thread: start median {statistics.median(start):.2f} ms p99 {percentile(start, 99):.2f} ms | "
+          f"cache full median {med_full:.2f} ms p99 {percentile(full, 99):.2f} ms")
+    print(f"baseline without cache ({T}-frame recompute): median {statistics.median(base):.2f} ms -> "
+          f"cache speedup {statistics.median(base) / med_full:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
