@@ -1,0 +1,11 @@
+"""Audio corpus -> latent table (Parquet + manifest), and readers for that table.
+
+    from msprior.data import preprocess, load_manifest, read_table, list_shards
+"""
+
+from msprior.data.preprocess import PreprocessError, preprocess
+from msprior.data.table import (list_shards, load_centroids, load_manifest, load_report, rave_array,
+                                read_table, shard_name)
+
+__all__ = ["preprocess", "PreprocessError", "load_manifest", "load_report", "load_centroids",
+           "list_shards", "read_table", "rave_array", "shard_name"]

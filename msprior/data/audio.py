@@ -1,0 +1,74 @@
+"""Decode one audio file to mono float32 at the RAVE rate, and cut it into chunks.
+
+Decoding is libsndfile (soundfile): wav/aiff/flac/ogg/opus/mp3 and the rest of its formats;
+resampling is soxr's band-limited "HQ" filter. Any file that cannot be used raises `SkipFile`
+with a short reason that ends up in report.json.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from typing import List, Tuple
+
+import numpy as np
+
+# extensions listed as audio; everything else under the corpus is ignored (and reported as such)
+AUDIO_EXTENSIONS = {
+    "wav", "wave", "bwf", "rf64", "w64", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff", "aifc",
+    "caf", "au", "snd", "sd2", "voc", "wv", "mat", "pvf", "xi", "htk", "sds", "avr", "paf", "nist",
+    "ircam", "mpc", "sf",
+}
+
+SILENCE_PEAK = 1e-5  # below this peak amplitude (-100 dBFS) a whole file counts as silent
+
+
+class SkipFile(Exception):
+    """A file that is skipped (and reported) rather than encoded."""
+
+
+def is_audio_name(name: str) -> bool:
+    return "." in name and name.rsplit(".", 1)[1].lower() in AUDIO_EXTENSIONS
+
+
+def decode(data: bytes, target_sr: int) -> Tuple[np.ndarray, int, int]:
+    """Encoded file bytes -> (mono float32 samples at target_sr, original rate, channels)."""
+    import soundfile as sf
+    import soxr
+
+    if len(data) == 0:
+        raise SkipFile("empty file (0 bytes)")
+    try:
+        x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile's message says what it found
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = re.sub(r"^Error opening <[^>]*>: ", "", msg)  # drop the in-memory file's repr
+        raise SkipFile(f"cannot decode: {msg}") from None
+    if x.shape[0] == 0:
+        raise SkipFile("no audio samples")
+    if not np.isfinite(x).all():
+        raise SkipFile("contains NaN or infinite samples")
+    mono = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+    if np.abs(mono).max() < SILENCE_PEAK:
+        raise SkipFile("silent (peak below -100 dBFS)")
+    if sr != target_sr:
+        mono = soxr.resample(mono, sr, target_sr, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32), int(sr), int(x.shape[1])
+
+
+def chunk_bounds(n: int, chunk: int, ratio: int, min_frames: int) -> List[Tuple[int, int]]:
+    """Sample ranges of the chunks of an n-sample file.
+
+    Chunks hold `chunk` samples (a multiple of `ratio`). A file shorter than one chunk is one
+    shorter chunk. The tail after the last full chunk is its own chunk when it has at least
+    `min_frames` frames, else it joins the chunk before it (nothing is dropped). A file with
+    fewer than `min_frames` frames in all yields no chunk (the caller skips and reports it).
+    """
+    if math.ceil(n / ratio) < min_frames:
+        return []
+    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if len(bounds) > 1 and math.ceil((bounds[-1][1] - bounds[-1][0]) / ratio) < min_frames:
+        bounds[-2] = (bounds[-2][0], bounds[-1][1])
+        bounds.pop()
+    return bounds

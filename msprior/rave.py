@@ -1,0 +1,194 @@
+"""Load and inspect a RAVE model exported as TorchScript, and map its latents to tokens.
+
+Facts read off real exports (see shared DESIGN.md): `encode(x [B, 1, N]) -> [B, C, ceil(N / ratio)]`,
+`sr` (v2) or a `sampling_rate` buffer (v1), `encode_params = [in_ch, in_ratio, out_ch, out_ratio]`.
+Discrete (RVQ) exports return codebook indices as floats, one channel per quantizer; continuous
+exports return latents that msprior quantises into `resolution` bins with the normal CDF.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+class RaveError(ValueError):
+    """A file that is not a usable RAVE export; the message is one line naming the file."""
+
+
+# --- continuous latents <-> tokens (shared with export: the same resolution at both ends) ---------
+
+
+def quantize_normal(z: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Latent values (~N(0, 1)) -> int64 bins in [0, resolution): equal-probability bins of N(0, 1)."""
+    u = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))  # normal CDF
+    return torch.clamp(torch.floor(u * resolution), 0, resolution - 1).long()
+
+
+def dequantize_normal(tokens: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Bins -> latent values: the normal quantile of each bin's centre (inverse of quantize_normal)."""
+    u = (tokens.float() + 0.5) / resolution
+    return math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _describe_non_torchscript(path: str, name: str) -> str:
+    """What a file that torch.jit.load refused actually is, for a one-line error."""
+    p = Path(path)
+    if p.stat().st_size == 0:
+        return f"{name}: empty file; expected a RAVE model exported as TorchScript (.ts)"
+    if zipfile.is_zipfile(path):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            obj = None
+        if isinstance(obj, dict):
+            return (f"{name}: a plain PyTorch state dict / checkpoint ({len(obj)} keys), not a TorchScript "
+                    "export; export it with RAVE's `rave export` and pass the .ts file")
+        return (f"{name}: a torch.save() archive, not TorchScript; export the model with RAVE's "
+                "`rave export` and pass the .ts file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        return f"{name}: a Python pickle (old torch.save), not TorchScript; expected a RAVE .ts export"
+    return f"{name}: not a TorchScript file; expected a RAVE model exported as TorchScript (.ts)"
+
+
+@dataclass
+class Rave:
+    """A loaded RAVE export and the facts msprior needs from it."""
+
+    module: torch.jit.ScriptModule
+    path: str
+    sr: int
+    ratio: int  # audio samples per latent frame
+    latent_size: int  # channels `encode` returns (= quantizers for discrete models)
+    discrete: bool
+    codebook_size: Optional[int]  # discrete only
+    version: str  # "v2" (`sr` attribute) or "v1" (`sampling_rate` buffer)
+
+    @property
+    def num_quantizers(self) -> int:
+        return self.latent_size
+
+    def vocab_size(self, resolution: int) -> int:
+        return int(self.codebook_size) if self.discrete else int(resolution)
+
+    def to(self, device: str) -> "Rave":
+        self.module = self.module.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, N] or [B, 1, N] float audio at `sr` -> raw latents [B, C, ceil(N / ratio)] (float32).
+
+        Continuous (variational) exports sample their latent: the RNG is reseeded per call so the
+        same batch always gives the same latents.
+        """
+        if audio.dim() == 2:
+            audio = audio[:, None, :]
+        if not self.discrete:
+            torch.manual_seed(0)
+        dev = next(iter(self.module.buffers()), torch.empty(0)).device
+        return self.module.encode(audio.to(dev, torch.float32)).float().cpu()
+
+    def tokens(self, audio: torch.Tensor, resolution: int) -> torch.Tensor:
+        """Audio [B, N] -> int64 tokens [B, C, T]: codebook indices, or normal-CDF bins."""
+        z = self.encode(audio)
+        if self.discrete:
+            return torch.round(z).long()
+        return quantize_normal(z, resolution)
+
+
+def _has_method(m, name: str) -> bool:
+    try:
+        return hasattr(m, name) and callable(getattr(m, name))
+    except Exception:
+        return False
+
+
+def load_rave(path: str, allow_streaming: bool = False) -> Rave:
+    """Load a RAVE TorchScript export; raise RaveError (one line) for anything else."""
+    name = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise RaveError(f"{name}: no such file; expected a RAVE model exported as TorchScript (.ts)")
+    if p.is_dir():
+        raise RaveError(f"{name}: is a directory; expected a RAVE .ts file")
+    try:
+        m = torch.jit.load(str(p), map_location="cpu")
+    except Exception:
+        raise RaveError(_describe_non_torchscript(str(p), name)) from None
+    m.eval()
+    if not _has_method(m, "encode"):
+        methods = [x.name for x in m._c._get_methods()] if hasattr(m, "_c") else []
+        raise RaveError(f"{name}: TorchScript module without an `encode` method (found {methods or 'none'}); "
+                        "expected a RAVE export")
+    buffers = dict(m.named_buffers())
+    if hasattr(m, "sr"):
+        sr, version = int(m.sr), "v2"
+    elif "sampling_rate" in buffers:
+        sr, version = int(buffers["sampling_rate"].item()), "v1"
+    else:
+        raise RaveError(f"{name}: no `sr` attribute nor `sampling_rate` buffer; expected a RAVE export")
+    if "encode_params" in buffers:
+        params = [int(v) for v in buffers["encode_params"].tolist()]
+        latent_size, ratio = params[2], params[3]
+    else:  # no encode_params: probe the shape of `encode` once
+        try:
+            with torch.no_grad():
+                z = m.encode(torch.zeros(1, 1, 2 ** 16))
+        except Exception as e:
+            raise RaveError(f"{name}: no `encode_params` buffer and `encode` failed on a probe "
+                            f"({type(e).__name__}); expected a RAVE export") from None
+        latent_size, ratio = int(z.shape[1]), 2 ** 16 // int(z.shape[2])
+    if ratio <= 0 or latent_size <= 0:
+        raise RaveError(f"{name}: encode_params {buffers.get('encode_params')} make no sense for a RAVE export")
+    streaming = [n for n, sub in m.named_modules() if "Cached" in getattr(sub, "original_name", "")]
+    if (streaming or "_streaming" in p.name) and not allow_streaming:
+        raise RaveError(f"{name}: a streaming export (cached convolutions keep state between calls, "
+                        "so chunks would leak into each other); export the model again without "
+                        "--streaming for preprocessing")
+    encoder = getattr(m, "encoder", None) if _has_method(m, "encode") else None
+    codebooks = sorted(((n, b) for n, b in buffers.items() if n.endswith("_codebook.embed")),
+                       key=lambda nb: nb[0])
+    discrete = bool(codebooks) or "Discrete" in str(getattr(encoder, "original_name", ""))
+    codebook_size = None
+    if discrete:
+        if codebooks:
+            codebook_size = int(codebooks[0][1].shape[0])
+        else:
+            raise RaveError(f"{name}: a discrete RAVE export without `*._codebook.embed` buffers; "
+                            "cannot tell its codebook size")
+    return Rave(module=m, path=str(p), sr=sr, ratio=ratio, latent_size=latent_size,
+                discrete=discrete, codebook_size=codebook_size, version=version)
+
+
+def describe(r: Rave) -> dict:
+    """The facts of a RAVE export as the manifest's `rave` section wants them (minus file names)."""
+    return {"sr": r.sr, "ratio": r.ratio, "latent_size": r.latent_size,
+            "num_quantizers": r.num_quantizers, "continuous": not r.discrete, "version": r.version,
+            "codebook_size": r.codebook_size}
+
+
+def load_bytes(data: bytes) -> torch.jit.ScriptModule:
+    """A TorchScript module from bytes (e.g. a .ts read from S3)."""
+    return torch.jit.load(io.BytesIO(data), map_location="cpu")
