@@ -1,0 +1,1 @@
+"""Export a trained prior for nn~ (TorchScript), quantize it, render audio previews."""
