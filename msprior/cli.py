@@ -97,6 +97,85 @@ def preprocess_cmd(
         raise UserError(str(e)) from None
 
 
+# --- export for nn~ and the MLflow registry (issue 5) -------------------------------------------
+
+
+@app.command("export")
+def export_cmd(
+    run: str = opt(..., "--run", help="Run directory (local or s3://), MLflow run id, or a checkpoint dir/file."),
+    out: str = opt("model.ts", "--out", help="Output TorchScript file for nn~."),
+    checkpoint: str = opt("best", "--checkpoint", help="best | last checkpoint of the run."),
+    batch_size: int = opt(1, "--batch_size", help="Parallel streams (nn~ mc channels); any training batch size."),
+    continuous: bool = opt(False, "--continuous", help="Latents in/out (continuous RAVE); the manifest decides anyway."),
+    quantize: Optional[str] = opt(None, "--quantize", help="int8: dynamic int8 Linear weights (realtime option)."),
+    name: Optional[str] = opt(None, "--name", help="Registered model name (default msprior-<run name>)."),
+    register: bool = typer.Option(True, "--register/--no-register", help="Register a version in MLflow."),
+    tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow tracking URI (default: the run's)."),
+    preview_secs: float = opt(8.0, "--preview_secs", help="Seconds of audio preview to log (0: none)."),
+):
+    """Export a trained prior as a TorchScript model for nn~ (Max/MSP, PureData) and register it."""
+    from msprior.export.run import ExportError, export_run, read_metadata, sha256_file
+    from msprior.registry import RegistryError, register_export
+
+    try:
+        path = export_run(run, out, checkpoint=checkpoint, batch_size=batch_size,
+                          continuous=True if continuous else None, quantize=quantize, tracking_uri=tracking_uri)
+        typer.echo(f"exported {path} (sha256 {sha256_file(path)[:12]})")
+        if not register:
+            return
+        previews = []
+        if preview_secs > 0:
+            wav = _export_preview(path, read_metadata(path), preview_secs)
+            previews = [wav] if wav else []
+        info = register_export(path, name=name, tracking_uri=tracking_uri, previews=previews)
+    except (ExportError, RegistryError) as e:
+        raise UserError(str(e)) from None
+    typer.echo(f"registered {info['name']} version {info['version']}"
+               + (" (champion)" if info["champion"] else " (champion unchanged: not better)"))
+
+
+def _export_preview(path: str, meta: dict, seconds: float) -> Optional[str]:
+    """Render a WAV preview with the latent table's RAVE copy when the table is reachable."""
+    import os
+
+    db_path = meta.get("db_path")
+    if not db_path:
+        typer.echo("no preview: the run does not record its latent table (db_path)")
+        return None
+    rave = f"{db_path.rstrip('/')}/rave.ts"
+    if rave.startswith("s3://"):
+        import fsspec
+
+        local = os.path.splitext(path)[0] + ".rave.ts"
+        with fsspec.open(rave, "rb") as src, open(local, "wb") as dst:
+            dst.write(src.read())
+        rave = local
+    if not os.path.exists(rave):
+        typer.echo(f"no preview: {rave} not found")
+        return None
+    from msprior.export.preview import render_preview
+
+    wav = render_preview(path, rave, os.path.splitext(path)[0] + ".preview.wav", seconds=seconds)
+    typer.echo(f"preview {wav}")
+    return wav
+
+
+@app.command("pull")
+def pull_cmd(
+    ref: str = typer.Argument(..., help="NAME, NAME@alias (e.g. msprior-x@champion) or NAME/version."),
+    out: str = opt("model.ts", "--out", help="Where to write the .ts file."),
+    tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow tracking URI."),
+):
+    """Download a registered nn~ model (.ts), verified against its sha256."""
+    from msprior.registry import RegistryError, pull
+
+    try:
+        path = pull(ref, out, tracking_uri=tracking_uri)
+    except RegistryError as e:
+        raise UserError(str(e)) from None
+    typer.echo(f"pulled {ref} -> {path}")
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
