@@ -24,19 +24,9 @@ class RaveError(ValueError):
     """A file that is not a usable RAVE export; the message is one line naming the file."""
 
 
-# --- continuous latents <-> tokens (shared with export: the same resolution at both ends) ---------
-
-
-def quantize_normal(z: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Latent values (~N(0, 1)) -> int64 bins in [0, resolution): equal-probability bins of N(0, 1)."""
-    u = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))  # normal CDF
-    return torch.clamp(torch.floor(u * resolution), 0, resolution - 1).long()
-
-
-def dequantize_normal(tokens: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Bins -> latent values: the normal quantile of each bin's centre (inverse of quantize_normal)."""
-    u = (tokens.float() + 0.5) / resolution
-    return math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+# continuous latents <-> tokens: the one definition shared with export (same resolution at both ends)
+from msprior.model.quantize import dequantize as dequantize_normal  # noqa: E402
+from msprior.model.quantize import quantize as quantize_normal  # noqa: E402
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -139,7 +129,10 @@ def load_rave(path: str, allow_streaming: bool = False) -> Rave:
         raise RaveError(_describe_non_torchscript(str(p), name)) from None
     m.eval()
     if not _has_method(m, "encode"):
-        methods = [x.name for x in m._c._get_methods()] if hasattr(m, "_c") else []
+        try:
+            methods = sorted(m._c._method_names())
+        except Exception:
+            methods = []
         raise RaveError(f"{name}: TorchScript module without an `encode` method (found {methods or 'none'}); "
                         "expected a RAVE export")
     buffers = dict(m.named_buffers())

@@ -1,0 +1,202 @@
+"""Preprocess end to end on a generated corpus: real Ray (one session), real files, real S3."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from msprior.codec import save_codec
+from msprior.data import (PreprocessError, list_shards, load_manifest, load_report, preprocess, read_table,
+                          shard_name)
+from msprior.data.synthetic import melody, write_bad_files, write_corpus
+from msprior.rave import load_rave, sha256_file
+from tests.data_helpers import reference_audio
+
+pytestmark = pytest.mark.timeout(600)
+
+NUM_SECS, MIN_FRAMES, COND = 4.0, 32, 4  # chunks of 172 frames at 44.1 kHz / 1024; window 0.74 s
+OPTS = dict(num_secs=NUM_SECS, min_frames=MIN_FRAMES, batch_size=8, condition_ratio=COND,
+            condition_tokens=8, progress=False)
+BAD = {  # file -> a word its reason must contain
+    "bad/empty.wav": "empty", "bad/notes.wav": "decode", "bad/garbage.flac": "decode",
+    "bad/corrupt.wav": "decode", "bad/tiny.wav": "too short", "bad/silent.wav": "silent",
+    "bad/README.txt": "ignored",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Tones, chords and noise at 22.05/44.1/48 kHz, mono/stereo, wav/flac; short, odd and bad files."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(str(root), n_files=4, seconds=9.0, seed=0)  # 3 chunks each: 4 s + 4 s + 1 s tail
+    rng = np.random.default_rng(3)
+    extra = root / "extra"
+    extra.mkdir()
+    sf.write(str(extra / "short_2s.wav"), 0.4 * melody(2.0, 44100, rng), 44100)  # one shorter chunk
+    sf.write(str(extra / "tail_8.5s_48k.wav"), 0.4 * melody(8.5, 48000, rng), 48000)  # tail joins chunk 1
+    sf.write(str(extra / "odd_rate_11025.aiff"), 0.4 * melody(3.0, 11025, rng), 11025)
+    four = np.stack([0.3 * melody(3.0, 44100, rng) for _ in range(4)], 1)
+    sf.write(str(extra / "four_channels.wav"), four, 44100)
+    write_bad_files(str(root / "bad"))
+    good = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not str(p.relative_to(root)).startswith("bad/"))
+    return root, good
+
+
+@pytest.fixture(scope="module")
+def codecs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("codecs")
+    return {kind: save_codec(str(d / f"{kind}.ts"), discrete=(kind == "discrete"))
+            for kind in ("continuous", "discrete")}
+
+
+@pytest.fixture(scope="module")
+def tables(ray_session, corpus, codecs, tmp_path_factory):
+    out = {}
+    for kind, rave in codecs.items():
+        path = str(tmp_path_factory.mktemp(f"table_{kind}"))
+        out[kind] = (path, preprocess(str(corpus[0]), path, rave, **OPTS))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["continuous", "discrete"])
+def test_table_matches_manifest_and_direct_encode(kind, tables, corpus, codecs):
+    path, summary = tables[kind]
+    root, good = corpus
+    m = load_manifest(path)
+    t = read_table(path)
+    rows = t.to_pylist()
+    q, vocab = m["rave"]["num_quantizers"], m["rave"]["vocab_size"]
+    assert (m["rave"]["continuous"], vocab) == ((kind == "continuous"), 64)
+    assert m["rave"]["sha256"] == sha256_file(codecs[kind]) == sha256_file(os.path.join(path, "rave.ts"))
+    assert sorted({r["source"] for r in rows}) == good
+    assert m["counts"]["files_ok"] == len(good) == summary["files_encoded"]
+    assert m["counts"]["chunks"] == len(rows) == summary["table_chunks"]
+    assert m["counts"]["frames"] == sum(r["frames"] for r in rows) == summary["frames"]
+    for r in rows:
+        assert len(r["rave"]) == r["frames"] * q and 0 <= min(r["rave"]) and max(r["rave"]) < vocab
+        nc = math.ceil(r["frames"] / COND)
+        assert len(r["tokens"]) == nc and len(r["features"]) == nc * m["conditioning"]["features"]["size"]
+        assert max(r["tokens"]) < m["conditioning"]["tokens"]["vocab_size"]
+
+    by = {(r["source"], r["chunk"]): r for r in rows}
+    chunk = m["chunk"]["frames"] * 1024
+    assert [by[("extra/tail_8.5s_48k.wav", c)]["frames"] for c in (0, 1)] == [172, math.ceil((374850 - 172 * 1024) / 1024)]  # tail merged
+    assert ("extra/tail_8.5s_48k.wav", 2) not in by
+    assert by[("extra/short_2s.wav", 0)]["frames"] == math.ceil(2 * 44100 / 1024)
+
+    # the tokens of a chunk equal the model's own encode of the same audio, called directly
+    rave = load_rave(codecs[kind])
+    for source, c, (a, b) in [("melody/melody_003_22050_stereo.flac", 1, (chunk, 2 * chunk)),
+                              ("extra/tail_8.5s_48k.wav", 1, (chunk, None))]:
+        x = torch.from_numpy(reference_audio(str(root / source), 44100)[a:b])[None]
+        z = rave.encode(x)[0]  # [Q, T]
+        want = torch.round(z).long() if kind == "discrete" else torch.from_numpy(
+            np.asarray(__import__("msprior.rave", fromlist=["x"]).quantize_normal(z, 64)))
+        got = np.asarray(by[(source, c)]["rave"]).reshape(-1, q).T
+        np.testing.assert_array_equal(got, want.numpy())
+
+    from msprior.model import DatasetFacts
+
+    facts = DatasetFacts.from_manifest(m)
+    assert (facts.num_quantizers, facts.vocab_size, facts.cond_ratio) == (q, 64, COND)
+    assert facts.cond_features == 15 and len(facts.feature_std) == 15 and facts.cond_vocab == 8
+    assert np.load(os.path.join(path, "centroids.npy")).shape == (8, 15)
+
+
+@pytest.mark.slow
+def test_report_names_every_bad_file(tables):
+    path, summary = tables["continuous"]
+    report = load_report(path)
+    reasons = {s["source"]: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == set(BAD)
+    for source, word in BAD.items():
+        assert word in reasons[source] and "\n" not in reasons[source], (source, reasons[source])
+    assert summary["files_skipped"] == len(BAD) - 1 and summary["files_ignored"] == 1
+
+
+@pytest.mark.slow
+def test_rerun_adds_nothing_and_resume_fills_gaps(tables, corpus, codecs, tmp_path):
+    src, _ = tables["continuous"]
+    before = read_table(src).sort_by([("source", "ascending"), ("chunk", "ascending")])
+    mtimes = {p: os.stat(p).st_mtime_ns for p in list_shards(src)}
+    again = preprocess(str(corpus[0]), src, codecs["continuous"], **OPTS)
+    assert again["files_encoded"] == 0 and again["files_already_done"] == len(mtimes)
+    assert {p: os.stat(p).st_mtime_ns for p in list_shards(src)} == mtimes
+    assert read_table(src).num_rows == before.num_rows
+
+    # an interrupted run: one shard missing, a stray temp file from a write that never finished
+    table = tmp_path / "table"
+    shutil.copytree(src, table)
+    victim = table / "latents" / shard_name("extra/short_2s.wav")
+    victim.unlink()
+    (table / "latents" / f".tmp-deadbeef-{victim.name}").write_bytes(b"partial")
+    assert len(list_shards(str(table))) == len(mtimes) - 1  # the temp file is never a shard
+    resumed = preprocess(str(corpus[0]), str(table), codecs["continuous"], **OPTS)
+    assert resumed["files_encoded"] == 1
+    after = read_table(str(table)).sort_by([("source", "ascending"), ("chunk", "ascending")])
+    assert after.equals(before)
+
+    with pytest.raises(PreprocessError, match="resolution"):  # other settings: refuse, one line
+        preprocess(str(corpus[0]), str(table), codecs["continuous"], **{**OPTS, "resolution": 32})
+
+
+@pytest.mark.slow
+def test_s3_round_trip(tables, corpus, codecs, s3_env):
+    from msprior import storage
+
+    local, _ = tables["discrete"]
+    out = "s3://test-bucket/tables/discrete"
+    summary = preprocess(str(corpus[0]), out, codecs["discrete"], **OPTS)
+    assert summary["files_encoded"] == len(corpus[1])
+    key = [("source", "ascending"), ("chunk", "ascending")]
+    assert read_table(out).sort_by(key).equals(read_table(local).sort_by(key))
+    m, ml = load_manifest(out), load_manifest(local)
+    assert m["counts"] == ml["counts"] and m["rave"] == ml["rave"]
+    assert storage.read_bytes(out + "/rave.ts") == Path(codecs["discrete"]).read_bytes()
+    assert {s["source"] for s in load_report(out)["skipped"]} == set(BAD)
+
+    # audio read from S3 by the Ray read tasks, too
+    fs, _ = storage.filesystem("s3://test-bucket")
+    for rel in corpus[1][:2]:
+        fs.put_file(str(corpus[0] / rel), f"test-bucket/audio/{rel}")
+    s = preprocess("s3://test-bucket/audio", "s3://test-bucket/tables/from-s3", codecs["discrete"],
+                   **{**OPTS, "condition_ratio": 0})
+    assert s["files_encoded"] == 2 and load_manifest("s3://test-bucket/tables/from-s3")["conditioning"] is None
+    t = read_table("s3://test-bucket/tables/from-s3")
+    assert "tokens" not in t.column_names and t.num_rows == sum(
+        1 for r in read_table(local).to_pylist() if r["source"] in corpus[1][:2])
+
+
+@pytest.mark.slow
+def test_nothing_encodable_exits_nonzero_with_one_line(ray_session, codecs, tmp_path, capsys):
+    from msprior.cli import main
+
+    write_bad_files(str(tmp_path / "bad"))
+    out = tmp_path / "table"
+    with pytest.raises(SystemExit) as e:
+        main(["preprocess", "--audio", str(tmp_path / "bad"), "--out_path", str(out),
+              "--rave", codecs["continuous"], "--min_frames", "32"])
+    assert e.value.code == 2
+    # stderr may also carry Ray workers' own log lines; ours is exactly one "error:" line
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: nothing could be encoded") and "report.json" in errors[0]
+    assert len(json.loads((out / "report.json").read_text())["skipped"]) == len(BAD)
+
+
+def test_bad_arguments_are_one_line(codecs, tmp_path):
+    with pytest.raises(PreprocessError, match="no such directory"):
+        preprocess(str(tmp_path / "nope"), str(tmp_path / "t"), codecs["continuous"])
+    (tmp_path / "sd.pt").write_bytes(b"")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "sd.pt")
+    with pytest.raises(PreprocessError, match="state dict"):
+        preprocess(str(tmp_path), str(tmp_path / "t"), str(tmp_path / "sd.pt"))
