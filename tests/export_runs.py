@@ -68,7 +68,7 @@ def train_tiny(config_name: str, continuous: bool = False, steps: int = 30, seed
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return prior.eval(), cfg, man, float(loss)
+    return prior.eval(), cfg, man, float(loss.detach())
 
 
 def make_run(root: str, config_name: str, continuous: bool = False, steps: int = 30,

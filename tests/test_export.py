@@ -1,0 +1,230 @@
+"""Export for nn~: every config, discrete and continuous, reloaded with torch.jit.load only.
+
+The nn~ behaviour (API, listen pass-through, reset, batch, flat state, a 60 s stream in 4096-sample
+buffers) is checked by tests/nn_host.py in a subprocess that never imports msprior.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from export_runs import Q, RATIO, V, make_run, synthetic_batch, train_tiny, window
+from msprior.export.run import ExportError, export_run, load_trained, quantize_int8, read_metadata
+from msprior.model.quantize import dequantize, quantize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = [  # (config, continuous RAVE)
+    ("decoder_only", False),
+    ("recurrent", False),
+    ("encoder_decoder", False),
+    ("encoder_decoder_continuous", False),
+    ("decoder_only", True),
+    ("encoder_decoder_continuous", True),
+]
+BATCH = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _key(config: str, continuous: bool) -> str:
+    return f"{config}{'-continuous' if continuous else ''}"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{key: (run_dir, model.ts)} for every variant, plus int8 exports of two families."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for config, continuous in VARIANTS:
+        run = make_run(str(root), config, continuous, steps=20)
+        out[_key(config, continuous)] = (run, export_run(run, str(root / f"{_key(config, continuous)}.ts"),
+                                                         batch_size=BATCH))
+    for config in ("decoder_only", "recurrent"):
+        run = out[config][0]
+        out[f"{config}-int8"] = (run, export_run(run, str(root / f"{config}-int8.ts"), batch_size=BATCH,
+                                                 quantize="int8"))
+    return out
+
+
+def test_nn_host_drives_every_export(exported, tmp_path):
+    """API, listen pass-through, reset, batch, flat state and a 60 s stream, from torch.jit.load only."""
+    report = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    paths = [ts for _, ts in exported.values()]
+    subprocess.run([sys.executable, os.path.join(HERE, "nn_host.py"), str(report), *paths],
+                   check=True, cwd=tmp_path, env=env, timeout=600)
+    data = json.loads(report.read_text())
+    assert data["msprior_imported"] is False
+    for key, r in zip(exported, data["reports"]):
+        cond = {"encoder_decoder": 1, "encoder_decoder_continuous": 3}.get(key.split("-")[0], 0)  # + tokens | F
+        assert r["methods"] == ["forward"], key
+        assert r["forward_params"] == [Q + cond, RATIO, Q + 1, RATIO], key
+        assert len(r["input_labels"]) == Q + cond and r["output_labels"][-1] == "(signal) perplexity"
+        assert r["attributes"] == ["temperature", "listen", "reset"]
+        assert r["types"] == {"temperature": [2], "listen": [3], "reset": [3]}
+        assert r["getters"] == {"temperature": [1.0], "listen": ["false"], "reset": ["false"]}  # lists
+        assert r["strings"]["temperature"] == "1.000000"
+        s = r["setters"]
+        assert s["temperature=0.5"] == [0, [0.5]]
+        assert s["temperature=-1.000000"][0] != 0 and s["temperature=-1.000000"][1] == [0.5]  # refused, unchanged
+        assert s["listen=1.000000"] == [0, ["true"]] and s["listen=0.000000"] == [0, ["false"]]  # Pd's strings
+        assert s["listen=bogus"][0] != 0
+        assert r["set_sample_rate"] == 0
+        assert r["listen_passthrough"] and r["listen_perplexity_finite"], key
+        assert r["reset_code"] == 0 and r["reset_restores"], key
+        assert r["batch1_shape"] == [Q + 1, 4096] and r["batchN_shape"] == [BATCH * (Q + 1), 4096]
+        st = r["stream"]
+        assert st["seconds"] >= 60.0 and st["frames"] > 100 * 16  # far beyond the 16-frame KV window
+        assert st["finite"] and st["toggles"] > 100
+        assert st["state_numel"] == [st["state_numel_start"]], key  # flat for the whole stream
+
+
+@pytest.mark.parametrize("config,continuous", VARIANTS)
+def test_generate_at_zero_temperature_is_greedy_sampling(exported, config, continuous):
+    """Listen to a prefix, then generate at temperature 0: the frames of the unscripted model's
+    greedy `sample` (full recompute) from the same prefix (the seed frame of zeros first)."""
+    run, ts = exported[_key(config, continuous)]
+    m = torch.jit.load(ts)
+    prior = load_trained(run).prior
+    r = prior.cond_ratio
+    n_prefix, n_gen = 10, 12  # 22 frames: beyond the 16-frame attention window
+    tokens, cond = window(config, n_prefix + n_gen, seed=3)
+    cond_dec = cond if cond is not None else torch.zeros(1, n_prefix + n_gen, 0)
+    if cond_dec.dim() == 2:
+        cond_dec = cond_dec.unsqueeze(-1)
+    x = torch.cat([dequantize(tokens, V) if continuous else tokens.float(), cond_dec.float()], -1).transpose(1, 2)
+    m.set_listen("true")
+    m.set_temperature(0.0)
+    with torch.inference_mode():
+        m(x[:, :, :n_prefix])
+        m.set_listen("false")
+        y = torch.cat([m(x[:, :, n_prefix:n_prefix + 5]), m(x[:, :, n_prefix + 5:])], -1)  # two buffers
+    got = quantize(y[:, :Q], V) if continuous else y[:, :Q].long()
+
+    # positions: the seed frame (zeros, with zero conditioning), the prefix, then the generated
+    # frames; a frame's conditioning is the value that arrived with it
+    context = torch.cat([torch.zeros(1, 1, Q, dtype=torch.long), tokens[:, :n_prefix]], 1)
+    ccond = torch.cat([torch.zeros(1, 1, cond_dec.shape[-1]), cond_dec.float()], 1)
+    expected = []
+    with torch.no_grad():
+        for _ in range(n_gen):
+            c = None
+            if prior.conditioned:
+                c = ccond[:, : context.shape[1]][:, ::r]  # conditioning frames: t % r == 0
+                c = c[..., 0].long() if config == "encoder_decoder" else c
+            frame, _ = prior.sample(context, c, temperature=0.0)
+            expected.append(frame)
+            context = torch.cat([context, frame.unsqueeze(1)], 1)
+    assert torch.equal(got[0].T, torch.cat(expected, 0))
+
+
+def test_manifest_facts_and_metadata(exported):
+    meta = read_metadata(exported["encoder_decoder_continuous-continuous"][1])
+    assert meta["ratio"] == RATIO and meta["num_quantizers"] == Q and meta["continuous"] is True
+    assert meta["resolution"] == V  # the preprocessing resolution, from the manifest
+    assert meta["conditioning"] == "features" and meta["batch_size"] == BATCH
+    assert read_metadata(exported["decoder_only-int8"][1])["quantize"] == "int8"
+
+
+def test_export_refuses_bad_options(exported, tmp_path):
+    run = exported["decoder_only"][0]
+    with pytest.raises(ExportError, match="--continuous"):
+        export_run(run, str(tmp_path / "x.ts"), continuous=True)
+    with pytest.raises(ExportError, match="--quantize"):
+        export_run(run, str(tmp_path / "x.ts"), quantize="fp16")
+    with pytest.raises(ExportError, match="--batch_size"):
+        export_run(run, str(tmp_path / "x.ts"), batch_size=0)
+    with pytest.raises(ExportError, match="--checkpoint"):
+        export_run(run, str(tmp_path / "x.ts"), checkpoint="first")
+    with pytest.raises(ExportError, match="neither a run directory"):
+        export_run(str(tmp_path / "missing"), str(tmp_path / "x.ts"))
+    assert not (tmp_path / "x.ts").exists()
+
+
+def test_int8_validation_cross_entropy(exported):
+    """Dynamic int8 Linear weights barely move the teacher-forced cross-entropy (nats)."""
+    prior = load_trained(exported["decoder_only"][0]).prior
+    batch = synthetic_batch(16, 17, "none", torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        fp32 = float(prior.loss(batch))
+        int8 = float(quantize_int8(prior).loss(batch))
+    print(f"\nvalidation CE fp32 {fp32:.4f} int8 {int8:.4f} (delta {int8 - fp32:+.4f} nats)")
+    assert abs(int8 - fp32) < 0.05
+
+
+def test_cli_export_and_checkpoint_dir(exported, tmp_path):
+    from msprior.cli import main
+
+    run = exported["recurrent"][0]
+    out = tmp_path / "cli.ts"
+    with pytest.raises(SystemExit) as ok:  # typer's standalone mode exits, 0 on success
+        main(["export", "--run", run, "--out", str(out), "--checkpoint", "last", "--batch_size", "3", "--no-register"])
+    assert ok.value.code in (0, None)
+    m = torch.jit.load(str(out))
+    assert m.batch_size == 3 and m(torch.zeros(3, Q, 4)).shape == (3, Q + 1, 4)
+    ckpt_dir = os.path.join(run, "checkpoints", "best")  # a checkpoint directory exports too
+    assert torch.jit.load(export_run(ckpt_dir, str(tmp_path / "ck.ts"))).batch_size == 1
+    with pytest.raises(SystemExit) as err:
+        main(["export", "--run", run, "--out", str(tmp_path / "y.ts"), "--quantize", "int4", "--no-register"])
+    assert err.value.code == 2  # a one-line user error, no traceback
+
+
+def test_preview_wav(exported, tmp_path):
+    """Generated latents decoded by a RAVE-like TorchScript decoder into a WAV at the RAVE rate."""
+    import soundfile as sf
+
+    from msprior.export.preview import render_preview
+
+    class Decoder(torch.nn.Module):  # RAVE's decode interface: [B, latent, T] -> [B, 1, T * ratio]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        @torch.jit.export
+        def decode(self, z: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(z.mean(1, keepdim=True) / 10).repeat_interleave(1024, -1)
+
+    rave = tmp_path / "rave.ts"
+    torch.jit.script(Decoder()).save(str(rave))
+    wav = render_preview(exported["decoder_only"][1], str(rave), str(tmp_path / "p.wav"), seconds=1.0)
+    audio, sr = sf.read(wav)
+    assert sr == 44100 and len(audio) == 44 * RATIO and abs(audio).max() > 0
+
+
+def test_quantize_is_the_preprocessing_one():
+    """Export dequantizes with the inverse of exactly the quantizer the data stage uses."""
+    rave = pytest.importorskip("msprior.rave")
+    z = torch.randn(10000) * 1.5
+    for res in (64, 1024):
+        assert torch.equal(quantize(z, res), rave.quantize_normal(z, res))
+        t = torch.arange(res)
+        assert torch.equal(quantize(dequantize(t, res, torch.rand(res)), res), t)
+
+
+@pytest.mark.torch25
+def test_loads_in_torch_2_5_1(exported, tmp_path):
+    """Opt-in: MSPRIOR_TORCH25_PYTHON=/path/to/venv/bin/python with torch==2.5.1 (nn~ 1.6's libtorch)."""
+    py = os.environ.get("MSPRIOR_TORCH25_PYTHON")
+    if not py:
+        pytest.skip("set MSPRIOR_TORCH25_PYTHON to a python with torch 2.5.1")
+    report = tmp_path / "report25.json"
+    paths = [ts for _, ts in exported.values()]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([py, os.path.join(HERE, "nn_host.py"), str(report), *paths], check=True, cwd=tmp_path,
+                   env=env, timeout=900)
+    data = json.loads(report.read_text())
+    assert data["torch_version"].startswith("2.5.1") and not data["msprior_imported"]
+    for r in data["reports"]:
+        assert r["listen_passthrough"] and r["reset_restores"] and r["stream"]["finite"], r["path"]
