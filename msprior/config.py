@@ -204,6 +204,13 @@ def apply_overrides(cfg: Config, overrides: Sequence[str], where: str = "config"
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string: numbers as a user means them
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    pass
         data[section][name] = value
     return _build(Config, data, f"{where} (with --override)", prefix="").validate(where)
 

@@ -41,8 +41,10 @@ def test_mistyped_value_names_key_and_file(tmp_path):
 
 
 def test_overrides():
-    cfg = load_config("decoder_only", ["model.num_layers=4", "optim.betas=[0.8, 0.9]", "train.ema=0.999"])
+    cfg = load_config("decoder_only", ["model.num_layers=4", "optim.betas=[0.8, 0.9]", "train.ema=0.999",
+                                       "optim.lr=2e-3"])
     assert cfg.model.num_layers == 4 and cfg.optim.betas == [0.8, 0.9] and cfg.train.ema == 0.999
+    assert cfg.optim.lr == 2e-3
     with pytest.raises(ConfigError, match="unknown key 'model.num_layer'.*num_layers"):
         load_config("decoder_only", ["model.num_layer=4"])
     with pytest.raises(ConfigError, match="model.num_layers must be an integer"):
