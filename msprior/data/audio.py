@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -32,15 +32,20 @@ def is_audio_name(name: str) -> bool:
     return "." in name and name.rsplit(".", 1)[1].lower() in AUDIO_EXTENSIONS
 
 
-def decode(data: bytes, target_sr: int) -> Tuple[np.ndarray, int, int]:
-    """Encoded file bytes -> (mono float32 samples at target_sr, original rate, channels)."""
+def decode(data: bytes, target_sr: int, max_seconds: Optional[float] = None) -> Tuple[np.ndarray, int, int]:
+    """Encoded file bytes -> (mono float32 samples at target_sr, original rate, channels).
+
+    `max_seconds` reads only the start of the file (for samples).
+    """
     import soundfile as sf
     import soxr
 
     if len(data) == 0:
         raise SkipFile("empty file (0 bytes)")
     try:
-        x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            frames = -1 if max_seconds is None else int(max_seconds * f.samplerate)
+            x, sr = f.read(frames, dtype="float32", always_2d=True), f.samplerate
     except Exception as e:  # libsndfile's message says what it found
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         msg = re.sub(r"^Error opening <[^>]*>: ", "", msg)  # drop the in-memory file's repr

@@ -239,11 +239,10 @@ def _fit_conditioning(pending, root_audio, sr, ratio, cond_ratio, k, s3, max_fil
     sample = []
     for source, path, _ in pending[::step][: max_files * 2]:
         try:
-            with fs.open(path, "rb") as f:
-                x, _, _ = audio_mod.decode(f.read(), sr)
+            with fs.open(path, "rb") as f:  # the first 30 s of a file are a fair sample of it
+                x, _, _ = audio_mod.decode(f.read(), sr, max_seconds=30.0)
         except Exception:
             continue
-        x = x[: 120 * sr]  # two minutes per file is plenty for a sample
         sample.append(feat.compute(x, sr, hop, max(1, math.ceil(len(x) / hop))))
         if len(sample) >= max_files:
             break
