@@ -133,10 +133,9 @@ def train_dataset(table: Table):
     ds = ray.data.read_parquet(
         table.shards,
         filesystem=_arrow_fs(table),
-        columns=table.columns,
         # Reads are I/O: a small CPU share so they never wait behind train workers (FIELD_NOTES).
         num_cpus=0.25,
-    )
+    ).select_columns(table.columns)
     if not table.val_sources:
         return ds
     val = pa.array(table.val_sources, type=pa.string())
