@@ -1,0 +1,128 @@
+"""Realtime latency of the nn~ export: one `forward` call on a one-frame buffer, generate mode.
+
+Default config (decoder_only: 8 x 512 ALiBi layers, seq_len 256) with the reference data shape of
+16 quantizers x 1024 tokens, random weights (latency does not depend on training), one CPU thread,
+TorchScript as nn~ runs it. Reports median / p99 ms (wall clock and thread CPU time: on a shared,
+loaded machine the CPU time is the figure that estimates an idle machine's latency) at the start of a stream and after `--steps`
+streamed frames (the KV cache is full after 256: the cost must stay flat), fp32 and int8, against
+the audio one frame covers. Baseline of the ratios: fp32 at the start of the stream, same run.
+Also: the split between the transformer step (stream_context) and the 16-step predictor (predict),
+and the fp32 memory-bandwidth floor (bytes of weights read per frame / measured copy bandwidth).
+
+    .venv/bin/python bench/realtime.py [--steps 10000] [--samples 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from msprior.config import load_config
+from msprior.export.run import LoadedRun, build_scripted, quantize_int8
+from msprior.model import DatasetFacts, build_prior
+
+warnings.filterwarnings("ignore")
+
+
+def manifest(q: int, v: int, ratio: int, sr: int) -> dict:
+    return {"rave": {"sr": sr, "ratio": ratio, "num_quantizers": q, "vocab_size": v, "continuous": False,
+                     "resolution": None, "sha256": "-"}, "conditioning": None}
+
+
+def timed(fn, n: int) -> np.ndarray:
+    """[n, 2] ms: wall clock and this thread's CPU time (the latter is robust to a loaded machine)."""
+    out = np.empty((n, 2))
+    for i in range(n):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        fn()
+        out[i] = time.perf_counter() - t0, time.thread_time() - c0
+    return out * 1000.0
+
+
+def stats(ms: np.ndarray) -> str:
+    return (f"wall median {np.median(ms[:, 0]):6.2f} p99 {np.percentile(ms[:, 0], 99):6.2f} ms, "
+            f"cpu median {np.median(ms[:, 1]):6.2f} p99 {np.percentile(ms[:, 1], 99):6.2f} ms")
+
+
+def bandwidth_gbs() -> float:
+    """Single-thread streaming read bandwidth (GB/s): sum over a 256 MiB tensor."""
+    x = torch.ones(64 * 1024 * 1024)
+    x.sum()
+    ms = np.min(timed(lambda: x.sum(), 5)[:, 0])
+    return x.numel() * 4 / (ms / 1000) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="decoder_only")
+    ap.add_argument("--quantizers", type=int, default=16)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--ratio", type=int, default=2048)
+    ap.add_argument("--sr", type=int, default=44100)
+    ap.add_argument("--steps", type=int, default=10_000, help="frames streamed before the second measurement")
+    ap.add_argument("--samples", type=int, default=300, help="timed calls per measurement")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    cfg = load_config(args.config)
+    man = manifest(args.quantizers, args.vocab, args.ratio, args.sr)
+    prior = build_prior(cfg.model, DatasetFacts.from_manifest(man)).eval()
+    n_params = sum(p.numel() for p in prior.parameters())
+    frame_ms = 1000.0 * args.ratio / args.sr
+    print(f"config {args.config}: {n_params / 1e6:.1f} M params, Q={args.quantizers}, V={args.vocab}, "
+          f"1 thread, torch {torch.__version__}; one frame = {args.ratio} samples at {args.sr} Hz = {frame_ms:.1f} ms "
+          f"(1024 samples at 44.1 kHz: 23.2 ms)")
+
+    # weights read per generated frame (embedding rows are gathered, not streamed: excluded)
+    table = prior.embedding.table.weight.numel()
+    fp32_bytes = (n_params - table) * 4
+    bw = bandwidth_gbs()
+    print(f"fp32 weights read per frame {fp32_bytes / 1e6:.0f} MB; read bandwidth {bw:.1f} GB/s "
+          f"-> fp32 floor {fp32_bytes / bw / 1e6:.2f} ms/frame")
+
+    # where the time goes (eager modules, one frame): transformer step vs the per-quantizer predictor
+    with torch.inference_mode():
+        for label, p in (("fp32", prior), ("int8", quantize_int8(prior))):
+            p.init_stream(1)
+            x = torch.zeros(1, 1, args.quantizers, dtype=torch.long)
+            ctx = timed(lambda: p.stream_context(x, None), 100)
+            h = p.stream_context(x, None)[:, -1]
+            pred = timed(lambda: p.predict(h, 1.0, None), 100)
+            print(f"eager {label}: stream_context {stats(ctx)} | predict (Q={args.quantizers}) {stats(pred)}")
+
+    loaded = LoadedRun(prior, cfg, man, {})
+    results = {}
+    for label, quant in (("fp32", None), ("int8", "int8")):
+        m = build_scripted(loaded, batch_size=1, quantize=quant)
+        m.set_temperature(1.0)
+        x = torch.zeros(1, args.quantizers, 1)  # one frame, generate mode
+        with torch.inference_mode():
+            for _ in range(20):  # TorchScript profiling executor warm-up (optimises after a few calls)
+                m(x)
+            start = timed(lambda: m(x), args.samples)
+            t0 = time.perf_counter()
+            for _ in range(args.steps - 20 - args.samples):
+                m(x)
+            mid = time.perf_counter() - t0
+            late = timed(lambda: m(x), args.samples)
+        results[label] = (start, late)
+        print(f"scripted {label}: start {stats(start)} | after {args.steps} steps {stats(late)} "
+              f"({mid:.0f} s in between)")
+
+    base = np.median(results["fp32"][0][:, 1])
+    print("\nsummary (ratios of CPU-time medians against fp32 at stream start, same run):")
+    for label, (start, late) in results.items():
+        for when, ms in (("start", start), (f"after {args.steps}", late)):
+            wall, cpu = np.median(ms[:, 0]), np.median(ms[:, 1])
+            print(f"  {label} {when:>12}: cpu median {cpu:6.2f} ms ({cpu / base:4.2f}x), p99 {np.percentile(ms[:, 1], 99):6.2f}"
+                  f" | wall median {wall:6.2f} p99 {np.percentile(ms[:, 0], 99):6.2f} ms"
+                  f" | cpu = {100 * cpu / frame_ms:4.1f}% of a {frame_ms:.1f} ms frame, {100 * cpu / 23.22:4.1f}% of 23.2 ms")
+
+
+if __name__ == "__main__":
+    main()
