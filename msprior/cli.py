@@ -97,6 +97,77 @@ def preprocess_cmd(
         raise UserError(str(e)) from None
 
 
+# --- train and tune (issue 4) -----------------------------------------------------------------
+
+
+@app.command("train")
+def train_cmd(
+    config: str = opt("decoder_only", "--config", help="Config name (configs/*.yaml) or path."),
+    db_path: str = opt(..., "--db_path", help="Latent table (folder or s3:// prefix) from `msprior preprocess`."),
+    name: str = opt(..., "--name", help="Run name: the run folder under --storage_path and the MLflow experiment."),
+    pretrained_embedding: Optional[str] = opt(None, "--pretrained_embedding", help="Discrete RAVE .ts: start from its codebooks."),
+    num_workers: int = opt(1, "--num_workers", help="Ray Train workers (DDP)."),
+    gpu: bool = opt(False, "--gpu", help="One GPU per worker (nccl, bf16 autocast)."),
+    batch_size: Optional[int] = opt(None, "--batch_size", help="Global batch (split across workers); default: config."),
+    max_steps: Optional[int] = opt(None, "--max_steps", help="Training steps; default: config."),
+    val_every: Optional[int] = opt(None, "--val_every", help="Steps between validations and checkpoints."),
+    override: Optional[List[str]] = opt(None, "--override", help="section.key=value, repeatable."),
+    resume: bool = opt(False, "--resume", help="Continue the run NAME from its last checkpoint."),
+    tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow URI (default MLFLOW_TRACKING_URI or ./mlflow.db)."),
+    storage_path: Optional[str] = opt(None, "--storage_path", help="Where runs live (folder or s3://); default ./runs."),
+    cpus_per_worker: float = opt(0.5, "--cpus_per_worker", help="Logical CPUs requested per worker."),
+):
+    """Train a prior on a latent table with Ray Train; prints progress, writes RUN/run.json."""
+    from msprior.train import train
+
+    s = _train_errors(train)(config, db_path, name, overrides=override or [], pretrained_embedding=pretrained_embedding,
+                             num_workers=num_workers, gpu=gpu, batch_size=batch_size, max_steps=max_steps,
+                             val_every=val_every, resume=resume, tracking_uri=tracking_uri,
+                             storage_path=storage_path, cpus_per_worker=cpus_per_worker)
+    typer.echo(f"best checkpoint {s['best_checkpoint']} (val {s['best_val_loss']:.4f}); "
+               f"export it with: msprior export --run {s['run_dir']}")
+
+
+@app.command("tune")
+def tune_cmd(
+    sweep: str = opt("configs/sweeps/default.yaml", "--sweep", help="Sweep YAML (search space, ASHA, resources)."),
+    db_path: str = opt(..., "--db_path", help="Latent table (folder or s3:// prefix)."),
+    name: str = opt(..., "--name", help="Sweep name: MLflow experiment (parent run + one nested run per trial)."),
+    num_samples: Optional[int] = opt(None, "--num_samples", help="Trials; default: the sweep file's."),
+    gpus_per_trial: Optional[float] = opt(None, "--gpus_per_trial", help="GPU fraction per trial (0.5: two trials per GPU)."),
+    num_workers: Optional[int] = opt(None, "--num_workers", help="Ray Train workers per trial."),
+    max_steps: Optional[int] = opt(None, "--max_steps", help="Steps per trial; default: the sweep file's."),
+    val_every: Optional[int] = opt(None, "--val_every", help="Steps between validations (ASHA's time unit)."),
+    batch_size: Optional[int] = opt(None, "--batch_size", help="Global batch per trial."),
+    override: Optional[List[str]] = opt(None, "--override", help="section.key=value for every trial, repeatable."),
+    tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow URI (default MLFLOW_TRACKING_URI or ./mlflow.db)."),
+    storage_path: Optional[str] = opt(None, "--storage_path", help="Where runs live (folder or s3://); default ./runs."),
+):
+    """Sweep training configs with Ray Tune (ASHA on validation cross-entropy); names the best trial."""
+    from msprior.train.tune import tune
+
+    s = _train_errors(tune)(sweep, db_path, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
+                            num_workers=num_workers, max_steps=max_steps, val_every=val_every, batch_size=batch_size,
+                            overrides=override or [], tracking_uri=tracking_uri, storage_path=storage_path)
+    typer.echo(f"best trial {s['best_trial']}: val {s['best_val_loss']:.4f}, config {s['best_config']}")
+    typer.echo(f"best checkpoint {s['best_checkpoint']}; export it with: msprior export --run {s['best_run_dir']}")
+
+
+def _train_errors(fn):
+    """Training's one-line errors (bad table, request too big for the cluster, ...) as UserError."""
+
+    def wrapped(*args, **kwargs):
+        from msprior.train import RunNotFound, TrainError
+        from msprior.train.data import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except (TrainError, DataError, RunNotFound) as e:
+            raise UserError(str(e)) from None
+
+    return wrapped
+
+
 # --- export for nn~ and the MLflow registry (issue 5) -------------------------------------------
 
 
