@@ -486,8 +486,11 @@ class RayHead(_Daemon):
                 f"--min-worker-port={p['worker_min']}", f"--max-worker-port={p['worker_max']}",
                 "--disable-usage-stats"]
         self._spawn(args, env)
-        # Ready when the job API answers (it comes up last): `ray job submit` works from then on.
-        self._wait_ready(lambda: _http_ok(f"{self.dashboard_url}/api/jobs/", self._auth()))
+        # Ready when the job API answers (`ray job submit` works) and the autoscaler has reported
+        # once (`ray status` shows the resources instead of "No cluster status").
+        self._wait_ready(lambda: _http_ok(f"{self.dashboard_url}/api/jobs/", self._auth())
+                         and _http_ok(f"{self.dashboard_url}/api/cluster_status", self._auth(),
+                                      expect="Cluster status"))
         return self
 
     def stop(self) -> None:

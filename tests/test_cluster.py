@@ -1,0 +1,373 @@
+"""Cluster configs and the local stack (issue 6, cluster part).
+
+Fast: the AWS launcher YAML passes Ray's own cluster-config validation; the KubeRay manifests
+pass a structural check (tests/data/kuberay_v1_subset.schema.json, written from KubeRay's ray.io/v1
+API types) plus the cross-field rules KubeRay enforces; the runtime env is one Ray accepts and
+packs small. Slow: `cluster/local.sh up` starts a real Ray head, SeaweedFS S3 and MLflow server on
+127.0.0.1, they answer, and `down` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+SCHEMA = ROOT / "tests" / "data" / "kuberay_v1_subset.schema.json"
+MANIFESTS = [CLUSTER / "kuberay" / "raycluster.yaml", CLUSTER / "kuberay" / "rayjob.yaml"]
+
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+# --- the cluster launcher config (cluster/aws.yaml) -------------------------------------------
+
+
+def ray_validate(config: dict) -> dict:
+    """What `ray up` does before it touches the cloud: merge the provider's defaults, then check
+    the result against Ray's cluster schema (ray/autoscaler/ray-schema.json) and its rules."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    full = prepare_config(copy.deepcopy(config))
+    validate_config(full)
+    return full
+
+
+def test_launcher_yaml_passes_ray_validation():
+    full = ray_validate(load(CLUSTER / "aws.yaml"))
+    assert full["provider"]["type"] == "aws"
+    assert full["head_node_type"] in full["available_node_types"]
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda c: c.update(max_worker=4),                                             # misspelt key
+    lambda c: c["available_node_types"]["gpu"].update(resources={"GPU": 0.5}),    # not an integer
+    lambda c: c["available_node_types"]["gpu"].pop("node_config"),                # required field
+    lambda c: c.update(max_workers=1) or c["available_node_types"]["gpu"].update(min_workers=2),
+])
+def test_ray_validation_rejects_broken_launcher_configs(mutate):
+    """The check above has teeth: Ray's validation refuses these edits of our file."""
+    import jsonschema
+
+    config = load(CLUSTER / "aws.yaml")
+    mutate(config)
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        ray_validate(config)
+
+
+def test_launcher_yaml_shape():
+    import ray
+
+    c = load(CLUSTER / "aws.yaml")
+    head = c["available_node_types"][c["head_node_type"]]
+    gpu = c["available_node_types"]["gpu"]
+    assert head["resources"].get("GPU", 0) == 0, "the head is the CPU node"
+    assert gpu["resources"]["GPU"] >= 1 and gpu.get("min_workers", 0) == 0 < gpu["max_workers"]
+    assert c["max_workers"] >= gpu["max_workers"]
+    # Token auth on every node; the dashboard (job API) only on the head's loopback.
+    for cmd in c["head_start_ray_commands"][-1:] + c["worker_start_ray_commands"][-1:]:
+        assert "RAY_AUTH_MODE=token" in cmd
+    assert "--dashboard-host=127.0.0.1" in c["head_start_ray_commands"][-1]
+    assert "/home/ray/.ray/auth_token" in c["file_mounts"]
+    # Node images carry the Ray the client runs; torch matches the Makefile's pin.
+    for image in (c["docker"]["head_image"], c["docker"]["worker_image"]):
+        assert image.split(":")[1].startswith(ray.__version__ + "-"), image
+    torch_pin = re.search(r"TORCH\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text()).group(1)
+    assert any(torch_pin in cmd for cmd in c["setup_commands"])
+    assert any("constraints.txt" in cmd for cmd in c["setup_commands"])
+
+
+# --- KubeRay manifests (cluster/kuberay/*.yaml) -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kuberay_validator():
+    import jsonschema
+
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_errors(validator, doc) -> list:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def kuberay_rule_errors(doc: dict) -> list:
+    """Cross-field rules the operator (and its webhook) enforce, beyond the field types."""
+    errors = []
+    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    if len(doc["metadata"]["name"]) > 63:
+        errors.append("metadata.name: longer than 63 characters")
+    names = [g["groupName"] for g in spec.get("workerGroupSpecs", [])]
+    if len(set(names)) != len(names):
+        errors.append("workerGroupSpecs: groupName not unique")
+    for g in spec.get("workerGroupSpecs", []):
+        lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)
+        if not lo <= g.get("replicas", lo) <= hi:
+            errors.append(f"{g['groupName']}: replicas outside [minReplicas, maxReplicas]")
+    if doc["kind"] == "RayJob":
+        s = doc["spec"]
+        if s.get("ttlSecondsAfterFinished") and not s.get("shutdownAfterJobFinishes"):
+            errors.append("ttlSecondsAfterFinished needs shutdownAfterJobFinishes")
+        if not s.get("rayClusterSpec") and not s.get("clusterSelector"):
+            errors.append("RayJob needs rayClusterSpec or clusterSelector")
+    return errors
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_kuberay_manifest_matches_crd_fields(path, kuberay_validator):
+    doc = load(path)
+    assert schema_errors(kuberay_validator, doc) == []
+    assert kuberay_rule_errors(doc) == []
+
+
+@pytest.mark.parametrize("mutate, where", [
+    (lambda d: d["spec"].update(shutdownAfterJobFinish=True), "spec"),
+    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"].update(
+        {"num-gpus": 1}), "rayStartParams.num-gpus"),
+    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"), "0"),
+    (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "resources"]["limits"].update(memory="16 GB"), "limits.memory"),
+    (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "apiVersion"),
+    (lambda d: d["spec"].update(submissionMode="K8sMode"), "submissionMode"),
+])
+def test_kuberay_schema_rejects_mistakes(mutate, where, kuberay_validator):
+    doc = load(CLUSTER / "kuberay" / "rayjob.yaml")
+    mutate(doc)
+    errors = schema_errors(kuberay_validator, doc)
+    assert errors and any(where in e for e in errors), errors
+
+
+def test_kuberay_manifests_agree():
+    import ray
+
+    cluster, job = (load(p) for p in MANIFESTS)
+    # The RayJob brings up the same cluster as the long-lived RayCluster.
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"]
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == ray.__version__
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"], "the head is the CPU node"
+    (gpu,) = spec["workerGroupSpecs"]
+    worker = gpu["template"]["spec"]["containers"][0]
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert worker["resources"]["requests"] == worker["resources"]["limits"]
+    assert gpu["minReplicas"] == 0 < gpu["maxReplicas"] and spec["enableInTreeAutoscaling"]
+    assert worker["image"] == head["image"]
+
+    # The job: the pipeline on S3 paths, with the runtime env of cluster/runtime_env.yaml.
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/pipeline.py"]
+    flags = dict(zip(argv[2::1], argv[3::1]))
+    for flag in ("--audio", "--rave", "--out"):
+        assert flags[flag].startswith("s3://"), flag
+    assert flags["--config"] == "decoder_only"
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    shared = load(CLUSTER / "runtime_env.yaml")
+    assert env["excludes"] == shared["excludes"] and env["env_vars"] == shared["env_vars"]
+    # A working_dir inside the image is uploaded by the submitter pod: HTTPMode could not.
+    assert env["working_dir"].startswith("/") and job["spec"]["submissionMode"] == "K8sJobMode"
+
+
+def test_rayjob_entrypoint_flags_exist():
+    """Every flag the RayJob passes is one jobs/pipeline.py accepts (once the lead's job lands)."""
+    if not (ROOT / "jobs" / "pipeline.py").exists():
+        pytest.skip("jobs/pipeline.py not written yet")
+    argv = shlex.split(load(MANIFESTS[1])["spec"]["entrypoint"])
+    out = subprocess.run([sys.executable, "jobs/pipeline.py", "--help"], cwd=ROOT, text=True,
+                         capture_output=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "300", "NO_COLOR": "1", "TERM": "dumb"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in (a for a in argv if a.startswith("--")):
+        assert flag in out.stdout, f"{flag} not in jobs/pipeline.py --help"
+
+
+# --- the runtime env (cluster/runtime_env.yaml) -----------------------------------------------
+
+
+def test_runtime_env_is_valid_and_ships_the_package(tmp_path):
+    """Ray accepts the runtime env, and the package Ray would upload for `--working-dir .`
+    (built with Ray's own packer, .gitignore and excludes applied) holds the code, not the venv."""
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE, create_package
+    from ray.runtime_env import RuntimeEnv
+
+    env = load(CLUSTER / "runtime_env.yaml")
+    RuntimeEnv(**env)  # raises on unknown fields or bad types
+    assert env["working_dir"] == "."
+    pkg = tmp_path / "pkg.zip"
+    create_package(str(ROOT), pkg, include_gitignore=True, excludes=env["excludes"])
+    names = set(zipfile.ZipFile(pkg).namelist())
+    assert {"msprior/__init__.py", "msprior/devstack.py", "configs/decoder_only.yaml"} <= names
+    assert not any(n.startswith((".venv/", ".git/", "tests/", ".msprior-stack/")) for n in names)
+    assert pkg.stat().st_size < min(GCS_STORAGE_MAX_SIZE, 100 * 2**20) // 10, pkg.stat().st_size
+
+
+# --- cluster/local.sh ---------------------------------------------------------------------------
+
+
+def local_sh(*args, env=None, timeout=300):
+    return subprocess.run([str(CLUSTER / "local.sh"), *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+
+
+def test_local_sh_usage_and_missing_stack(tmp_path):
+    r = local_sh()
+    assert r.returncode == 2 and "usage" in r.stderr
+    r = local_sh("env", "--dir", str(tmp_path / "none"))
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "cluster/local.sh up" in r.stderr
+
+
+def parse_exports(text: str) -> dict:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            out[key] = shlex.split(value)[0]
+    return out
+
+
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def listening(pids) -> list:
+    """(address hex, port) of every TCP socket the processes listen on: what `ss -ltnp` shows,
+    read from /proc so the test needs no iproute2."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            pass
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            f = row.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
+                addr, port = f[1].split(":")
+                out.append((addr, int(port, 16)))
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_local_stack_up_answers_and_down_leaves_nothing(tmp_path):
+    from msprior.devstack import Stack, _owned_pids
+
+    stack_dir = tmp_path / "stack"
+    t0 = time.monotonic()
+    up = local_sh("up", "--dir", str(stack_dir), "--num_cpus", "2", timeout=600)
+    assert up.returncode == 0, up.stderr[-3000:]
+    print(f"\nlocal.sh up: {time.monotonic() - t0:.1f} s")
+    env = parse_exports(up.stdout)
+    assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI",
+            "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"} <= set(env)
+    assert env["RAY_AUTH_MODE"] == "token"
+    stack = Stack.load(str(stack_dir))
+    try:
+        pids = stack.processes()
+        marks = [(stack._s3_state["pid"], None), (stack.mlflow.pid, stack.mlflow.mark),
+                 (stack.ray.pid, stack.ray.mark)]
+        assert len(pids) > 5
+
+        # Every listener of every stack process is on the loopback interface.
+        sockets = listening(pids)
+        assert len(sockets) >= 8
+        assert [s for s in sockets if s[0] not in LOOPBACK] == []
+
+        # Ray answers `ray status` with the token, and refuses a client with another token.
+        ray_env = {**os.environ, **env}
+        status = subprocess.run(["ray", "status", "--address", stack.ray.address], env=ray_env,
+                                text=True, capture_output=True, timeout=120)
+        assert status.returncode == 0 and "CPU" in status.stdout, status.stdout + status.stderr
+        wrong = subprocess.run(["ray", "status", "--address", stack.ray.address],
+                               env={**ray_env, "RAY_AUTH_TOKEN": "not-the-token"},
+                               text=True, capture_output=True, timeout=120)
+        assert wrong.returncode != 0 and "uthentication" in wrong.stderr
+
+        # S3 accepts a put and a get with the printed credentials.
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
+                               secret=env["AWS_SECRET_ACCESS_KEY"])
+        fs.pipe("msprior/probe/hello.txt", b"hello")
+        assert fs.cat("msprior/probe/hello.txt") == b"hello"
+
+        # MLflow's health endpoint answers.
+        with urllib.request.urlopen(env["MLFLOW_TRACKING_URI"] + "/health", timeout=10) as r:
+            assert r.read().decode().strip() == "OK"
+
+        # A second `up` finds the running stack and prints the same variables.
+        again = local_sh("up", "--dir", str(stack_dir))
+        assert again.returncode == 0 and "already up" in again.stderr
+        assert parse_exports(again.stdout) == env
+    finally:
+        t1 = time.monotonic()
+        down = local_sh("down", "--dir", str(stack_dir), timeout=300)
+        print(f"local.sh down: {time.monotonic() - t1:.1f} s")
+    assert down.returncode == 0, down.stderr
+    assert [p for p in pids if pid_alive(p)] == []
+    assert all(_owned_pids(pid, mark) == [] for pid, mark in marks)
+    assert not (stack_dir / "state.json").exists()
+    assert not Path(stack.ray.temp_dir).exists()
+    assert (stack_dir / "mlflow" / "mlflow.db").exists(), "down keeps the data"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_stack_context_manager_runs_a_job_with_the_stack_env(tmp_path):
+    """The path a pipeline test takes: `with Stack(...)`, `ray job submit`, leave. The job sees
+    the S3 and MLflow settings through the head's environment, and writes to both."""
+    from msprior.devstack import Stack
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "probe.py").write_text(
+        "import os, mlflow, s3fs\n"
+        "s3fs.S3FileSystem().pipe('msprior/probe/from_job.txt', b'job')\n"
+        "with mlflow.start_run() as run:\n"
+        "    mlflow.log_text('artifact', 'probe.txt')\n"
+        "print('RUN', run.info.run_id, os.environ['MLFLOW_TRACKING_URI'])\n")
+    with Stack(str(tmp_path / "stack"), num_cpus=2) as st:
+        env = st.env()
+        pids = st.processes()
+        job = subprocess.run(["ray", "job", "submit", "--working-dir", str(job_dir), "--",
+                              "python", "probe.py"], env={**os.environ, **env}, text=True,
+                             capture_output=True, timeout=300)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+        assert "RUN " in job.stdout and env["MLFLOW_TRACKING_URI"] in job.stdout
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
+                               secret=env["AWS_SECRET_ACCESS_KEY"])
+        assert fs.cat("msprior/probe/from_job.txt") == b"job"
+        # MLflow proxied the artifact into the stack's bucket.
+        assert any(p.endswith("probe.txt") for p in fs.find("msprior/mlflow"))
+    assert [p for p in pids if pid_alive(p)] == []
