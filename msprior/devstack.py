@@ -531,6 +531,7 @@ class Stack:
         self.mlflow: Optional[MLflowServer] = None
         self.ray: Optional[RayHead] = None
         self._s3_state: Optional[Dict] = None
+        self.timings: Dict[str, float] = {}  # seconds each server took to answer
 
     @property
     def state_file(self) -> Path:
@@ -539,20 +540,24 @@ class Stack:
     def start(self) -> "Stack":
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
+            t = time.monotonic()
             self.s3 = SeaweedS3(data_dir=str(self.dir / "s3"), start_timeout=self.start_timeout)
             self.s3.start()
             self.s3.create_bucket(self.bucket)
             self._save()
+            self.timings["s3"], t = time.monotonic() - t, time.monotonic()
             self.mlflow = MLflowServer(str(self.dir / "mlflow"), f"s3://{self.bucket}/mlflow",
                                        env=self.s3.env(), start_timeout=self.start_timeout)
             self.mlflow.start()
             self._save()
+            self.timings["mlflow"], t = time.monotonic() - t, time.monotonic()
             job_env = {**self.s3.env(), "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint,
                        **self.mlflow.env()}
             self.ray = RayHead(str(self.dir / "ray"), num_cpus=self.num_cpus, env=job_env,
                                start_timeout=self.start_timeout)
             self.ray.start()
             self._save()
+            self.timings["ray"] = time.monotonic() - t
         except BaseException:
             self.stop()
             raise
@@ -650,19 +655,43 @@ class Stack:
         self.stop()
 
 
+# Deployment settings a job needs on every node, forwarded from the submitting shell by
+# `runtime-env`. Credentials are left out on purpose: runtime envs show in the dashboard and
+# logs; nodes get credentials from their own environment (instance role, k8s Secret, the stack).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_REGION",
+                 "AWS_DEFAULT_REGION")
+
+
+def runtime_env(path: str = "cluster/runtime_env.yaml",
+                environ: Optional[Dict[str, str]] = None) -> Dict:
+    """cluster/runtime_env.yaml plus the `FORWARDED_ENV` variables set in `environ`, for
+    `ray job submit --runtime-env-json "$(cluster/local.sh runtime-env)"`."""
+    import yaml
+
+    environ = os.environ if environ is None else environ
+    env = yaml.safe_load(Path(path).read_text()) or {}
+    env.setdefault("env_vars", {}).update({k: environ[k] for k in FORWARDED_ENV if environ.get(k)})
+    return env
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m msprior.devstack up|down|env|status [--dir DIR]` (wrapped by cluster/local.sh)."""
+    """`python -m msprior.devstack up|down|env|status|runtime-env [--dir DIR]` (cluster/local.sh)."""
     ap = argparse.ArgumentParser(prog="cluster/local.sh", description=(
         "A local msprior stack on 127.0.0.1: Ray head (token auth), SeaweedFS S3, MLflow server. "
         "`up` prints the variables to export: eval \"$(cluster/local.sh up)\"."))
-    ap.add_argument("command", choices=["up", "down", "env", "status"])
+    ap.add_argument("command", choices=["up", "down", "env", "status", "runtime-env"])
     ap.add_argument("--dir", default=".msprior-stack", help="state, logs and data (default: %(default)s)")
     ap.add_argument("--bucket", default="msprior", help="bucket created on up (default: %(default)s)")
     ap.add_argument("--num_cpus", "--num-cpus", type=int, default=None,
                     help="logical CPUs of the Ray head (default: max(4, cores))")
     ap.add_argument("--purge", action="store_true", help="down: also delete DIR (data included)")
+    ap.add_argument("--file", default="cluster/runtime_env.yaml",
+                    help="runtime-env: the runtime env YAML to extend (default: %(default)s)")
     a = ap.parse_args(argv)
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout carries only exports)
+    if a.command == "runtime-env":
+        print(json.dumps(runtime_env(a.file)))
+        return 0
     st = Stack.load(a.dir)
     if a.command == "up":
         if st is not None and st.alive():
@@ -679,7 +708,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         except RuntimeError as e:
             say(f"error: {e}")
             return 1
-        say(f"stack up in {time.monotonic() - t0:.0f} s; stop it with: cluster/local.sh down")
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in st.timings.items())
+        say(f"stack up in {time.monotonic() - t0:.0f} s ({parts}); stop it with: cluster/local.sh down")
         sys.stdout.write(st.exports())
         return 0
     if a.command == "down":

@@ -227,6 +227,21 @@ def local_sh(*args, env=None, timeout=300):
                           env={**os.environ, "PYTHON": sys.executable, **(env or {})})
 
 
+def test_runtime_env_forwards_settings_not_secrets():
+    from ray.runtime_env import RuntimeEnv
+
+    r = local_sh("runtime-env", env={"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
+                                     "AWS_ENDPOINT_URL": "http://minio:9000",
+                                     "AWS_SECRET_ACCESS_KEY": "do-not-ship"})
+    assert r.returncode == 0, r.stderr
+    env = json.loads(r.stdout)
+    RuntimeEnv(**env)
+    assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
+    assert env["env_vars"]["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert "do-not-ship" not in r.stdout
+    assert env["excludes"] == load(CLUSTER / "runtime_env.yaml")["excludes"]
+
+
 def test_local_sh_usage_and_missing_stack(tmp_path):
     r = local_sh()
     assert r.returncode == 2 and "usage" in r.stderr
