@@ -156,10 +156,17 @@ def test_export_refuses_bad_options(exported, tmp_path):
 
 def test_int8_validation_cross_entropy(exported):
     """Dynamic int8 Linear weights barely move the teacher-forced cross-entropy (nats)."""
+    import copy
+
+    from msprior.export.run import Int8SkipPredictor
+
     prior = load_trained(exported["decoder_only"][0]).prior
     batch = synthetic_batch(16, 17, "none", torch.Generator().manual_seed(7))
+    split = copy.deepcopy(prior)
+    split.predictor = Int8SkipPredictor(split.predictor)  # per-quantizer heads, still fp32: same model
     with torch.no_grad():
         fp32 = float(prior.loss(batch))
+        assert abs(float(split.loss(batch)) - fp32) < 1e-5
         int8 = float(quantize_int8(prior).loss(batch))
     print(f"\nvalidation CE fp32 {fp32:.4f} int8 {int8:.4f} (delta {int8 - fp32:+.4f} nats)")
     assert abs(int8 - fp32) < 0.05

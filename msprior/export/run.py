@@ -60,23 +60,67 @@ def load_trained(run: str, checkpoint: str = "best", tracking_uri: Optional[str]
     return LoadedRun(prior.eval(), config, state["manifest"], state)
 
 
+class Int8SkipPredictor(nn.Module):
+    """The prior's SkipPredictor with its output projection [Q, D, V] split into Q Linear heads,
+    so that dynamic int8 covers it too (at 16 x 512 x 1024 it is the largest weight read per
+    frame). Same weights, same `norm` / `step_logits` interface as `Prior.predict` uses."""
+
+    def __init__(self, predictor: nn.Module):
+        super().__init__()
+        self.num_quantizers = predictor.num_quantizers
+        self.norm = predictor.norm
+        self.which = predictor.which
+        self.film = predictor.film
+        self.hidden = predictor.hidden
+        heads = []
+        for q in range(self.num_quantizers):
+            head = nn.Linear(predictor.out_w.shape[1], predictor.out_w.shape[2])
+            with torch.no_grad():
+                head.weight.copy_(predictor.out_w[q].T)
+                head.bias.copy_(predictor.out_b[q])
+            heads.append(head)
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, h: torch.Tensor, target_emb: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B, T, Q, V] (validation cross-entropy of the int8 model)."""
+        previous = target_emb.cumsum(dim=2) - target_emb
+        gamma, beta = self.film(previous + self.which).chunk(2, dim=-1)
+        z = torch.nn.functional.gelu(self.hidden(self.norm(h).unsqueeze(2) * (1 + gamma) + beta))
+        logits = []
+        for i, head in enumerate(self.heads):
+            logits.append(head(z[:, :, i]))
+        return torch.stack(logits, dim=2)
+
+    def step_logits(self, h_norm: torch.Tensor, previous: torch.Tensor, q: int) -> torch.Tensor:
+        gamma, beta = self.film(previous + self.which[q]).chunk(2, dim=-1)
+        z = torch.nn.functional.gelu(self.hidden(h_norm * (1 + gamma) + beta))
+        out = z
+        for i, head in enumerate(self.heads):  # TorchScript cannot index a ModuleList by a variable
+            if i == q:
+                out = head(z)
+        return out
+
+
 def quantize_int8(prior: Prior) -> Prior:
     """Dynamic int8 weights for the Linear layers (activations stay float), on a copy.
 
     `torch.ao.quantization.quantize_dynamic` is deprecated in favour of torchao, but its modules
     script and load in libtorch 2.5 (nn~ 1.6); torchao's tensor subclasses do not script. The
-    attention query projections stay float: the streaming cache allocation reads `q.weight.dtype`,
-    which a quantized Linear does not have (they are ~5 % of the decoder's weights).
+    predictor's output projection becomes Q Linear heads first (Int8SkipPredictor). The attention
+    query projections stay float: the streaming cache allocation reads `q.weight.dtype`, which a
+    quantized Linear does not have (they are ~5 % of the decoder's weights).
     """
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-
-    names = {name: default_dynamic_qconfig for name, m in prior.named_modules()
-             if isinstance(m, nn.Linear) and not name.endswith("attn.q")}
     import warnings
 
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    prior = copy.deepcopy(prior).eval()
+    prior.predictor = Int8SkipPredictor(prior.predictor)
+    names = {name: default_dynamic_qconfig for name, m in prior.named_modules()
+             if isinstance(m, nn.Linear) and not name.endswith("attn.q")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice of torch.ao.quantization
-        return quantize_dynamic(copy.deepcopy(prior).eval(), names, dtype=torch.qint8)
+        return quantize_dynamic(prior, names, dtype=torch.qint8, inplace=True)
 
 
 def build_scripted(loaded: LoadedRun, batch_size: int = 1, continuous: Optional[bool] = None,
