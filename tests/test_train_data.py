@@ -109,3 +109,17 @@ def test_resource_check_fails_fast_with_what_to_lower(ray_session):
     with pytest.raises(TrainError, match="GPU"):
         check_resources(num_workers=1, cpus_per_worker=0.5, gpus_per_worker=1.0)
     assert check_resources(1, 0.5, 0.0, trials=8, driver_cpus=0.01) >= 2  # several trials share the CPUs
+
+
+@pytest.mark.parametrize("inline_max_bytes", [1 << 30, 0], ids=["driver-read", "read_parquet"])
+def test_train_dataset_holds_exactly_the_train_files(ray_session, train_table, inline_max_bytes):
+    from msprior.train.data import train_dataset
+
+    table = open_table(train_table, 0.25, 0)
+    ds = train_dataset(table, inline_max_bytes=inline_max_bytes)
+    sources = set()
+    rows = 0
+    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        sources |= set(b["source"].to_pylist())
+        rows += b.num_rows
+    assert rows == 6 * 4 and sources == set(table.sources) - set(table.val_sources)

@@ -49,12 +49,14 @@ def read_manifest(db_path: str) -> Dict:
             raise DataError(f"{db_path}/manifest.json: not valid JSON ({e})") from None
 
 
-def list_shards(db_path: str) -> Tuple[object, List[str]]:
+def list_shards(db_path: str) -> Tuple[object, List[str], int]:
+    """(filesystem, shard paths, total bytes)."""
     fs, root = _fs_and_path(db_path)
-    shards = sorted(p for p in fs.glob(f"{root.rstrip('/')}/latents/*.parquet"))
+    found = fs.glob(f"{root.rstrip('/')}/latents/*.parquet", detail=True)
+    shards = sorted(found)
     if not shards:
         raise DataError(f"{db_path}/latents: no .parquet shards; run `msprior preprocess` first")
-    return fs, shards
+    return fs, shards, int(sum(found[p].get("size") or 0 for p in shards))
 
 
 def source_hash(source: str, seed: int) -> int:
@@ -86,6 +88,7 @@ class Table:
     columns: List[str]
     sources: List[str]
     val_sources: List[str]
+    nbytes: int = 0  # Parquet bytes on storage
 
 
 def open_table(db_path: str, val_fraction: float, seed: int, conditioning: str = "none") -> Table:
@@ -93,7 +96,7 @@ def open_table(db_path: str, val_fraction: float, seed: int, conditioning: str =
     import pyarrow.dataset as pads
 
     manifest = read_manifest(db_path)
-    fs, shards = list_shards(db_path)
+    fs, shards, nbytes = list_shards(db_path)
     from msprior import storage
 
     dataset = pads.dataset(shards, filesystem=storage.pyarrow_filesystem(db_path)[0], format="parquet")
@@ -116,6 +119,7 @@ def open_table(db_path: str, val_fraction: float, seed: int, conditioning: str =
         columns=columns,
         sources=sorted(sources),
         val_sources=split_sources(sources, val_fraction, seed),
+        nbytes=nbytes,
     )
 
 
@@ -126,10 +130,23 @@ def _arrow_fs(table: "Table"):
     return storage.pyarrow_filesystem(table.db_path)[0]
 
 
-def train_dataset(table: Table):
-    """The train split as a Ray Data dataset of chunk rows (Ray Train splits it across workers)."""
+INLINE_MAX_BYTES = 64 << 20  # tables up to this size are read by the driver in one go (below)
+
+
+def train_dataset(table: Table, inline_max_bytes: int = INLINE_MAX_BYTES):
+    """The train split as a Ray Data dataset of chunk rows (Ray Train splits it across workers).
+
+    A small table (most latent tables: ~5 MB per hour of audio) is read by the driver with pyarrow
+    and handed to Ray Data as in-memory blocks: on a loaded 2-core machine `read_parquet` spent
+    6-35 s starting read tasks for 8 small files, `from_arrow` 0.05 s. Larger tables stream
+    through distributed `read_parquet` tasks.
+    """
     import ray.data
 
+    if table.nbytes <= inline_max_bytes:
+        rows = read_split(table, val=False)
+        step = max(1, -(-rows.num_rows // 16))  # a few blocks so the split stays balanced
+        return ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
     ds = ray.data.read_parquet(
         table.shards,
         filesystem=_arrow_fs(table),

@@ -139,7 +139,9 @@ def tune(
                     "sweep.val_every": every, "sweep.search": spec.get("search") or {}},
             tags={"msprior.sweep": name})
         sched = spec.get("scheduler") or {}
-        max_t = max(1, math.ceil(steps / every))  # Tune iterations = validations
+        # Tune iterations = validations; one more than a trial reports, so a trial that is not stopped
+        # early ends by itself (writing its run.json) instead of being stopped at max_t
+        max_t = max(1, math.ceil(steps / every)) + 1
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                                   grace_period=min(max_t, int(sched.get("grace_period", 1))),
                                   reduction_factor=float(sched.get("reduction_factor", 2)))
@@ -164,20 +166,15 @@ def tune(
 
         trials = []
         for r in grid:
-            trials.append({"trial_id": _trial_id(r), "config": r.config, "error": str(r.error) if r.error else None,
-                           "val_loss": (r.metrics or {}).get("best_val_loss"), "step": (r.metrics or {}).get("step")})
+            trials.append(_trial_summary(r, name, storage, db_path, uri, client))
         ok = [t for t in trials if t["val_loss"] is not None]
         if not ok:
             client.set_terminated(parent, status="FAILED")
             raise TrainError(f"sweep {name}: no trial reported a validation; first error: "
                              f"{next((t['error'] for t in trials if t['error']), 'none')}")
         best = min(ok, key=lambda t: t["val_loss"])
-        run_dir = _join(storage, f"{name}-{best['trial_id']}")
+        run_dir = best["run_dir"]
         info = read_run_json(run_dir) or {}
-        # trials stopped by ASHA never reached their own end: close their MLflow runs
-        for run in tracking.nested_runs(client, parent):
-            if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, status="KILLED")
         from mlflow.entities import Param
 
         client.log_batch(parent, params=[Param(f"best.{k}", tracking._param_value(v)) for k, v in best["config"].items()])
@@ -200,9 +197,38 @@ def tune(
             ray.shutdown()
 
 
-def _trial_id(result) -> Optional[str]:
-    """The Tune trial id of a result (the name our trial driver gave its training run)."""
-    tid = (result.metrics or {}).get("trial_id")
-    if tid:
-        return tid
-    return None
+def _trial_summary(result, sweep_name: str, storage: str, db_path: str, uri: str, client) -> Dict[str, Any]:
+    """One trial's outcome from its Tune results; completes run.json / MLflow for stopped trials.
+
+    A trial stopped by ASHA is killed mid-training: its own run.json and MLflow close never ran.
+    Every Tune result carries the checkpoint path of that validation (TuneReportCallback), so the
+    trial's best and last checkpoints are known here and the run stays exportable.
+    """
+    from msprior import storage as st
+    from msprior.train import tracking
+    from msprior.train.checkpoint import read_run_json, write_run_json
+
+    metrics = result.metrics or {}
+    trial_id = metrics.get("trial_id")
+    out = {"trial_id": trial_id, "config": result.config, "error": str(result.error) if result.error else None,
+           "val_loss": metrics.get("best_val_loss"), "step": metrics.get("step"), "run_dir": None}
+    if not trial_id or out["val_loss"] is None:
+        return out
+    run_dir = out["run_dir"] = st.join(storage, f"{sweep_name}-{trial_id}")
+    if read_run_json(run_dir) is not None:
+        return out
+    df = result.metrics_dataframe
+    uri_of = (lambda p: f"s3://{p}") if st.is_s3(storage) else (lambda p: p)
+    rows = df.dropna(subset=["val_loss", "checkpoint_path"]) if df is not None else None
+    if rows is None or rows.empty:
+        return out
+    best_row = rows.loc[rows["val_loss"].idxmin()]
+    run_id = tracking.find_run(client, sweep_name, run_dir)
+    write_run_json(run_dir, {
+        "name": f"{sweep_name}-{trial_id}", "best_checkpoint": uri_of(best_row["checkpoint_path"]),
+        "last_checkpoint": uri_of(rows.iloc[-1]["checkpoint_path"]), "best_val_loss": float(rows["val_loss"].min()),
+        "step": int(rows.iloc[-1]["step"]), "mlflow_run_id": run_id, "tracking_uri": uri, "db_path": db_path,
+        "stopped_early_by": "ASHA"})
+    if run_id:
+        client.set_tag(run_id, "msprior.stopped_by", "ASHA")
+    return out
