@@ -4,7 +4,8 @@ Fast: the AWS launcher YAML passes Ray's own cluster-config validation; the Kube
 pass a structural check (tests/data/kuberay_v1_subset.schema.json, written from KubeRay's ray.io/v1
 API types) plus the cross-field rules KubeRay enforces; the runtime env is one Ray accepts and
 packs small. Slow: `cluster/local.sh up` starts a real Ray head, SeaweedFS S3 and MLflow server on
-127.0.0.1, they answer, and `down` leaves no process behind.
+127.0.0.1, they answer, a submitted job reaches S3 and MLflow, and `down` leaves no process behind.
+(`with Stack(...)`, the in-process form, is what tests/test_pipeline_job.py runs the pipeline on.)
 """
 
 from __future__ import annotations
@@ -339,6 +340,26 @@ def test_local_stack_up_answers_and_down_leaves_nothing(tmp_path):
         with urllib.request.urlopen(env["MLFLOW_TRACKING_URI"] + "/health", timeout=10) as r:
             assert r.read().decode().strip() == "OK"
 
+        # A job sees the S3 and MLflow settings through the head's environment, writes to the
+        # bucket, and logs an artifact that MLflow proxies into the stack's bucket.
+        job_dir = tmp_path / "job"
+        job_dir.mkdir()
+        (job_dir / "probe.py").write_text(
+            "import os, mlflow, s3fs\n"
+            "s3fs.S3FileSystem().pipe('msprior/probe/from_job.txt', b'job')\n"
+            "with mlflow.start_run() as run:\n"
+            "    mlflow.log_text('artifact', 'probe.txt')\n"
+            "print('RUN', run.info.run_id, os.environ['MLFLOW_TRACKING_URI'])\n")
+        job = subprocess.run(["ray", "job", "submit", "--working-dir", str(job_dir), "--",
+                              "python", "probe.py"], env=ray_env, text=True, capture_output=True,
+                             timeout=300)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+        assert "RUN " in job.stdout and env["MLFLOW_TRACKING_URI"] in job.stdout
+        fs.invalidate_cache()
+        assert fs.cat("msprior/probe/from_job.txt") == b"job"
+        assert any(p.endswith("probe.txt") for p in fs.find("msprior/mlflow"))
+        pids = sorted(set(pids) | set(stack.processes()))  # the job's workers too
+
         # A second `up` finds the running stack and prints the same variables.
         again = local_sh("up", "--dir", str(stack_dir))
         assert again.returncode == 0 and "already up" in again.stderr
@@ -353,36 +374,3 @@ def test_local_stack_up_answers_and_down_leaves_nothing(tmp_path):
     assert not (stack_dir / "state.json").exists()
     assert not Path(stack.ray.temp_dir).exists()
     assert (stack_dir / "mlflow" / "mlflow.db").exists(), "down keeps the data"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_stack_context_manager_runs_a_job_with_the_stack_env(tmp_path):
-    """The path a pipeline test takes: `with Stack(...)`, `ray job submit`, leave. The job sees
-    the S3 and MLflow settings through the head's environment, and writes to both."""
-    from msprior.devstack import Stack
-
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    (job_dir / "probe.py").write_text(
-        "import os, mlflow, s3fs\n"
-        "s3fs.S3FileSystem().pipe('msprior/probe/from_job.txt', b'job')\n"
-        "with mlflow.start_run() as run:\n"
-        "    mlflow.log_text('artifact', 'probe.txt')\n"
-        "print('RUN', run.info.run_id, os.environ['MLFLOW_TRACKING_URI'])\n")
-    with Stack(str(tmp_path / "stack"), num_cpus=2) as st:
-        env = st.env()
-        pids = st.processes()
-        job = subprocess.run(["ray", "job", "submit", "--working-dir", str(job_dir), "--",
-                              "python", "probe.py"], env={**os.environ, **env}, text=True,
-                             capture_output=True, timeout=300)
-        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
-        assert "RUN " in job.stdout and env["MLFLOW_TRACKING_URI"] in job.stdout
-        import s3fs
-
-        fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key=env["AWS_ACCESS_KEY_ID"],
-                               secret=env["AWS_SECRET_ACCESS_KEY"])
-        assert fs.cat("msprior/probe/from_job.txt") == b"job"
-        # MLflow proxied the artifact into the stack's bucket.
-        assert any(p.endswith("probe.txt") for p in fs.find("msprior/mlflow"))
-    assert [p for p in pids if pid_alive(p)] == []
