@@ -190,6 +190,18 @@ class Progress:
 # --- the run ------------------------------------------------------------------------------------
 
 
+def _user_cause(e: BaseException) -> Optional[BaseException]:
+    """The one-line user error (DataError, TrainError, ConfigError) behind a failed worker group."""
+    from msprior.config import ConfigError
+    from msprior.train.data import DataError
+
+    for exc in (getattr(e, "worker_failures", None) or {}).values():
+        for candidate in (exc, getattr(exc, "cause", None)):
+            if isinstance(candidate, (DataError, TrainError, ConfigError)):
+                return candidate
+    return None
+
+
 def resolve_config(config: Union[str, Config, Dict], overrides: Sequence[str] = (), *, batch_size=None,
                    max_steps=None, val_every=None) -> Config:
     from msprior.config import apply_overrides
@@ -359,8 +371,11 @@ def train(
         t0 = time.perf_counter()
         try:
             result = trainer.fit()
-        except BaseException:
+        except BaseException as e:
             client.set_terminated(run_id, status="FAILED")
+            cause = _user_cause(e)
+            if cause is not None:  # a worker hit a user error (e.g. a shard too small): say it in one line
+                raise TrainError(str(cause).splitlines()[0]) from None
             raise
         finally:
             if printer:
