@@ -234,6 +234,15 @@ def _stop_session(leader: int, mark: Optional[str] = None, grace: float = 15.0) 
     wait(5.0)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies (Linux prctl), so a crashed or
+    killed test does not leave its servers running."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _write_private(path: Path, text: str) -> None:
     """Write a file only the user can read (credentials), atomically."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -274,14 +283,20 @@ def _free_range(n: int, lo: int = 20000, hi: int = 30000) -> int:
 
 
 class _Daemon:
-    """A server in its own session, stoppable from any process that has its `state()`."""
+    """A server in its own session, stoppable from any process that has its `state()`.
+
+    By default it dies with the process that started it; `detach=True` lets it outlive that
+    process (`cluster/local.sh up`), to be stopped later from the saved state.
+    """
 
     kind = "daemon"
 
-    def __init__(self, dir: str, env: Optional[Dict[str, str]] = None, start_timeout: float = 120.0):
+    def __init__(self, dir: str, env: Optional[Dict[str, str]] = None, start_timeout: float = 120.0,
+                 detach: bool = False):
         self.dir = Path(dir).absolute()
         self.extra_env = dict(env or {})
         self.start_timeout = start_timeout
+        self.detach = detach
         self.pid: Optional[int] = None
         self.mark: Optional[str] = None
         self.proc: Optional[subprocess.Popen] = None
@@ -293,7 +308,8 @@ class _Daemon:
         with open(self.dir / f"{self.kind}.log", "ab") as log:
             self.proc = subprocess.Popen(args, env=full_env, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, cwd=self.dir,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=None if self.detach else _die_with_parent)
         self.pid = self.proc.pid
 
     def _wait_ready(self, ready) -> None:
@@ -354,8 +370,8 @@ class MLflowServer(_Daemon):
 
     def __init__(self, dir: str, artifacts_destination: Optional[str] = None,
                  env: Optional[Dict[str, str]] = None, port: Optional[int] = None,
-                 start_timeout: float = 120.0):
-        super().__init__(dir, env, start_timeout)
+                 start_timeout: float = 120.0, detach: bool = False):
+        super().__init__(dir, env, start_timeout, detach)
         self.artifacts_destination = artifacts_destination or (self.dir / "artifacts").as_uri()
         self.port = port
 
@@ -413,8 +429,8 @@ class RayHead(_Daemon):
 
     def __init__(self, dir: str, num_cpus: Optional[int] = None,
                  object_store_memory: int = 1 << 30, env: Optional[Dict[str, str]] = None,
-                 start_timeout: float = 120.0):
-        super().__init__(dir, env, start_timeout)
+                 start_timeout: float = 120.0, detach: bool = False):
+        super().__init__(dir, env, start_timeout, detach)
         # Logical CPUs >= 4 even on 2 cores: fractional Data/Train/Tune requests then fit side
         # by side instead of waiting forever for one another (FIELD_NOTES).
         self.num_cpus = num_cpus or max(4, os.cpu_count() or 1)
@@ -522,8 +538,10 @@ class Stack:
     """
 
     def __init__(self, dir: str = ".msprior-stack", bucket: str = "msprior",
-                 num_cpus: Optional[int] = None, start_timeout: float = 120.0):
+                 num_cpus: Optional[int] = None, start_timeout: float = 120.0,
+                 detach: bool = False):
         self.dir = Path(dir).absolute()
+        self.detach = detach  # outlive this process (Ray and MLflow; SeaweedS3 always does)
         self.bucket = bucket
         self.num_cpus = num_cpus
         self.start_timeout = start_timeout
@@ -547,14 +565,15 @@ class Stack:
             self._save()
             self.timings["s3"], t = time.monotonic() - t, time.monotonic()
             self.mlflow = MLflowServer(str(self.dir / "mlflow"), f"s3://{self.bucket}/mlflow",
-                                       env=self.s3.env(), start_timeout=self.start_timeout)
+                                       env=self.s3.env(), start_timeout=self.start_timeout,
+                                       detach=self.detach)
             self.mlflow.start()
             self._save()
             self.timings["mlflow"], t = time.monotonic() - t, time.monotonic()
             job_env = {**self.s3.env(), "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint,
                        **self.mlflow.env()}
             self.ray = RayHead(str(self.dir / "ray"), num_cpus=self.num_cpus, env=job_env,
-                               start_timeout=self.start_timeout)
+                               start_timeout=self.start_timeout, detach=self.detach)
             self.ray.start()
             self._save()
             self.timings["ray"] = time.monotonic() - t
@@ -704,7 +723,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         t0 = time.monotonic()
         say(f"starting S3, MLflow and Ray on 127.0.0.1 (state in {Path(a.dir).absolute()}) ...")
         try:
-            st = Stack(a.dir, bucket=a.bucket, num_cpus=a.num_cpus).start()
+            st = Stack(a.dir, bucket=a.bucket, num_cpus=a.num_cpus, detach=True).start()
         except RuntimeError as e:
             say(f"error: {e}")
             return 1
