@@ -259,12 +259,13 @@ def kmeans(x: np.ndarray, k: int, iters: int = 25, seed: int = 0) -> np.ndarray:
         c.append(x[rng.choice(n, p=p)])
         d2 = np.minimum(d2, ((x - c[-1]) ** 2).sum(1))
     c = np.stack(c)
+    x2 = (x * x).sum(1, keepdims=True)
     for _ in range(iters):
-        assign = (((x[:, None, :] - c[None]) ** 2).sum(-1)).argmin(1)
-        for j in range(k):
-            members = x[assign == j]
-            if len(members):
-                c[j] = members.mean(0)
+        assign = (x2 - 2.0 * x @ c.T + (c * c).sum(1)[None]).argmin(1)  # squared distances, no [N, k, D]
+        sums = np.stack([np.bincount(assign, weights=x[:, d], minlength=k) for d in range(x.shape[1])], 1)
+        counts = np.bincount(assign, minlength=k)
+        filled = counts > 0
+        c[filled] = sums[filled] / counts[filled, None]
     return c.astype(np.float32)
 
 

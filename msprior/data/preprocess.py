@@ -251,6 +251,85 @@ def _fit_conditioning(pending, root_audio, sr, ratio, cond_ratio, k, s3, max_fil
     return feat.fit_tokens(np.concatenate(sample), k)
 
 
+def _conditioning_tokens(out_path, old, pending, audio_root, sr, ratio, condition_ratio, k, s3):
+    """(centroids, scale): fitted once on a sample and saved; a resumed table keeps its own."""
+    cpath = storage.join(out_path, tbl.CENTROIDS)
+    if old is not None and storage.exists(cpath, s3) and (old.get("conditioning") or {}).get("tokens"):
+        return tbl.load_centroids(out_path, s3), np.asarray(old["conditioning"]["tokens"]["scale"], np.float32)
+    centroids, scale = _fit_conditioning(pending, audio_root, sr, ratio, condition_ratio, k, s3)
+    if centroids is None:  # nothing decodable in the sample: the run will report why
+        n = len(feat.feature_names())
+        return np.zeros((1, n), np.float32), np.ones(n, np.float32)
+    buf = io.BytesIO()
+    np.save(buf, centroids)
+    storage.write_bytes(cpath, buf.getvalue(), s3)
+    return centroids, scale
+
+
+def _encode_pending(pending, settings: Settings, out_path: str, rave_bytes: bytes, resolution: int,
+                    batch_size: int, num_workers: int, gpu: bool, threads: int, cpus_per_worker: float,
+                    cpus_per_read: float, progress: bool):
+    """Run the Ray Data pipeline over the pending files, writing one shard per complete file.
+
+    Returns (files written, seconds of audio, frames, {source: reason} of failed files).
+    """
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress line counts seconds of audio
+    ctx.print_on_execution_start = False
+    num_gpus = 0.0
+    if gpu:
+        total = ray.cluster_resources().get("GPU", 0)
+        if total <= 0:
+            raise PreprocessError("--gpu was given but the Ray cluster has no GPU")
+        num_gpus = min(1.0, total / num_workers)  # a GPU fraction per actor
+    items = [{"source": src, "path": path} for src, path, _ in pending]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
+    ds = ds.flat_map(decode_rows, fn_kwargs={"s": settings}, num_cpus=cpus_per_read)
+    ds = ds.map_batches(Encoder, fn_constructor_kwargs={
+        "rave_bytes": rave_bytes, "resolution": resolution, "threads": threads, "gpu": gpu},
+        compute=ray.data.ActorPoolStrategy(size=num_workers), batch_size=batch_size,
+        batch_format="numpy", num_cpus=cpus_per_worker, num_gpus=num_gpus)
+    conditioning = bool(settings.condition_ratio)
+    bar = Progress(progress)
+    rows: Dict[str, List[dict]] = defaultdict(list)
+    bad: Dict[str, str] = {}
+    written, seconds, frames = 0, 0.0, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        files, secs = 0, 0.0
+        for i in range(len(batch["source"])):
+            src, err = str(batch["source"][i]), str(batch["error"][i])
+            if err:  # the file is skipped whole: drop any chunks already here
+                bad.setdefault(src, err)
+                rows.pop(src, None)
+                continue
+            if src in bad:
+                continue
+            rows[src].append({k: batch[k][i] for k in
+                              ("source", "chunk", "start_s", "frames", "rave", "tokens", "features")})
+            secs += float(batch["seconds"][i])
+            frames += int(batch["frames"][i])
+            if len(rows[src]) == int(batch["n_chunks"][i]):  # the whole file is here: write its shard
+                data = tbl.shard_bytes(rows.pop(src), conditioning=conditioning)
+                storage.write_bytes(storage.join(out_path, tbl.LATENTS, tbl.shard_name(src)), data, settings.s3)
+                written += 1
+                files += 1
+        seconds += secs
+        bar.update(secs, files)
+    bar.close()
+    return written, seconds, frames, bad
+
+
+def _nothing_encoded(audio: str, out_path: str, skipped: List[dict]) -> PreprocessError:
+    reasons: Dict[str, int] = defaultdict(int)
+    for s in skipped:
+        reasons[s["reason"].split(":")[0]] += 1
+    top = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+    return PreprocessError(f"nothing could be encoded from {audio}: {len(skipped)} files skipped "
+                           f"({top or 'none listed'}); see {storage.join(out_path, tbl.REPORT)}")
+
+
 def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, resolution: int = 64,
                batch_size: int = 64, num_workers: int = 1, gpu: bool = False, condition_ratio: int = 4,
                condition_tokens: int = 64, min_frames: int = 257, threads_per_worker: Optional[int] = None,
@@ -259,8 +338,9 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
     """Encode the audio under `audio` into the latent table `out_path`; return a summary dict.
 
     `min_frames`: files with fewer RAVE frames are skipped (one training window: seq_len + 1 of the
-    default configs). `condition_ratio` 0 turns conditioning off. Raises PreprocessError (one line)
-    for bad arguments, and when the table ends up empty.
+    default configs). `condition_ratio` 0 turns conditioning off. Uses the running Ray runtime (or
+    starts a local one). Raises PreprocessError (one line) for bad arguments, and when the table
+    ends up empty (report.json is written first).
     """
     import ray
 
@@ -307,111 +387,48 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
         manifest["created"] = old.get("created", manifest["created"])
 
     audio_root, files, ignored = _list_corpus(audio, s3)
-    done = {os.path.basename(p) for p in tbl.list_shards(out_path, s3)}
-    fs_audio, root = storage.filesystem(audio_root, s3)
-    pending = [(rel, f"{root}/{rel}", size) for rel, size in files if tbl.shard_name(rel) not in done]
     if not files:
         raise PreprocessError(f"--audio {audio}: no audio files found (looked for "
                               f".wav/.flac/.ogg/.opus/.mp3/.aiff... recursively)")
+    done = {os.path.basename(p) for p in tbl.list_shards(out_path, s3)}
+    _, root = storage.filesystem(audio_root, s3)
+    pending = [(rel, f"{root}/{rel}", size) for rel, size in files if tbl.shard_name(rel) not in done]
 
-    # conditioning: fit the k-means tokens once; a resumed table keeps its centroids
     centroids = scale = None
     if condition_ratio:
-        cpath = storage.join(out_path, tbl.CENTROIDS)
-        if old is not None and storage.exists(cpath, s3) and (old.get("conditioning") or {}).get("tokens"):
-            centroids = tbl.load_centroids(out_path, s3)
-            scale = np.asarray(old["conditioning"]["tokens"]["scale"], np.float32)
-        else:
-            centroids, scale = _fit_conditioning(pending, audio_root, sr, ratio, condition_ratio,
-                                                 condition_tokens, s3)
-            if centroids is not None:
-                buf = io.BytesIO()
-                np.save(buf, centroids)
-                storage.write_bytes(cpath, buf.getvalue(), s3)
-        if centroids is None:  # nothing decodable: fall back to dummy centroids, the run reports why
-            centroids, scale = np.zeros((1, len(feat.feature_names())), np.float32), np.ones(
-                len(feat.feature_names()), np.float32)
-
+        centroids, scale = _conditioning_tokens(out_path, old, pending, audio_root, sr, ratio,
+                                                condition_ratio, condition_tokens, s3)
     settings = Settings(audio_root=audio_root, sr=sr, ratio=ratio, chunk_samples=chunk_frames * ratio,
                         min_frames=min_frames, condition_ratio=condition_ratio, centroids=centroids,
                         scale=scale, s3=s3)
-    skipped = [{"source": s, "reason": "not an audio file extension (ignored)"} for s in ignored]
-    written, new_seconds, new_frames = 0, 0.0, 0
-    t_ray = time.monotonic()
+    written, seconds, frames, bad, ray_init_s = 0, 0.0, 0, {}, 0.0
     if pending:
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, logging_level="WARNING", configure_logging=True)
-        t_ray = time.monotonic()
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        num_gpus = 0.0
-        if gpu:
-            total = ray.cluster_resources().get("GPU", 0)
-            if total <= 0:
-                raise PreprocessError("--gpu was given but the Ray cluster has no GPU")
-            num_gpus = min(1.0, total / num_workers)
+        if not ray.is_initialized():  # timed apart: start-up is not throughput
+            t = time.monotonic()
+            ray.init(include_dashboard=False, logging_level="WARNING")
+            ray_init_s = time.monotonic() - t
         threads = threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
-        items = [{"source": s, "path": p} for s, p, _ in pending]
-        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
-        ds = ds.flat_map(decode_rows, fn_kwargs={"s": settings}, num_cpus=cpus_per_read)
-        ds = ds.map_batches(Encoder, fn_constructor_kwargs={
-            "rave_bytes": rave_bytes, "resolution": resolution, "threads": threads, "gpu": gpu},
-            compute=ray.data.ActorPoolStrategy(size=num_workers), batch_size=batch_size,
-            batch_format="numpy", num_cpus=cpus_per_worker, num_gpus=num_gpus)
-        bar = Progress(progress)
-        rows: Dict[str, List[dict]] = defaultdict(list)
-        bad: Dict[str, str] = {}
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            done_files, secs = 0, 0.0
-            for i in range(len(batch["source"])):
-                src = str(batch["source"][i])
-                err = str(batch["error"][i])
-                if err:
-                    bad.setdefault(src, err)
-                    rows.pop(src, None)
-                    continue
-                if src in bad:
-                    continue
-                rows[src].append({k: batch[k][i] for k in
-                                  ("source", "chunk", "start_s", "frames", "rave", "tokens", "features")})
-                secs += float(batch["seconds"][i])
-                new_frames += int(batch["frames"][i])
-                if len(rows[src]) == int(batch["n_chunks"][i]):  # the whole file is here: write it
-                    data = tbl.shard_bytes(rows.pop(src), conditioning=bool(condition_ratio))
-                    storage.write_bytes(storage.join(out_path, tbl.LATENTS, tbl.shard_name(src)), data, s3)
-                    written += 1
-                    done_files += 1
-            new_seconds += secs
-            bar.update(secs, done_files)
-        bar.close()
-        skipped += [{"source": s, "reason": r} for s, r in sorted(bad.items())]
-    t_end = time.monotonic()
+        written, seconds, frames, bad = _encode_pending(
+            pending, settings, out_path, rave_bytes, resolution, batch_size, num_workers, gpu, threads,
+            cpus_per_worker, cpus_per_read, progress)
+    skipped = ([{"source": s, "reason": "not an audio file extension (ignored)"} for s in ignored]
+               + [{"source": s, "reason": r} for s, r in sorted(bad.items())])
 
-    # the manifest describes every shard, not only this run's
+    # report and manifest describe every shard of the table, not only this run's
     table = tbl.read_table(out_path, columns=["source", "frames"] + (["features"] if condition_ratio else []),
                            s3=s3)
-    report = {"created": manifest["created"], "audio": audio, "skipped": skipped,
-              "counts": {"files_listed": len(files) + len(ignored),
-                         "files_ok": len(set(table["source"].to_pylist())) if len(table) else 0,
-                         "files_skipped": len(skipped) - len(ignored), "files_ignored": len(ignored),
-                         "files_written_this_run": written}}
+    counts = {"files_listed": len(files) + len(ignored), "files_ok": len(set(table["source"].to_pylist())),
+              "files_skipped": len(bad), "files_ignored": len(ignored), "files_written_this_run": written}
+    report = {"created": manifest["created"], "audio": audio, "skipped": skipped, "counts": counts}
     storage.write_bytes(storage.join(out_path, tbl.REPORT), json.dumps(report, indent=1).encode(), s3)
     if len(table) == 0:
-        reasons = defaultdict(int)
-        for s in skipped:
-            reasons[s["reason"].split(":")[0]] += 1
-        top = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
-        raise PreprocessError(f"nothing could be encoded from {audio}: {len(skipped)} files skipped "
-                              f"({top or 'none listed'}); see {storage.join(out_path, tbl.REPORT)}")
+        raise _nothing_encoded(audio, out_path, skipped)
     frames_total = int(pc_sum(table["frames"]))
-    manifest["counts"] = {"files_ok": report["counts"]["files_ok"],
-                          "files_skipped": report["counts"]["files_skipped"],
-                          "files_ignored": len(ignored), "chunks": len(table), "frames": frames_total,
-                          "seconds": frames_total * ratio / sr}
+    manifest["counts"] = {"files_ok": counts["files_ok"], "files_skipped": len(bad), "files_ignored": len(ignored),
+                          "chunks": len(table), "frames": frames_total, "seconds": frames_total * ratio / sr}
     if condition_ratio:
-        f = np.concatenate([np.asarray(x, np.float32) for x in table["features"].to_numpy(zero_copy_only=False)])
         names = feat.feature_names()
+        f = np.concatenate([np.asarray(x, np.float32) for x in table["features"].to_numpy(zero_copy_only=False)])
         f = f.reshape(-1, len(names))
         manifest["conditioning"] = {
             "ratio": int(condition_ratio),
@@ -425,23 +442,21 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
         storage.write_bytes(rave_copy, rave_bytes, s3)
     storage.write_bytes(storage.join(out_path, tbl.MANIFEST), json.dumps(manifest, indent=1).encode(), s3)
 
-    wall = t_end - t_ray
-    summary = {"out_path": out_path, "files_encoded": written, "files_skipped": len(skipped) - len(ignored),
+    wall = time.monotonic() - t0 - ray_init_s
+    summary = {"out_path": out_path, "files_encoded": written, "files_skipped": len(bad),
                "files_ignored": len(ignored), "files_already_done": len(files) - len(pending),
-               "hours": new_seconds / 3600.0, "frames": new_frames, "seconds_audio": new_seconds,
-               "wall_s": time.monotonic() - t0, "pipeline_s": wall,
-               "realtime": new_seconds / wall if wall > 0 else 0.0,
+               "hours": seconds / 3600.0, "frames": frames, "seconds_audio": seconds,
+               "wall_s": wall, "ray_init_s": ray_init_s, "realtime": seconds / wall if wall > 0 else 0.0,
                "table_chunks": len(table), "table_frames": frames_total}
-    echo(f"preprocess: encoded {written} files, skipped {summary['files_skipped']}"
-         f"{f' (see {storage.join(out_path, tbl.REPORT)})' if summary['files_skipped'] else ''}"
-         f"{', %d already in the table' % summary['files_already_done'] if summary['files_already_done'] else ''}, "
-         f"{summary['hours']:.3f} h of audio, {new_frames:,} frames in {wall:.1f} s "
-         f"({summary['realtime']:.1f}x realtime) -> {out_path}")
+    echo(f"preprocess: encoded {written} files, skipped {len(bad)}"
+         + (f" (see {storage.join(out_path, tbl.REPORT)})" if bad else "")
+         + (f", {summary['files_already_done']} already in the table" if summary["files_already_done"] else "")
+         + f", {summary['hours']:.3f} h of audio, {frames:,} frames in {wall:.1f} s"
+         + f" ({summary['realtime']:.1f}x realtime) -> {out_path}")
     return summary
 
 
 def pc_sum(col) -> int:
     import pyarrow.compute as pc
 
-    v = pc.sum(col).as_py()
-    return int(v or 0)
+    return int(pc.sum(col).as_py() or 0)
