@@ -198,6 +198,19 @@ def _owned_pids(sid: int, mark: Optional[str]) -> List[int]:
     return out
 
 
+def _is_ours(pid: int, mark: Optional[str] = None, hint: Optional[str] = None) -> bool:
+    """Whether `pid` is still the process we started, not a later one that reused the number:
+    it carries our mark in its environment, or `hint` in its command line."""
+    try:
+        if mark:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return f"{_MARK}={mark}".encode() in f.read().split(b"\0")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return bool(hint) and hint.encode() in f.read()
+    except OSError:
+        return False
+
+
 def _signal_all(pids: List[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -206,16 +219,25 @@ def _signal_all(pids: List[int], sig: int) -> None:
             pass
 
 
-def _stop_session(leader: int, mark: Optional[str] = None, grace: float = 15.0) -> None:
+def _stop_session(leader: int, mark: Optional[str] = None, hint: Optional[str] = None,
+                  grace: float = 15.0) -> None:
     """Stop the session `leader` started (its sid is its pid) and every process marked `mark`.
+
+    A pid that now belongs to someone else (state left from before a reboot) is left alone: the
+    session is only used when the leader is gone or still ours (`_is_ours(leader, mark, hint)`);
+    the kernel keeps a session id from being reused while any member lives.
 
     SIGTERM to the leader first: `ray start --block` and `mlflow server` then stop their own
     children in order (Ray's took ~3 s here; SIGTERM to all at once left gcs_server running
     for >10 s). What outlives the leader (job drivers, stragglers) gets SIGTERM, then SIGKILL.
     """
 
+    info = _proc_info(leader)
+    if info is not None and info[0] != "Z" and not _is_ours(leader, mark, hint):
+        leader = -1  # not ours any more: only marked processes are
+
     def leader_alive() -> bool:
-        info = _proc_info(leader)
+        info = _proc_info(leader) if leader > 0 else None
         return bool(info) and info[0] != "Z" and info[1] == leader
 
     def wait(seconds: float) -> None:
@@ -223,7 +245,8 @@ def _stop_session(leader: int, mark: Optional[str] = None, grace: float = 15.0) 
         while time.monotonic() < end and _owned_pids(leader, mark):
             time.sleep(0.2)
 
-    _signal_all([leader], signal.SIGTERM)
+    if leader > 0:
+        _signal_all([leader], signal.SIGTERM)
     end = time.monotonic() + grace
     while time.monotonic() < end and leader_alive():
         time.sleep(0.2)
@@ -331,7 +354,7 @@ class _Daemon:
         if self.proc is not None:
             return self.proc.poll() is None
         info = self.pid and _proc_info(self.pid)
-        return bool(info) and info[0] != "Z" and info[1] == self.pid
+        return bool(info) and info[0] != "Z" and _is_ours(self.pid, self.mark)
 
     def processes(self) -> List[int]:
         """Every live process this server started (its session, plus marked job drivers)."""
@@ -609,7 +632,7 @@ class Stack:
 
     def processes(self) -> List[int]:
         pids: List[int] = []
-        if self._s3_state and self._s3_state.get("pid"):
+        if self._s3_state and self._s3_state.get("pid") and self._s3_alive():
             pids += _owned_pids(self._s3_state["pid"], None)
         for d in (self.mlflow, self.ray):
             if d is not None:
@@ -643,9 +666,14 @@ class Stack:
             st.ray = RayHead.from_state(state["ray"])
         return st
 
+    def _s3_alive(self) -> bool:
+        info = _proc_info(self._s3_state["pid"])
+        return bool(info) and info[0] != "Z" and _is_ours(self._s3_state["pid"],
+                                                          hint=self._s3_state["dir"])
+
     def alive(self) -> bool:
         """True when every server recorded is still running."""
-        s3_ok = bool(self._s3_state) and bool(_proc_info(self._s3_state["pid"]))
+        s3_ok = bool(self._s3_state) and self._s3_alive()
         return s3_ok and all(d is not None and d.alive() for d in (self.mlflow, self.ray))
 
     def stop(self) -> None:
@@ -656,9 +684,9 @@ class Stack:
         if self.s3 is not None:  # started in this process
             self.s3.stop()
             if self._s3_state:
-                _stop_session(self._s3_state["pid"])
+                _stop_session(self._s3_state["pid"], hint=self._s3_state["dir"])
         elif self._s3_state:  # started by another process: stop by session, then weed's cleanup
-            _stop_session(self._s3_state["pid"])
+            _stop_session(self._s3_state["pid"], hint=self._s3_state["dir"])
             s3 = SeaweedS3(data_dir=self._s3_state["dir"])
             s3._grpc_ports = self._s3_state.get("grpc_ports", [])
             s3.stop()

@@ -251,6 +251,31 @@ def test_local_sh_usage_and_missing_stack(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "cluster/local.sh up" in r.stderr
 
 
+def test_down_leaves_a_reused_pid_alone(tmp_path):
+    """State from an earlier boot may name pids that now belong to other processes: `down` must
+    not touch them (it checks each recorded leader's marker / command line first)."""
+    stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        d = tmp_path / "stale"
+        (d / "ray").mkdir(parents=True)
+        server = {"pid": stranger.pid, "mark": "gone-1234", "dir": str(d / "x")}
+        state = {"bucket": "msprior",
+                 "s3": {"pid": stranger.pid, "dir": str(d / "s3"), "grpc_ports": [],
+                        "endpoint": "http://127.0.0.1:1", "access_key": "a", "secret_key": "b"},
+                 "mlflow": {**server, "port": 1, "artifacts_destination": "file:///x"},
+                 "ray": {**server, "ports": {"gcs": 1, "dashboard": 2}, "temp_dir": None,
+                         "num_cpus": 1}}
+        (d / "state.json").write_text(json.dumps(state))
+        assert local_sh("status", "--dir", str(d)).returncode == 1
+        r = local_sh("down", "--dir", str(d))
+        assert r.returncode == 0, r.stderr
+        assert stranger.poll() is None, "down killed a process it did not start"
+        assert not (d / "state.json").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def parse_exports(text: str) -> dict:
     out = {}
     for line in text.splitlines():
