@@ -192,17 +192,37 @@ def export_cmd(
         path = export_run(run, out, checkpoint=checkpoint, batch_size=batch_size,
                           continuous=True if continuous else None, quantize=quantize, tracking_uri=tracking_uri)
         typer.echo(f"exported {path} (sha256 {sha256_file(path)[:12]})")
+        tags = _int8_effect(run, checkpoint, tracking_uri, read_metadata(path)) if quantize == "int8" else {}
         if not register:
             return
         previews = []
         if preview_secs > 0:
             wav = _export_preview(path, read_metadata(path), preview_secs)
             previews = [wav] if wav else []
-        info = register_export(path, name=name, tracking_uri=tracking_uri, previews=previews)
+        info = register_export(path, name=name, tracking_uri=tracking_uri, previews=previews, extra_tags=tags)
     except (ExportError, RegistryError) as e:
         raise UserError(str(e)) from None
     typer.echo(f"registered {info['name']} version {info['version']}"
                + (" (champion)" if info["champion"] else " (champion unchanged: not better)"))
+
+
+def _int8_effect(run: str, checkpoint: str, tracking_uri: Optional[str], meta: dict) -> dict:
+    """Validation cross-entropy fp32 vs int8 on the run's validation windows (when the table is reachable)."""
+    if not meta.get("db_path"):
+        typer.echo("int8 effect not measured: the run does not record its latent table (db_path)")
+        return {}
+    from msprior.export.evaluate import int8_effect
+    from msprior.export.run import load_trained
+
+    loaded = load_trained(run, checkpoint, tracking_uri)
+    try:
+        effect = int8_effect(loaded.prior, loaded.config, meta["db_path"])
+    except (ValueError, OSError) as e:  # unreachable / changed table: the export itself is fine
+        typer.echo(f"int8 effect not measured: {str(e).splitlines()[0]}")
+        return {}
+    typer.echo(f"validation CE fp32 {effect['val_ce_fp32']:.4f} -> int8 {effect['val_ce_int8']:.4f} nats "
+               f"({effect['val_ce_int8_delta']:+.4f})")
+    return {k: f"{v:.6f}" for k, v in effect.items()}
 
 
 def _export_preview(path: str, meta: dict, seconds: float) -> Optional[str]:

@@ -7,6 +7,7 @@ buffers) is checked by tests/nn_host.py in a subprocess that never imports mspri
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -170,6 +171,54 @@ def test_int8_validation_cross_entropy(exported):
         int8 = float(quantize_int8(prior).loss(batch))
     print(f"\nvalidation CE fp32 {fp32:.4f} int8 {int8:.4f} (delta {int8 - fp32:+.4f} nats)")
     assert abs(int8 - fp32) < 0.05
+
+
+def _latent_table(root, manifest: dict, conditioning: str = "none") -> str:
+    """A latent table in the documented Parquet format (docs/ARCHITECTURE.md), from synthetic chunks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from export_runs import COND_FEATURES
+
+    os.makedirs(root / "latents")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    rows = {"source": [], "chunk": [], "start_s": [], "frames": [], "rave": []}
+    gen = torch.Generator().manual_seed(11)
+    for i in range(40):  # 40 source files: the 5 % validation split holds some
+        b = synthetic_batch(1, 64, conditioning, gen)
+        rows["source"].append(f"song{i}.wav")
+        rows["chunk"].append(0)
+        rows["start_s"].append(0.0)
+        rows["frames"].append(64)
+        rows["rave"].append(b["rave"][0].reshape(-1).tolist())
+    schema = pa.schema([("source", pa.string()), ("chunk", pa.int32()), ("start_s", pa.float64()),
+                        ("frames", pa.int32()), ("rave", pa.list_(pa.int16()))])
+    pq.write_table(pa.table(rows, schema=schema), root / "latents" / "part0.parquet")
+    return str(root)
+
+
+def test_int8_effect_on_the_runs_validation_split(exported, tmp_path):
+    """`--quantize int8` reports fp32 vs int8 validation CE on the run's latent table."""
+    from export_runs import manifest
+    from msprior.cli import main
+    from msprior.train.checkpoint import read_run_json, write_run_json
+
+    run = exported["decoder_only"][0]
+    db = _latent_table(tmp_path / "table", manifest())
+    from msprior.export.evaluate import int8_effect
+
+    loaded = load_trained(run)
+    effect = int8_effect(loaded.prior, loaded.config, db)
+    assert effect["val_ce_fp32"] < math.log(V) - 0.2  # below the uniform guess: it learnt the stream
+    assert abs(effect["val_ce_int8_delta"]) < 0.05  # and int8 scores it like fp32
+    info = read_run_json(run)
+    write_run_json(run, {**info, "db_path": db})
+    try:
+        with pytest.raises(SystemExit) as ok:
+            main(["export", "--run", run, "--out", str(tmp_path / "q.ts"), "--quantize", "int8", "--no-register"])
+        assert ok.value.code in (0, None)
+    finally:
+        write_run_json(run, info)
 
 
 def test_cli_export_and_checkpoint_dir(exported, tmp_path):
