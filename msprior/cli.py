@@ -124,7 +124,7 @@ def train_cmd(
                              num_workers=num_workers, gpu=gpu, batch_size=batch_size, max_steps=max_steps,
                              val_every=val_every, resume=resume, tracking_uri=tracking_uri,
                              storage_path=storage_path, cpus_per_worker=cpus_per_worker)
-    typer.echo(f"best checkpoint {s['best_checkpoint']} (val {s['best_val_loss']:.4f}); "
+    typer.echo(f"best checkpoint {s['best_checkpoint']} (val {s['best_val_loss']}); "
                f"export it with: msprior export --run {s['run_dir']}")
 
 

@@ -401,7 +401,8 @@ def train(
         tracking.log_dict(client, run_id, info, "run.json")
         client.set_terminated(run_id, status="FINISHED")
         if progress:
-            print(f"[{name}] done: step {info['step']}, best val {info['best_val_loss']:.4f}, "
+            best_txt = f"{info['best_val_loss']:.4f}" if info["best_val_loss"] is not None else "n/a"
+            print(f"[{name}] done: step {info['step']}, best val {best_txt}, "
                   f"{wall:.0f}s; run dir {run_dir}; MLflow run {run_id}", flush=True)
         return {**info, "run_dir": run_dir, "metrics": metrics, "wall_s": wall}
     finally:
