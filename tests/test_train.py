@@ -72,12 +72,17 @@ def test_recurrent_learns(ray_session, train_table, train_dirs):
 
 
 @pytest.mark.timeout(240)
-def test_encoder_decoder_trains_with_ema(ray_session, train_table, train_dirs):
+def test_encoder_decoder_trains_with_ema_and_pretrained_embedding(ray_session, train_table, train_dirs, tmp_path):
+    from msprior.codec import build_codec
+
+    rave = str(tmp_path / "discrete.ts")  # a discrete RAVE-compatible export: 4 codebooks of 16 entries
+    torch.jit.save(build_codec(discrete=True, num_quantizers=4, codebook_size=16), rave)
     s = _train("encoder_decoder", train_table, train_dirs, "seq2seq", num_workers=1, max_steps=40, val_every=20,
-               overrides=TINY + ["train.ema=0.9"])
+               overrides=TINY + ["train.ema=0.9"], pretrained_embedding=rave)
     assert s["step"] == 40 and math.isfinite(s["best_val_loss"])
     ck = load_run(s["run_dir"], "last")
     assert "raw_model" in ck and ck["config"]["model"]["conditioning"] == "tokens"
+    assert ck["config"]["model"]["pretrained_embedding_dim"] > 0  # the resolved config rebuilds the same module
 
 
 @pytest.mark.timeout(300)

@@ -123,3 +123,24 @@ def test_train_dataset_holds_exactly_the_train_files(ray_session, train_table, i
         sources |= set(b["source"].to_pylist())
         rows += b.num_rows
     assert rows == 6 * 4 and sources == set(table.sources) - set(table.val_sources)
+
+
+def test_codebooks_from_a_discrete_export(tmp_path):
+    from msprior.codec import build_codec
+    from msprior.train.run import TrainError, read_codebooks
+
+    torch.jit.save(build_codec(discrete=True, num_quantizers=4, codebook_size=16), str(tmp_path / "d.ts"))
+    assert tuple(read_codebooks(str(tmp_path / "d.ts")).shape[:2]) == (4, 16)
+    torch.jit.save(build_codec(discrete=False), str(tmp_path / "c.ts"))
+    with pytest.raises(TrainError, match="discrete RAVE"):
+        read_codebooks(str(tmp_path / "c.ts"))
+
+
+def test_cli_train_errors_are_one_line(tmp_path, capsys):
+    from msprior.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--db_path", str(tmp_path / "missing"), "--name", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "manifest.json" in err
