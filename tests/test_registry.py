@@ -84,7 +84,7 @@ def test_cli_export_from_mlflow_run_id_registers_with_preview_and_pulls(store, t
     """`msprior export --run <mlflow run id>` (tag msprior.run_dir), preview WAV, then `msprior pull`."""
     from msprior.cli import main
     from msprior.train.checkpoint import read_run_json, write_run_json
-    from msprior.train.tracking import RUN_DIR_TAG, client
+    from msprior.train.tracking import RUN_DIR_TAG, client, experiment_id
 
     root, uri = store
     run_dir = make_run(str(tmp_path), "recurrent", steps=5, val_loss=3.0, name="cli")
@@ -101,7 +101,7 @@ def test_cli_export_from_mlflow_run_id_registers_with_preview_and_pulls(store, t
     table.mkdir()
     torch.jit.script(Decoder()).save(str(table / "rave.ts"))
     c = client(uri)
-    exp = c.create_experiment("cli")
+    exp = experiment_id(c, "cli")  # artifacts next to the sqlite file, not ./mlruns
     run_id = c.create_run(exp, tags={RUN_DIR_TAG: run_dir}).info.run_id
     info = read_run_json(run_dir)
     write_run_json(run_dir, {**info, "mlflow_run_id": run_id, "tracking_uri": uri, "db_path": str(table)})
