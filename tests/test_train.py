@@ -93,3 +93,20 @@ def test_worker_failure_restarts_from_last_checkpoint(ray_session, train_table, 
     assert os.path.exists(marker)  # the failure did happen (once)
     assert s["step"] == 30
     assert s["metrics"]["start_step"] == 10  # the restarted workers loaded the step-10 checkpoint
+
+
+@pytest.mark.timeout(300)
+def test_table_and_runs_on_s3(ray_session, train_table, s3_env, tmp_path):
+    """Latent table read from s3://, checkpoints and run.json written to s3:// (real SeaweedFS)."""
+    from msprior import storage
+
+    for rel, _ in storage.list_files(train_table):
+        with open(os.path.join(train_table, rel), "rb") as f:
+            storage.write_bytes(f"s3://test-bucket/table/{rel}", f.read())
+    s = train("decoder_only", "s3://test-bucket/table", "s3run", overrides=TINY, num_workers=1, batch_size=16,
+              max_steps=20, val_every=10, storage_path="s3://test-bucket/runs",
+              tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert s["run_dir"] == "s3://test-bucket/runs/s3run"
+    assert s["best_checkpoint"].startswith("s3://test-bucket/runs/s3run/checkpoint_")
+    ck = load_run("s3://test-bucket/runs/s3run", "last")
+    assert ck["step"] == 20 and ck["run"]["db_path"] == "s3://test-bucket/table"
