@@ -202,3 +202,11 @@ def test_bad_arguments_are_one_line(codecs, tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "sd.pt")
     with pytest.raises(PreprocessError, match="state dict"):
         preprocess(str(tmp_path), str(tmp_path / "t"), str(tmp_path / "sd.pt"))
+
+
+@pytest.mark.slow
+def test_gpu_without_gpu_is_one_line(ray_session, corpus, codecs, tmp_path):
+    if ray_session.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(PreprocessError, match="no GPU"):
+        preprocess(str(corpus[0] / "extra"), str(tmp_path / "t"), codecs["discrete"], gpu=True, **OPTS)

@@ -99,11 +99,15 @@ def decode_rows(item: dict, s: Settings) -> List[dict]:
 class Encoder:
     """Ray Data actor: loads the RAVE export once, turns audio chunks into int16 token rows."""
 
-    def __init__(self, rave_bytes: bytes, resolution: int, threads: int, gpu: bool):
+    def __init__(self, rave_ref: list, resolution: int, threads: int, gpu: bool):
+        import ray
         import torch
 
         from msprior.rave import Rave, load_rave
 
+        # the model's bytes come through the object store (a ref inside a list is not resolved by
+        # Ray, so the actor's constructor arguments stay small)
+        rave_bytes = ray.get(rave_ref[0])
         torch.set_num_threads(max(1, threads))
         with tempfile.NamedTemporaryFile(suffix=".ts") as f:
             f.write(rave_bytes)
@@ -288,7 +292,7 @@ def _encode_pending(pending, settings: Settings, out_path: str, rave_bytes: byte
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
     ds = ds.flat_map(decode_rows, fn_kwargs={"s": settings}, num_cpus=cpus_per_read)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={
-        "rave_bytes": rave_bytes, "resolution": resolution, "threads": threads, "gpu": gpu},
+        "rave_ref": [ray.put(rave_bytes)], "resolution": resolution, "threads": threads, "gpu": gpu},
         compute=ray.data.ActorPoolStrategy(size=num_workers), batch_size=batch_size,
         batch_format="numpy", num_cpus=cpus_per_worker, num_gpus=num_gpus)
     conditioning = bool(settings.condition_ratio)
