@@ -267,6 +267,81 @@ def pull_cmd(
     typer.echo(f"pulled {ref} -> {path}")
 
 
+# --- the whole pipeline, and the embedded demo (issue 6) -------------------------------------------
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    audio: str = opt(..., "--audio", help="Folder or s3://bucket/prefix of audio files."),
+    rave: str = opt(..., "--rave", help="RAVE model exported as TorchScript (.ts), local or s3://."),
+    out: str = opt(..., "--out", help="Output folder or s3:// prefix (data/, runs/, export/ below it)."),
+    config: str = opt("decoder_only", "--config", help="Config name (configs/*.yaml) or path."),
+    name: Optional[str] = opt(None, "--name", help="Run name (default: the config name)."),
+    override: Optional[List[str]] = opt(None, "--override", help="section.key=value, repeatable."),
+    tune: bool = opt(False, "--tune", help="Sweep configs with Ray Tune instead of one training."),
+    sweep: Optional[str] = opt(None, "--sweep", help="Sweep YAML (default configs/sweeps/default.yaml)."),
+    num_samples: int = opt(4, "--num_samples", help="Sweep trials."),
+    gpus_per_trial: float = opt(0.0, "--gpus_per_trial", help="GPU fraction per trial."),
+    num_workers: int = opt(1, "--num_workers", help="Ray workers for encoding and training."),
+    gpu: bool = opt(False, "--gpu", help="Use GPUs (encode and train)."),
+    batch_size: Optional[int] = opt(None, "--batch_size", help="Training batch size (default: config)."),
+    max_steps: Optional[int] = opt(None, "--max_steps", help="Training steps (default: config)."),
+    val_every: Optional[int] = opt(None, "--val_every", help="Steps between validations."),
+    pretrained_embedding: bool = opt(False, "--pretrained_embedding", help="Start from the RAVE codebooks."),
+    num_secs: float = opt(16.0, "--num_secs", help="Chunk length in seconds."),
+    resolution: int = opt(64, "--resolution", help="Bins per latent dimension (continuous RAVE)."),
+    condition_ratio: int = opt(4, "--condition_ratio", help="RAVE frames per conditioning frame."),
+    tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow tracking URI (default: local sqlite)."),
+    registered_name: Optional[str] = opt(None, "--registered_name", help="Registered model name (default msprior-<name>)."),
+    quantize: Optional[str] = opt(None, "--quantize", help="int8: dynamic int8 Linear weights in the export."),
+):
+    """Run preprocess -> train (or tune) -> export -> register; finished stages are skipped."""
+    from msprior.pipeline import run_pipeline
+
+    result = _user_errors(run_pipeline)(
+        audio, rave, out, config=config, name=name, overrides=override or [], tune=tune, sweep=sweep,
+        num_samples=num_samples, gpus_per_trial=gpus_per_trial, num_workers=num_workers, gpu=gpu,
+        batch_size=batch_size, max_steps=max_steps, val_every=val_every, pretrained_embedding=pretrained_embedding,
+        num_secs=num_secs, resolution=resolution, condition_ratio=condition_ratio, tracking_uri=tracking_uri,
+        registered_name=registered_name, quantize=quantize, echo=typer.echo)
+    _print_pull(result["registered"])
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: str = opt("msprior-demo", "--workdir", help="Work folder (codec, corpus, table, runs, mlflow.db)."),
+    max_steps: int = opt(300, "--max_steps", help="Training steps of the small demo prior."),
+):
+    """The embedded default: demo codec + synthetic corpus -> the whole pipeline, locally."""
+    from msprior.demo import run_demo
+
+    _user_errors(run_demo)(workdir, max_steps=max_steps, echo=typer.echo)
+
+
+def _user_errors(fn):
+    """Turn the stages' own one-line errors into UserError (printed without a traceback)."""
+
+    def wrapped(*args, **kwargs):
+        from msprior.data import PreprocessError
+        from msprior.export.run import ExportError
+        from msprior.registry import RegistryError
+        from msprior.train import RunNotFound, TrainError
+
+        try:
+            return fn(*args, **kwargs)
+        except (PreprocessError, TrainError, RunNotFound, ExportError, RegistryError) as e:
+            raise UserError(str(e)) from None
+
+    return wrapped
+
+
+def _print_pull(reg: dict) -> None:
+    uri = reg.get("tracking_uri")
+    flag = f" --tracking_uri {uri}" if uri else ""
+    typer.echo(f"registered {reg['name']} version {reg['version']}; pull it with: "
+               f"msprior pull {reg['name']}@champion --out model.ts{flag}")
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 

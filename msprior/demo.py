@@ -36,7 +36,7 @@ def run_demo(workdir: str = "msprior-demo", max_steps: int = 300, echo: Callable
     tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     result = run_pipeline(
         audio, rave, os.path.join(workdir, "out"), config="decoder_only", name="demo",
-        overrides=DEMO_OVERRIDES, max_steps=max_steps, val_every=100, num_secs=8.0, min_frames=65,
+        overrides=DEMO_OVERRIDES, max_steps=max_steps, val_every=100, num_secs=8.0,
         tracking_uri=tracking, echo=echo,
     )
     reg = result["registered"]

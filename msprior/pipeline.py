@@ -73,10 +73,10 @@ def run_pipeline(
         from msprior.data import preprocess
 
         echo(f"[preprocess] {audio} -> {table}")
-        kw = {} if min_frames is None else {"min_frames": min_frames}
+        # a file shorter than one training window (seq_len + 1 frames) cannot train: skip and report it
         preprocess(audio, table, rave, num_secs=num_secs, resolution=resolution, num_workers=num_workers,
-                   gpu=gpu, condition_ratio=condition_ratio if cfg.model.conditioning != "none" else condition_ratio,
-                   echo=echo, **kw)
+                   gpu=gpu, condition_ratio=condition_ratio, echo=echo,
+                   min_frames=min_frames if min_frames is not None else cfg.model.seq_len + 1)
         echo(f"[preprocess] done in {time.monotonic() - t0:.0f} s")
 
     # 2. train or tune ---------------------------------------------------------------------------
