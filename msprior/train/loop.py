@@ -174,7 +174,7 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
     raw_params = [p for p in prior.parameters()]
     ema_params = [p for p in ema.parameters()] if ema is not None else []
     loss_sum, loss_n = torch.zeros((), device=device), 0
-    t_log, step_log = time.perf_counter(), step
+    t_log, cpu_log, step_log = time.perf_counter(), time.process_time(), step
     last: Dict[str, float] = {}
     if step == start_step and start_step > 0:
         send("resume", {"step": step})
@@ -199,14 +199,16 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
         _maybe_fail(fault, rank, step)
 
         if step % log_every == 0 or step % val_every == 0 or step >= max_steps:
-            now = time.perf_counter()
+            now, cpu_now = time.perf_counter(), time.process_time()
             dt = max(now - t_log, 1e-9)
             last = {"train_loss": (loss_sum / max(loss_n, 1)).item(), "lr": scheduler.get_last_lr()[0],
                     # all ranks run the same number of steps: global = local x world
                     "tokens_per_s": (step - step_log) * local_bs * world * seq_q / dt,
-                    "steps_per_s": (step - step_log) / dt}
+                    "steps_per_s": (step - step_log) / dt,
+                    # per CPU-second of this process (all threads): overhead without other jobs' noise
+                    "tokens_per_cpu_s": (step - step_log) * local_bs * seq_q / max(cpu_now - cpu_log, 1e-9)}
             loss_sum.zero_()
-            loss_n, t_log, step_log = 0, now, step
+            loss_n, t_log, cpu_log, step_log = 0, now, cpu_now, step
             if client is not None:
                 tracking.log_metrics(client, run_id, last, step)
             send("train", {"step": step, **last})
@@ -244,4 +246,4 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-            t_log = time.perf_counter()  # validation time is not training throughput
+            t_log, cpu_log = time.perf_counter(), time.process_time()  # validation is not training throughput
