@@ -16,7 +16,6 @@ It is NOT a RAVE model; use a trained RAVE export for real work.
 """
 
 
-import math
 from typing import List
 
 import numpy as np

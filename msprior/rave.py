@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 
@@ -25,7 +23,7 @@ class RaveError(ValueError):
 
 
 # continuous latents <-> tokens: the one definition shared with export (same resolution at both ends)
-from msprior.model.quantize import dequantize as dequantize_normal  # noqa: E402
+from msprior.model.quantize import dequantize as dequantize_normal  # noqa: E402,F401 (re-export)
 from msprior.model.quantize import quantize as quantize_normal  # noqa: E402
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
-import logging
 import math
 import os
 import sys
@@ -23,7 +22,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -31,9 +30,6 @@ from msprior import __version__, storage
 from msprior.data import audio as audio_mod
 from msprior.data import features as feat
 from msprior.data import table as tbl
-
-log = logging.getLogger(__name__)
-
 
 class PreprocessError(ValueError):
     """A preprocessing problem the user can fix; one line."""
@@ -187,7 +183,7 @@ class Progress:
             self.stream.write("\n")
 
 
-def _rave_local(rave: str, s3: storage.S3Options) -> (str, bytes):
+def _rave_local(rave: str, s3: storage.S3Options) -> Tuple[str, bytes]:
     """(local path, bytes) of the RAVE export, downloading it first when it is on S3."""
     if storage.is_s3(rave):
         if not storage.exists(rave, s3):
@@ -364,8 +360,12 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
     rave_path, rave_bytes = _rave_local(rave, s3)
     try:
         model = load_rave(rave_path)
+        rave_sha = sha256_file(rave_path)
     except RaveError as e:
         raise PreprocessError(f"--rave {e}") from None
+    finally:
+        if storage.is_s3(rave):  # our temporary download
+            os.unlink(rave_path)
     if model.discrete and model.codebook_size > 32767:
         raise PreprocessError(f"--rave {rave}: codebook size {model.codebook_size} does not fit int16 tokens")
     sr, ratio = model.sr, model.ratio
@@ -376,7 +376,7 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "audio": audio,
         "rave": {"file": tbl.RAVE_FILE, "original_name": os.path.basename(rave),
-                 "sha256": sha256_file(rave_path), "sr": sr, "ratio": ratio,
+                 "sha256": rave_sha, "sr": sr, "ratio": ratio,
                  "latent_size": model.latent_size, "num_quantizers": model.num_quantizers,
                  "vocab_size": model.vocab_size(resolution), "continuous": not model.discrete,
                  "resolution": None if model.discrete else resolution},
