@@ -106,9 +106,7 @@ def quantize_int8(prior: Prior) -> Prior:
 
     `torch.ao.quantization.quantize_dynamic` is deprecated in favour of torchao, but its modules
     script and load in libtorch 2.5 (nn~ 1.6); torchao's tensor subclasses do not script. The
-    predictor's output projection becomes Q Linear heads first (Int8SkipPredictor). The attention
-    query projections stay float: the streaming cache allocation reads `q.weight.dtype`, which a
-    quantized Linear does not have (they are ~5 % of the decoder's weights).
+    predictor's output projection becomes Q Linear heads first (Int8SkipPredictor).
     """
     import warnings
 
@@ -117,7 +115,7 @@ def quantize_int8(prior: Prior) -> Prior:
     prior = copy.deepcopy(prior).eval()
     prior.predictor = Int8SkipPredictor(prior.predictor)
     names = {name: default_dynamic_qconfig for name, m in prior.named_modules()
-             if isinstance(m, nn.Linear) and not name.endswith("attn.q")}
+             if isinstance(m, nn.Linear)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice of torch.ao.quantization
         return quantize_dynamic(prior, names, dtype=torch.qint8, inplace=True)

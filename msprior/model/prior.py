@@ -113,10 +113,11 @@ class Attention(nn.Module):
         self.register_buffer("pos_cache", torch.zeros(0, dtype=torch.long), persistent=False)
 
     def init_stream(self, batch_size: int) -> None:
+        # dtype/device from a buffer, not q.weight: an int8-quantised Linear has no weight tensor
         shape = (batch_size, self.num_heads, self.window, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.q.weight.dtype, device=self.q.weight.device)
-        self.v_cache = torch.zeros(shape, dtype=self.q.weight.dtype, device=self.q.weight.device)
-        self.pos_cache = torch.full((self.window,), -1, dtype=torch.long, device=self.q.weight.device)
+        self.k_cache = torch.zeros(shape, dtype=self.slopes.dtype, device=self.slopes.device)
+        self.v_cache = torch.zeros(shape, dtype=self.slopes.dtype, device=self.slopes.device)
+        self.pos_cache = torch.full((self.window,), -1, dtype=torch.long, device=self.slopes.device)
 
     def _heads(self, x: Tensor) -> Tensor:  # [B, n, H*Dh] -> [B, H, n, Dh]
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
@@ -124,17 +125,30 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, q_pos: Tensor, mem: Tensor, k_pos: Tensor, stream: bool) -> Tensor:
         """x [B, n, D] queries at positions q_pos [n]; mem [B, m, D] new keys at k_pos [m].
 
-        In streaming mode the cached keys come first and the cache keeps the last `window` keys.
+        In streaming mode the queries also see the cached keys, and the cache keeps the last
+        `window` keys.
         """
         q = self._heads(self.q(x))
         k, v = self._kv(mem)
         if stream:
-            k = torch.cat([self.k_cache, k], dim=2)
-            v = torch.cat([self.v_cache, v], dim=2)
-            k_pos = torch.cat([self.pos_cache, k_pos])
-            self.k_cache = k[:, :, -self.window :]
-            self.v_cache = v[:, :, -self.window :]
-            self.pos_cache = k_pos[-self.window :]
+            # The cache is a ring: position p lives in slot p % window. Masks use absolute
+            # positions, so the order of the slots does not matter to attention.
+            m = min(k.shape[2], self.window)
+            slots = torch.remainder(k_pos[k_pos.numel() - m :], self.window)
+            if k.shape[2] == 1 and x.shape[1] == 1:  # one frame (realtime generation): write it, attend the ring
+                self.k_cache.index_copy_(2, slots, k)
+                self.v_cache.index_copy_(2, slots, v)
+                self.pos_cache.index_copy_(0, slots, k_pos)
+                k, v, k_pos = self.k_cache, self.v_cache, self.pos_cache
+            else:  # several: earlier queries may still need the keys that new ones overwrite
+                k_all = torch.cat([self.k_cache, k], dim=2)
+                v_all = torch.cat([self.v_cache, v], dim=2)
+                pos_all = torch.cat([self.pos_cache, k_pos])
+                if m > 0:
+                    self.k_cache.index_copy_(2, slots, k[:, :, k.shape[2] - m :])
+                    self.v_cache.index_copy_(2, slots, v[:, :, v.shape[2] - m :])
+                    self.pos_cache.index_copy_(0, slots, k_pos[k_pos.numel() - m :])
+                k, v, k_pos = k_all, v_all, pos_all
         bias = alibi_mask(q_pos, k_pos, self.window, self.slopes).to(q.dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=self.dropout if self.training else 0.0
