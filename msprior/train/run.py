@@ -100,12 +100,16 @@ def _ckpt_uri(checkpoint) -> Optional[str]:
 
 def read_codebooks(rave_ts: str):
     """The RVQ codebooks (`encoder.rvq.layers.N._codebook.embed`, (V, d) each) of a discrete RAVE export."""
+    import io
+
     import torch
 
-    if not os.path.exists(rave_ts):
+    from msprior import storage
+
+    if not storage.exists(rave_ts):
         raise TrainError(f"--pretrained_embedding {rave_ts}: file not found")
-    try:
-        module = torch.jit.load(rave_ts, map_location="cpu")
+    try:  # local or s3:// (a latent table's copy of its RAVE model)
+        module = torch.jit.load(io.BytesIO(storage.read_bytes(rave_ts)), map_location="cpu")
     except Exception as e:  # not TorchScript
         raise TrainError(f"--pretrained_embedding {rave_ts}: not a TorchScript RAVE export ({e.__class__.__name__})") from None
     pattern = re.compile(r"encoder\.rvq\.layers\.(\d+)\._codebook\.embed$")

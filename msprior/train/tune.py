@@ -187,7 +187,7 @@ def tune(
             client.set_tag(parent, "msprior.best_run_id", info["mlflow_run_id"])
         summary = {"name": name, "best_trial": best["trial_id"], "best_config": best["config"],
                    "best_val_loss": best["val_loss"], "best_checkpoint": info.get("best_checkpoint"),
-                   "best_run_dir": run_dir, "best_run_id": info.get("mlflow_run_id"), "parent_run_id": parent,
+                   "best_run_dir": run_dir, "run_dir": run_dir, "best_run_id": info.get("mlflow_run_id"), "parent_run_id": parent,
                    "tracking_uri": uri, "trials": trials}
         tracking.log_dict(client, parent, summary, "sweep.json")
         client.set_terminated(parent, status="FINISHED")
