@@ -185,70 +185,19 @@ def export_cmd(
     preview_secs: float = opt(8.0, "--preview_secs", help="Seconds of audio preview to log (0: none)."),
 ):
     """Export a trained prior as a TorchScript model for nn~ (Max/MSP, PureData) and register it."""
-    from msprior.export.run import ExportError, export_run, read_metadata, sha256_file
-    from msprior.registry import RegistryError, register_export
+    from msprior.export.publish import publish
+    from msprior.export.run import ExportError, export_run, sha256_file
+    from msprior.registry import RegistryError
 
     try:
         path = export_run(run, out, checkpoint=checkpoint, batch_size=batch_size,
                           continuous=True if continuous else None, quantize=quantize, tracking_uri=tracking_uri)
         typer.echo(f"exported {path} (sha256 {sha256_file(path)[:12]})")
-        tags = _int8_effect(run, checkpoint, tracking_uri, read_metadata(path)) if quantize == "int8" else {}
-        if not register:
-            return
-        previews = []
-        if preview_secs > 0:
-            wav = _export_preview(path, read_metadata(path), preview_secs)
-            previews = [wav] if wav else []
-        info = register_export(path, name=name, tracking_uri=tracking_uri, previews=previews, extra_tags=tags)
+        if register:
+            publish(path, run=run, checkpoint=checkpoint, name=name, tracking_uri=tracking_uri,
+                    preview_secs=preview_secs, measure_int8=quantize == "int8", echo=typer.echo)
     except (ExportError, RegistryError) as e:
         raise UserError(str(e)) from None
-    typer.echo(f"registered {info['name']} version {info['version']}"
-               + (" (champion)" if info["champion"] else " (champion unchanged: not better)"))
-
-
-def _int8_effect(run: str, checkpoint: str, tracking_uri: Optional[str], meta: dict) -> dict:
-    """Validation cross-entropy fp32 vs int8 on the run's validation windows (when the table is reachable)."""
-    if not meta.get("db_path"):
-        typer.echo("int8 effect not measured: the run does not record its latent table (db_path)")
-        return {}
-    from msprior.export.evaluate import int8_effect
-    from msprior.export.run import load_trained
-
-    loaded = load_trained(run, checkpoint, tracking_uri)
-    try:
-        effect = int8_effect(loaded.prior, loaded.config, meta["db_path"])
-    except (ValueError, OSError) as e:  # unreachable / changed table: the export itself is fine
-        typer.echo(f"int8 effect not measured: {str(e).splitlines()[0]}")
-        return {}
-    typer.echo(f"validation CE fp32 {effect['val_ce_fp32']:.4f} -> int8 {effect['val_ce_int8']:.4f} nats "
-               f"({effect['val_ce_int8_delta']:+.4f})")
-    return {k: f"{v:.6f}" for k, v in effect.items()}
-
-
-def _export_preview(path: str, meta: dict, seconds: float) -> Optional[str]:
-    """Render a WAV preview with the latent table's RAVE copy when the table is reachable."""
-    import os
-
-    db_path = meta.get("db_path")
-    if not db_path:
-        typer.echo("no preview: the run does not record its latent table (db_path)")
-        return None
-    rave = f"{db_path.rstrip('/')}/rave.ts"
-    if rave.startswith("s3://"):
-        import fsspec
-
-        local = os.path.splitext(path)[0] + ".rave.ts"
-        with fsspec.open(rave, "rb") as src, open(local, "wb") as dst:
-            dst.write(src.read())
-        rave = local
-    if not os.path.exists(rave):
-        typer.echo(f"no preview: {rave} not found")
-        return None
-    from msprior.export.preview import render_preview
-
-    wav = render_preview(path, rave, os.path.splitext(path)[0] + ".preview.wav", seconds=seconds)
-    typer.echo(f"preview {wav}")
-    return wav
 
 
 @app.command("pull")

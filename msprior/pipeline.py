@@ -128,61 +128,10 @@ def run_pipeline(
                     storage.write_bytes(model_path, f.read())
             echo(f"[export] {model_path} in {time.monotonic() - t0:.0f} s")
 
-        # 4. register ----------------------------------------------------------------------------
-        registered = register_once(local_model, registered_name, tracking_uri, table, preview_secs, echo)
+        # 4. register (skipped when the registry already holds these bytes) --------------------
+        from msprior.export.publish import publish
+
+        registered = publish(local_model, run=run_dir, name=registered_name, tracking_uri=tracking_uri,
+                             preview_secs=preview_secs, measure_int8=quantize == "int8", echo=echo)
     echo(f"[pipeline] finished in {time.monotonic() - t_all:.0f} s")
     return {"table": table, "run_dir": run_dir, "model": model_path, "registered": registered}
-
-
-def register_once(ts_path: str, name: Optional[str], tracking_uri: Optional[str], table: str,
-                  preview_secs: float, echo: Callable) -> Dict[str, Any]:
-    """Register `ts_path` unless a version with the same sha256 is already in the registry."""
-    from mlflow.tracking import MlflowClient
-
-    from msprior.export.run import read_metadata, sha256_file
-    from msprior.registry import model_name, register_export
-
-    meta = read_metadata(ts_path)
-    uri = tracking_uri or meta.get("tracking_uri")
-    name = name or model_name(meta.get("run_name") or "prior")
-    digest = sha256_file(ts_path)
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        versions = client.search_model_versions(f"name='{name}'")
-    except Exception:  # no such registered model yet
-        versions = []
-    for v in versions:
-        if v.tags.get("sha256") == digest:
-            _skip(echo, "register", f"{name} version {v.version} already holds this model (sha256 {digest[:12]})")
-            return {"name": name, "version": str(v.version), "champion": None, "sha256": digest,
-                    "tracking_uri": uri}
-    previews = []
-    if preview_secs > 0:
-        wav = _preview(ts_path, table, preview_secs, echo)
-        previews = [wav] if wav else []
-    info = register_export(ts_path, name=name, tracking_uri=uri, previews=previews)
-    info["tracking_uri"] = uri
-    echo(f"[register] {info['name']} version {info['version']}"
-         + (" is the new champion" if info["champion"] else " (champion unchanged: not better)"))
-    return info
-
-
-def _preview(ts_path: str, table: str, seconds: float, echo: Callable) -> Optional[str]:
-    """A WAV preview: generate `seconds` with the model, decode with the table's RAVE copy."""
-    from msprior.export.preview import render_preview
-
-    rave = storage.join(table, "rave.ts")
-    local = os.path.splitext(ts_path)[0] + ".rave.ts"
-    try:
-        if storage.is_s3(rave):
-            with open(local, "wb") as f:
-                f.write(storage.read_bytes(rave))
-            rave = local
-        if not os.path.exists(rave):
-            echo(f"[register] no preview: {rave} not found")
-            return None
-        wav = render_preview(ts_path, rave, os.path.splitext(ts_path)[0] + ".preview.wav", seconds=seconds)
-    except Exception as e:  # a preview is a nicety: never fail the pipeline for it
-        echo(f"[register] no preview: {type(e).__name__}: {e}")
-        return None
-    return wav
