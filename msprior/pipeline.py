@@ -13,6 +13,7 @@ re-submitting the Ray job) continues where it stopped:
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -58,6 +59,7 @@ def run_pipeline(
     from msprior.config import load_config
 
     name = name or os.path.splitext(os.path.basename(config))[0]
+    audio, rave, out = storage.absolute(audio), storage.absolute(rave), storage.absolute(out)
     table = storage.join(out, "data")
     runs = storage.join(out, "runs")
     run_dir = storage.join(runs, name)
@@ -84,19 +86,28 @@ def run_pipeline(
 
     t0 = time.monotonic()
     summary = read_run_json(run_dir)
+    sweep_record = storage.join(runs, f"{name}.sweep.json")  # which trial won, for re-runs
     codebooks = storage.join(table, "rave.ts") if pretrained_embedding else None
-    if summary:
-        _skip(echo, "train", f"{run_dir}/run.json exists (best val CE {summary.get('best_val_loss')})")
+    if tune and storage.exists(sweep_record):
+        result = json.loads(storage.read_bytes(sweep_record))
+        run_dir = result["best_run_dir"]
+        _skip(echo, "tune", f"{sweep_record} exists (best trial {result.get('best_trial')})")
     elif tune:
+        from msprior.config import config_dir
         from msprior.train.tune import tune as run_tune
 
-        echo(f"[tune] sweep {sweep or 'configs/sweeps/default.yaml'} over {table}")
-        result = run_tune(sweep=sweep, db_path=table, name=name, num_samples=num_samples,
-                          gpus_per_trial=gpus_per_trial, tracking_uri=tracking_uri, storage_path=runs,
-                          max_steps=max_steps, overrides=overrides)
-        run_dir = result["run_dir"]
-        summary = read_run_json(run_dir) or result
-        echo(f"[tune] best trial {result.get('best_trial')} val CE {result.get('best_val_loss')}")
+        sweep = sweep or str(config_dir() / "sweeps" / "default.yaml")
+        echo(f"[tune] sweep {sweep} over {table}")
+        result = run_tune(sweep, table, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
+                          num_workers=num_workers, max_steps=max_steps, val_every=val_every,
+                          batch_size=batch_size, overrides=overrides, tracking_uri=tracking_uri,
+                          storage_path=runs)
+        run_dir = result["best_run_dir"]
+        storage.write_bytes(sweep_record, json.dumps(result, indent=1, default=str).encode())
+        echo(f"[tune] done in {time.monotonic() - t0:.0f} s: best trial {result.get('best_trial')} "
+             f"val CE {result.get('best_val_loss')}")
+    elif summary:
+        _skip(echo, "train", f"{run_dir}/run.json exists (best val CE {summary.get('best_val_loss')})")
     else:
         from msprior.train import train
         from msprior.train.run import _has_checkpoints
@@ -131,7 +142,11 @@ def run_pipeline(
         # 4. register (skipped when the registry already holds these bytes) --------------------
         from msprior.export.publish import publish
 
-        registered = publish(local_model, run=run_dir, name=registered_name, tracking_uri=tracking_uri,
+        from msprior.registry import model_name
+
+        # msprior-<name>, also after a sweep (whose winning run is named after its trial)
+        registered = publish(local_model, run=run_dir, name=registered_name or model_name(name),
+                             tracking_uri=tracking_uri,
                              preview_secs=preview_secs, measure_int8=quantize == "int8", echo=echo)
     echo(f"[pipeline] finished in {time.monotonic() - t_all:.0f} s")
     return {"table": table, "run_dir": run_dir, "model": model_path, "registered": registered}

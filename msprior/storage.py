@@ -40,6 +40,12 @@ class S3Options:
                    region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None)
 
 
+def absolute(path: str) -> str:
+    """An absolute local path (Ray tasks and Tune trials run in other working directories), or the
+    s3:// URI unchanged."""
+    return path if is_s3(path) or not path else os.path.abspath(os.path.expanduser(path))
+
+
 def join(base: str, *parts: str) -> str:
     """Join path pieces with '/' for s3:// URIs and os.path for local paths."""
     if is_s3(base):

@@ -274,6 +274,9 @@ def train(
         raise TrainError(f"--name {name!r}: give a run name without '/'")
     if not db_path:
         raise TrainError("--db_path: give the latent table written by `msprior preprocess`")
+    from msprior import storage
+
+    db_path = storage.absolute(db_path)
     if num_workers < 1:
         raise TrainError(f"--num_workers {num_workers}: must be >= 1")
     codebooks = None

@@ -109,6 +109,9 @@ def tune(
     from msprior.train.checkpoint import read_run_json
     from msprior.train.run import resolve_config
 
+    from msprior import storage as _storage_paths
+
+    db_path = _storage_paths.absolute(db_path)  # trials run in their own working directories
     spec = load_sweep(sweep)
     base = spec.get("base", "decoder_only")
     res = spec.get("resources") or {}
@@ -170,8 +173,9 @@ def tune(
         ok = [t for t in trials if t["val_loss"] is not None]
         if not ok:
             client.set_terminated(parent, status="FAILED")
-            raise TrainError(f"sweep {name}: no trial reported a validation; first error: "
-                             f"{next((t['error'] for t in trials if t['error']), 'none')}")
+            first = next((t["error"] for t in trials if t["error"]), "none")
+            last_line = [ln for ln in str(first).splitlines() if ln.strip()][-1:] or ["none"]
+            raise TrainError(f"sweep {name}: no trial reported a validation; first error: {last_line[0].strip()}")
         best = min(ok, key=lambda t: t["val_loss"])
         run_dir = best["run_dir"]
         info = read_run_json(run_dir) or {}
