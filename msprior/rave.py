@@ -8,7 +8,6 @@ exports return latents that msprior quantises into `resolution` bins with the no
 
 from __future__ import annotations
 
-import hashlib
 import io
 import zipfile
 from dataclasses import dataclass
@@ -25,17 +24,10 @@ class RaveError(ValueError):
 # continuous latents <-> tokens: the one definition shared with export (same resolution at both ends)
 from msprior.model.quantize import dequantize as dequantize_normal  # noqa: E402,F401 (re-export)
 from msprior.model.quantize import quantize as quantize_normal  # noqa: E402
+from msprior.storage import sha256_file  # noqa: E402,F401 (re-export)
 
 
 # --- loading ---------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _describe_non_torchscript(path: str, name: str) -> str:

@@ -40,6 +40,17 @@ class S3Options:
                    region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None)
 
 
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a local file, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def absolute(path: str) -> str:
     """An absolute local path (Ray tasks and Tune trials run in other working directories), or the
     s3:// URI unchanged."""

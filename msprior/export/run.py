@@ -9,7 +9,6 @@ caches are allocated here, never loaded from the checkpoint.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import tempfile
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from msprior.config import Config
+from msprior.storage import sha256_file  # noqa: F401  (re-exported for the CLI and registry)
 from msprior.export.scripted import ScriptedPrior
 from msprior.model import DatasetFacts, Prior, build_prior
 
@@ -222,14 +222,6 @@ def read_metadata(path: str) -> Dict[str, Any]:
     files = {METADATA_FILE: ""}
     torch.jit.load(path, map_location="cpu", _extra_files=files)
     return json.loads(files[METADATA_FILE]) if files[METADATA_FILE] else {}
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_run(run: str, out: str, checkpoint: str = "best", batch_size: int = 1,
