@@ -38,15 +38,14 @@ def _fs_and_path(db_path: str):
 
 
 def read_manifest(db_path: str) -> Dict:
-    fs, root = _fs_and_path(db_path)
-    path = f"{root.rstrip('/')}/manifest.json"
-    if not fs.exists(path):
-        raise DataError(f"{db_path}: no manifest.json; run `msprior preprocess` first or check --db_path")
-    with fs.open(path, "rb") as f:
-        try:
-            return json.loads(f.read())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{db_path}/manifest.json: not valid JSON ({e})") from None
+    from msprior.data.table import load_manifest
+
+    try:
+        return load_manifest(db_path)
+    except FileNotFoundError:
+        raise DataError(f"{db_path}: no manifest.json; run `msprior preprocess` first or check --db_path") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{db_path}/manifest.json: not valid JSON ({e})") from None
 
 
 def list_shards(db_path: str) -> Tuple[object, List[str], int]:
