@@ -48,6 +48,6 @@ def run_demo(workdir: str = "msprior-demo", max_steps: int = 300, echo: Callable
     echo(f"  pull it          : msprior pull {ref} --out demo.ts --tracking_uri {tracking}")
     echo(f"  browse runs      : mlflow ui --backend-store-uri {tracking}")
     echo("  in Max/MSP or Pd : put demo.ts in nn~'s model folder, then create [nn~ demo forward] (mc.nn~ for")
-    echo("                     several streams); send 'set temperature 0.8', 'set listen 0' to generate,")
+    echo("                     several streams); 'set temperature 0.8', 'set listen 0' (generate) or 1 (listen),")
     echo("                     'set reset 1' to clear its memory; outlets = RAVE latents + perplexity.")
     return result
