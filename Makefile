@@ -19,11 +19,12 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/msprior demo
 
+# the venv's bin first on PATH: tests start `ray`, `mlflow`, `weed` and `msprior` as subprocesses
 test: install
-	$(PY) -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache msprior-demo

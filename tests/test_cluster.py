@@ -345,10 +345,11 @@ def test_local_stack_up_answers_and_down_leaves_nothing(tmp_path):
 
         # Ray answers `ray status` with the token, and refuses a client with another token.
         ray_env = {**os.environ, **env}
-        status = subprocess.run(["ray", "status", "--address", stack.ray.address], env=ray_env,
+        ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")  # this venv's, not PATH's
+        status = subprocess.run([ray_bin, "status", "--address", stack.ray.address], env=ray_env,
                                 text=True, capture_output=True, timeout=120)
         assert status.returncode == 0 and "CPU" in status.stdout, status.stdout + status.stderr
-        wrong = subprocess.run(["ray", "status", "--address", stack.ray.address],
+        wrong = subprocess.run([ray_bin, "status", "--address", stack.ray.address],
                                env={**ray_env, "RAY_AUTH_TOKEN": "not-the-token"},
                                text=True, capture_output=True, timeout=120)
         assert wrong.returncode != 0 and "uthentication" in wrong.stderr
@@ -375,8 +376,8 @@ def test_local_stack_up_answers_and_down_leaves_nothing(tmp_path):
             "with mlflow.start_run() as run:\n"
             "    mlflow.log_text('artifact', 'probe.txt')\n"
             "print('RUN', run.info.run_id, os.environ['MLFLOW_TRACKING_URI'])\n")
-        job = subprocess.run(["ray", "job", "submit", "--working-dir", str(job_dir), "--",
-                              "python", "probe.py"], env=ray_env, text=True, capture_output=True,
+        job = subprocess.run([ray_bin, "job", "submit", "--working-dir", str(job_dir), "--",
+                              sys.executable, "probe.py"], env=ray_env, text=True, capture_output=True,
                              timeout=300)
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "RUN " in job.stdout and env["MLFLOW_TRACKING_URI"] in job.stdout
