@@ -141,12 +141,11 @@ def run_pipeline(
 
         # 4. register (skipped when the registry already holds these bytes) --------------------
         from msprior.export.publish import publish
-
         from msprior.registry import model_name
 
         # msprior-<name>, also after a sweep (whose winning run is named after its trial)
         registered = publish(local_model, run=run_dir, name=registered_name or model_name(name),
-                             tracking_uri=tracking_uri,
-                             preview_secs=preview_secs, measure_int8=quantize == "int8", echo=echo)
+                             tracking_uri=tracking_uri, preview_secs=preview_secs,
+                             measure_int8=quantize == "int8", echo=echo)
     echo(f"[pipeline] finished in {time.monotonic() - t_all:.0f} s")
     return {"table": table, "run_dir": run_dir, "model": model_path, "registered": registered}
