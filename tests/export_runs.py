@@ -98,3 +98,20 @@ def window(config_name: str, frames: int, seed: int = 1) -> Tuple[torch.Tensor, 
     if "features" in b:
         return rave, b["features"].repeat_interleave(COND_RATIO, 1)[:, :frames]
     return rave, None
+
+
+class _Decoder(torch.nn.Module):
+    """RAVE's decode interface only ([B, latent, T] -> [B, 1, T * RATIO]): enough for previews."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z.mean(1, keepdim=True) / 10).repeat_interleave(RATIO, -1)
+
+
+def save_decoder(path: str) -> str:
+    """A TorchScript stand-in for a latent table's RAVE copy, as used by audio previews."""
+    torch.jit.script(_Decoder()).save(path)
+    return path

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from export_runs import Q, RATIO, V, make_run, synthetic_batch, train_tiny, window
+from export_runs import Q, RATIO, V, make_run, save_decoder, synthetic_batch, train_tiny, window
 from msprior.export.run import ExportError, export_run, load_trained, quantize_int8, read_metadata
 from msprior.model.quantize import dequantize, quantize
 
@@ -244,16 +244,8 @@ def test_preview_wav(exported, tmp_path):
 
     from msprior.export.preview import render_preview
 
-    class Decoder(torch.nn.Module):  # RAVE's decode interface: [B, latent, T] -> [B, 1, T * ratio]
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-        @torch.jit.export
-        def decode(self, z: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(z.mean(1, keepdim=True) / 10).repeat_interleave(1024, -1)
-
     rave = tmp_path / "rave.ts"
-    torch.jit.script(Decoder()).save(str(rave))
+    save_decoder(str(rave))
     wav = render_preview(exported["decoder_only"][1], str(rave), str(tmp_path / "p.wav"), seconds=1.0)
     audio, sr = sf.read(wav)
     assert sr == 44100 and len(audio) == 44 * RATIO and abs(audio).max() > 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from export_runs import Q, make_run
+from export_runs import Q, make_run, save_decoder
 from msprior.export.run import export_run
 
 
@@ -89,17 +89,9 @@ def test_cli_export_from_mlflow_run_id_registers_with_preview_and_pulls(store, t
     root, uri = store
     run_dir = make_run(str(tmp_path), "recurrent", steps=5, val_loss=3.0, name="cli")
 
-    class Decoder(torch.nn.Module):  # the latent table's RAVE copy (decode interface only)
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-        @torch.jit.export
-        def decode(self, z: torch.Tensor) -> torch.Tensor:
-            return torch.tanh(z.mean(1, keepdim=True) / 10).repeat_interleave(1024, -1)
-
     table = tmp_path / "table"
     table.mkdir()
-    torch.jit.script(Decoder()).save(str(table / "rave.ts"))
+    save_decoder(str(table / "rave.ts"))
     c = client(uri)
     exp = experiment_id(c, "cli")  # artifacts next to the sqlite file, not ./mlruns
     run_id = c.create_run(exp, tags={RUN_DIR_TAG: run_dir}).info.run_id
