@@ -108,7 +108,7 @@ class _Decoder(torch.nn.Module):
 
     @torch.jit.export
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(z.mean(1, keepdim=True) / 10).repeat_interleave(RATIO, -1)
+        return torch.tanh(z.mean(1, keepdim=True) / 10).repeat_interleave(1024, -1)  # = RATIO (TorchScript needs the literal)
 
 
 def save_decoder(path: str) -> str:
