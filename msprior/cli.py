@@ -7,7 +7,6 @@ Flags keep the original MSPrior's names (`--out_path`, `--db_path`, ...); the da
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer

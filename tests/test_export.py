@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from export_runs import Q, RATIO, V, make_run, save_decoder, synthetic_batch, train_tiny, window
+from export_runs import Q, RATIO, V, make_run, save_decoder, synthetic_batch, window
 from msprior.export.run import ExportError, export_run, load_trained, quantize_int8, read_metadata
 from msprior.model.quantize import dequantize, quantize
 
@@ -178,7 +178,6 @@ def _latent_table(root, manifest: dict, conditioning: str = "none") -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from export_runs import COND_FEATURES
 
     os.makedirs(root / "latents")
     (root / "manifest.json").write_text(json.dumps(manifest))

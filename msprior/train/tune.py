@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-from msprior.train.run import DEFAULT_CPUS_PER_WORKER, TrainError, _ensure_ray, _join, _storage, check_resources
+from msprior.train.run import DEFAULT_CPUS_PER_WORKER, TrainError, _ensure_ray, _storage, check_resources
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
 SAMPLERS = ("choice", "uniform", "loguniform", "randint", "quniform")
