@@ -178,7 +178,6 @@ def _latent_table(root, manifest: dict, conditioning: str = "none") -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-
     os.makedirs(root / "latents")
     (root / "manifest.json").write_text(json.dumps(manifest))
     rows = {"source": [], "chunk": [], "start_s": [], "frames": [], "rave": []}
