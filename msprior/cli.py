@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import typer
 
+from msprior.errors import UserError
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -22,10 +24,6 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Train MSPrior priors over RAVE latents with Ray and export them for nn~ (Max/MSP, PureData)."""
-
-
-class UserError(Exception):
-    """An error caused by input the user can fix; printed as one line without a traceback."""
 
 
 def opt(default, *names: str, help: str = "", **kw):
@@ -86,14 +84,11 @@ def preprocess_cmd(
     min_frames: int = opt(257, "--min_frames", help="Skip files shorter than this many frames (one training window)."),
 ):
     """Encode an audio corpus into a Parquet latent table with Ray Data (local or s3://)."""
-    from msprior.data import PreprocessError, preprocess
+    from msprior.data import preprocess
 
-    try:
-        preprocess(audio, out_path, rave, num_secs=num_secs, resolution=resolution, batch_size=batch_size,
-                   num_workers=num_workers, gpu=gpu, condition_ratio=condition_ratio,
-                   condition_tokens=condition_tokens, min_frames=min_frames, echo=typer.echo)
-    except PreprocessError as e:
-        raise UserError(str(e)) from None
+    preprocess(audio, out_path, rave, num_secs=num_secs, resolution=resolution, batch_size=batch_size,
+               num_workers=num_workers, gpu=gpu, condition_ratio=condition_ratio,
+               condition_tokens=condition_tokens, min_frames=min_frames, echo=typer.echo)
 
 
 # --- train and tune (issue 4) -----------------------------------------------------------------
@@ -119,7 +114,7 @@ def train_cmd(
     """Train a prior on a latent table with Ray Train; prints progress, writes RUN/run.json."""
     from msprior.train import train
 
-    s = _train_errors(train)(config, db_path, name, overrides=override or [], pretrained_embedding=pretrained_embedding,
+    s = train(config, db_path, name, overrides=override or [], pretrained_embedding=pretrained_embedding,
                              num_workers=num_workers, gpu=gpu, batch_size=batch_size, max_steps=max_steps,
                              val_every=val_every, resume=resume, tracking_uri=tracking_uri,
                              storage_path=storage_path, cpus_per_worker=cpus_per_worker)
@@ -145,26 +140,12 @@ def tune_cmd(
     """Sweep training configs with Ray Tune (ASHA on validation cross-entropy); names the best trial."""
     from msprior.train.tune import tune
 
-    s = _train_errors(tune)(sweep, db_path, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
+    s = tune(sweep, db_path, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
                             num_workers=num_workers, max_steps=max_steps, val_every=val_every, batch_size=batch_size,
                             overrides=override or [], tracking_uri=tracking_uri, storage_path=storage_path)
     typer.echo(f"best trial {s['best_trial']}: val {s['best_val_loss']:.4f}, config {s['best_config']}")
     typer.echo(f"best checkpoint {s['best_checkpoint']}; export it with: msprior export --run {s['best_run_dir']}")
 
-
-def _train_errors(fn):
-    """Training's one-line errors (bad table, request too big for the cluster, ...) as UserError."""
-
-    def wrapped(*args, **kwargs):
-        from msprior.train import RunNotFound, TrainError
-        from msprior.train.data import DataError
-
-        try:
-            return fn(*args, **kwargs)
-        except (TrainError, DataError, RunNotFound) as e:
-            raise UserError(str(e)) from None
-
-    return wrapped
 
 
 # --- export for nn~ and the MLflow registry (issue 5) -------------------------------------------
@@ -185,18 +166,14 @@ def export_cmd(
 ):
     """Export a trained prior as a TorchScript model for nn~ (Max/MSP, PureData) and register it."""
     from msprior.export.publish import publish
-    from msprior.export.run import ExportError, export_run, sha256_file
-    from msprior.registry import RegistryError
+    from msprior.export.run import export_run, sha256_file
 
-    try:
-        path = export_run(run, out, checkpoint=checkpoint, batch_size=batch_size,
-                          continuous=True if continuous else None, quantize=quantize, tracking_uri=tracking_uri)
-        typer.echo(f"exported {path} (sha256 {sha256_file(path)[:12]})")
-        if register:
-            publish(path, run=run, checkpoint=checkpoint, name=name, tracking_uri=tracking_uri,
-                    preview_secs=preview_secs, measure_int8=quantize == "int8", echo=typer.echo)
-    except (ExportError, RegistryError) as e:
-        raise UserError(str(e)) from None
+    path = export_run(run, out, checkpoint=checkpoint, batch_size=batch_size,
+                      continuous=True if continuous else None, quantize=quantize, tracking_uri=tracking_uri)
+    typer.echo(f"exported {path} (sha256 {sha256_file(path)[:12]})")
+    if register:
+        publish(path, run=run, checkpoint=checkpoint, name=name, tracking_uri=tracking_uri,
+                preview_secs=preview_secs, measure_int8=quantize == "int8", echo=typer.echo)
 
 
 @app.command("pull")
@@ -206,12 +183,9 @@ def pull_cmd(
     tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow tracking URI."),
 ):
     """Download a registered nn~ model (.ts), verified against its sha256."""
-    from msprior.registry import RegistryError, pull
+    from msprior.registry import pull
 
-    try:
-        path = pull(ref, out, tracking_uri=tracking_uri)
-    except RegistryError as e:
-        raise UserError(str(e)) from None
+    path = pull(ref, out, tracking_uri=tracking_uri)
     typer.echo(f"pulled {ref} -> {path}")
 
 
@@ -246,7 +220,7 @@ def pipeline_cmd(
     """Run preprocess -> train (or tune) -> export -> register; finished stages are skipped."""
     from msprior.pipeline import run_pipeline
 
-    result = _user_errors(run_pipeline)(
+    result = run_pipeline(
         audio, rave, out, config=config, name=name, overrides=override or [], tune=tune, sweep=sweep,
         num_samples=num_samples, gpus_per_trial=gpus_per_trial, num_workers=num_workers, gpu=gpu,
         batch_size=batch_size, max_steps=max_steps, val_every=val_every, pretrained_embedding=pretrained_embedding,
@@ -263,24 +237,8 @@ def demo_cmd(
     """The embedded default: demo codec + synthetic corpus -> the whole pipeline, locally."""
     from msprior.demo import run_demo
 
-    _user_errors(run_demo)(workdir, max_steps=max_steps, echo=typer.echo)
+    run_demo(workdir, max_steps=max_steps, echo=typer.echo)
 
-
-def _user_errors(fn):
-    """Turn the stages' own one-line errors into UserError (printed without a traceback)."""
-
-    def wrapped(*args, **kwargs):
-        from msprior.data import PreprocessError
-        from msprior.export.run import ExportError
-        from msprior.registry import RegistryError
-        from msprior.train import RunNotFound, TrainError
-
-        try:
-            return fn(*args, **kwargs)
-        except (PreprocessError, TrainError, RunNotFound, ExportError, RegistryError) as e:
-            raise UserError(str(e)) from None
-
-    return wrapped
 
 
 def _print_pull(reg: dict) -> None:
@@ -294,11 +252,9 @@ def _print_pull(reg: dict) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    from msprior.config import ConfigError
-
     try:
         app(args=argv)  # standalone: click prints usage errors and exits itself
-    except (UserError, ConfigError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:  # every stage's one-line errors derive from UserError
         typer.secho(f"error: {e}", err=True, fg="red")
         sys.exit(2)
 

@@ -7,6 +7,7 @@ Unknown keys and mistyped values fail at load with a message naming the key and 
 
 from __future__ import annotations
 
+from msprior.errors import UserError
 import dataclasses
 import difflib
 import typing
@@ -17,7 +18,7 @@ from typing import Any, Dict, List, Sequence, Union
 import yaml
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem, phrased as a one-line message for the user."""
 
 

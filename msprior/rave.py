@@ -8,6 +8,7 @@ exports return latents that msprior quantises into `resolution` bins with the no
 
 from __future__ import annotations
 
+from msprior.errors import UserError
 import io
 import zipfile
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 
 
-class RaveError(ValueError):
+class RaveError(UserError):
     """A file that is not a usable RAVE export; the message is one line naming the file."""
 
 

@@ -9,6 +9,7 @@ cross-entropy is lower than the current champion's (aliases replace the deprecat
 
 from __future__ import annotations
 
+from msprior.errors import UserError
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ CHAMPION = "champion"
 TS_ARTIFACT = "ts"
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """A missing model / alias / version or a corrupted download; one line for the user."""
 
 

@@ -12,6 +12,7 @@ each lands in report.json with its reason.
 
 from __future__ import annotations
 
+from msprior.errors import UserError
 import datetime as _dt
 import io
 import json
@@ -30,8 +31,9 @@ from msprior import __version__, storage
 from msprior.data import audio as audio_mod
 from msprior.data import features as feat
 from msprior.data import table as tbl
+from msprior.runtime import ensure_ray
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError):
     """A preprocessing problem the user can fix; one line."""
 
 
@@ -407,9 +409,8 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
                         scale=scale, s3=s3)
     written, seconds, frames, bad, ray_init_s = 0, 0.0, 0, {}, 0.0
     if pending:
-        if not ray.is_initialized():  # timed apart: start-up is not throughput
-            t = time.monotonic()
-            ray.init(include_dashboard=False, logging_level="WARNING")
+        t = time.monotonic()  # timed apart: start-up is not throughput
+        if ensure_ray():
             ray_init_s = time.monotonic() - t
         threads = threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
         written, seconds, frames, bad = _encode_pending(

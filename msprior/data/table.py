@@ -21,6 +21,7 @@ REPORT = "report.json"
 RAVE_FILE = "rave.ts"
 CENTROIDS = "centroids.npy"
 LATENTS = "latents"
+INDEX = "index.parquet"
 FORMAT_VERSION = 1
 
 SCHEMA = pa.schema([
@@ -31,6 +32,16 @@ SCHEMA = pa.schema([
     ("rave", pa.list_(pa.int16())),  # frames x quantizers, frame-major
     ("tokens", pa.list_(pa.int16())),  # ceil(frames / ratio) conditioning tokens (optional)
     ("features", pa.list_(pa.float32())),  # ceil(frames / ratio) x F, frame-major (optional)
+])
+
+
+# One row per source committed to the table: which data file (relative to the table root) holds its
+# chunks, and how many. Training lists, splits and sizes the table from this one file.
+INDEX_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("file", pa.string()),  # e.g. "latents/<name>.parquet", relative to the table root
+    ("chunks", pa.int32()),
+    ("frames", pa.int64()),
 ])
 
 
@@ -101,3 +112,33 @@ def rave_array(row_rave, frames: int) -> np.ndarray:
     """A row's flattened `rave` list -> int16 [frames, Q]."""
     a = np.asarray(row_rave, dtype=np.int16)
     return a.reshape(frames, -1)
+
+
+def write_index(table_path: str, index: pa.Table, s3: Optional[storage.S3Options] = None) -> None:
+    """Write `index.parquet` (INDEX_SCHEMA, sorted by source) in one atomic write."""
+    buf = io.BytesIO()
+    pq.write_table(index.cast(INDEX_SCHEMA).sort_by("source"), buf, compression="zstd")
+    storage.write_bytes(storage.join(table_path, INDEX), buf.getvalue(), s3)
+
+
+def read_index(table_path: str, s3: Optional[storage.S3Options] = None) -> pa.Table:
+    """The table's index (INDEX_SCHEMA): one row per committed source.
+
+    A table written before the index existed (one shard per source under latents/) is indexed from
+    its shards' `source` and `frames` columns: slower, but such tables keep working.
+    """
+    path = storage.join(table_path, INDEX)
+    if storage.exists(path, s3):
+        fs, _ = storage.pyarrow_filesystem(table_path, s3)
+        return pq.read_table(path[len("s3://"):] if storage.is_s3(path) else path, filesystem=fs).cast(INDEX_SCHEMA)
+    rows = {"source": [], "file": [], "chunks": [], "frames": []}
+    fs, _ = storage.pyarrow_filesystem(table_path, s3)
+    for shard in list_shards(table_path, s3):
+        t = pq.read_table(shard[len("s3://"):] if storage.is_s3(shard) else shard, columns=["source", "frames"],
+                          filesystem=fs)
+        rel = LATENTS + "/" + shard.rsplit("/", 1)[-1]
+        for source in sorted(set(t["source"].to_pylist())):
+            frames = [f for s_, f in zip(t["source"].to_pylist(), t["frames"].to_pylist()) if s_ == source]
+            for k, v in (("source", source), ("file", rel), ("chunks", len(frames)), ("frames", sum(frames))):
+                rows[k].append(v)
+    return pa.table(rows, schema=INDEX_SCHEMA)

@@ -8,6 +8,7 @@ caches are allocated here, never loaded from the checkpoint.
 
 from __future__ import annotations
 
+from msprior.errors import UserError
 import copy
 import json
 import os
@@ -27,7 +28,7 @@ METADATA_FILE = "msprior.json"  # stored inside the .ts (torch.jit `_extra_files
 QUANTIZE_CHOICES = ("int8",)
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A run or an option that cannot be exported; a one-line message for the user."""
 
 

@@ -7,6 +7,7 @@ checkpoint of a finished run from its directory (local or s3://) or its MLflow r
 
 from __future__ import annotations
 
+from msprior.errors import UserError
 import io
 import json
 import os
@@ -18,7 +19,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FILE = "run.json"
 
 
-class RunNotFound(ValueError):
+class RunNotFound(UserError):
     """No usable run at the given directory / id; a one-line message for the user."""
 
 

@@ -10,6 +10,7 @@ Python in the hot path. A latent table is small next to the audio (16 int16 per 
 
 from __future__ import annotations
 
+from msprior.errors import UserError
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 COLUMNS = ("source", "chunk", "frames", "rave", "tokens", "features")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A latent-table problem, phrased as a one-line message for the user."""
 
 

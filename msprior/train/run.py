@@ -7,6 +7,7 @@ never a silent resource deadlock), creates or continues the MLflow run, runs a `
 
 from __future__ import annotations
 
+from msprior.errors import UserError
 import math
 import os
 import re
@@ -16,12 +17,13 @@ import time
 from typing import Any, Dict, Optional, Sequence, Union
 
 from msprior.config import Config, load_config
+from msprior.runtime import ensure_ray
 
 DATA_CPU = 0.25  # what Ray Data's read tasks need to make progress next to the train workers
 DEFAULT_CPUS_PER_WORKER = 0.5  # logical: workers set their own torch threads from the node's cores
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """A training request that cannot run as asked; a one-line message for the user."""
 
 
@@ -56,17 +58,6 @@ def check_resources(num_workers: int, cpus_per_worker: float, gpus_per_worker: f
     if per_gpu > 0:
         fit = min(fit, math.floor(gpus / per_gpu + 1e-9))
     return max(1, min(trials, fit))
-
-
-def _ensure_ray(log_to_driver: bool) -> bool:
-    """Connect to RAY_ADDRESS or start a local Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=log_to_driver, include_dashboard=False,
-             configure_logging=True, logging_level="WARNING")
-    return True
 
 
 # --- paths --------------------------------------------------------------------------------------
@@ -297,7 +288,7 @@ def train(
                              f"{codebooks.shape[1]} entries, the table has {q} quantizers x {v}: use the "
                              "RAVE model that encoded the table")
 
-    started_ray = _ensure_ray(log_to_driver=not progress)
+    started_ray = ensure_ray(log_to_driver=not progress)
     try:
         gpw = (gpus_per_worker if gpus_per_worker is not None else 1.0) if gpu else 0.0
         check_resources(num_workers, cpus_per_worker, gpw)

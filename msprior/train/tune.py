@@ -26,7 +26,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-from msprior.train.run import DEFAULT_CPUS_PER_WORKER, TrainError, _ensure_ray, _storage, check_resources
+from msprior.runtime import ensure_ray
+from msprior.train.run import DEFAULT_CPUS_PER_WORKER, TrainError, _storage, check_resources
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
 SAMPLERS = ("choice", "uniform", "loguniform", "randint", "quniform")
@@ -128,7 +129,7 @@ def tune(
     resolve_config(base, all_overrides, batch_size=bs, max_steps=steps, val_every=every)
     space = search_space(spec.get("search") or {})
 
-    started_ray = _ensure_ray(log_to_driver=verbose > 1)
+    started_ray = ensure_ray(log_to_driver=verbose > 1)
     try:
         concurrent = check_resources(workers, cpw, gpt / workers if gpt else 0.0, trials=n,
                                      driver_cpus=TRIAL_DRIVER_CPU, what="each sweep trial")
