@@ -6,18 +6,21 @@ Flags keep the original MSPrior's names (`--out_path`, `--db_path`, ...); the da
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
 import typer
 
+from msprior import console
 from msprior.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Train MSPrior priors over RAVE latents with Ray and export them for nn~ (Max/MSP, PureData).",
+    help="Train MSPrior priors over RAVE latents with Ray and export them for nn~ (Max/MSP, PureData). "
+         "Ray's and MLflow's own output goes to a log file named at the end; --verbose shows it.",
 )
 
 
@@ -66,7 +69,7 @@ def codec_cmd(
     """
     from msprior.codec import save_codec
 
-    typer.echo(f"demo codec ({'discrete' if discrete else 'continuous'}) written to {save_codec(out, discrete)}")
+    console.echo(f"demo codec ({'discrete' if discrete else 'continuous'}) written to {save_codec(out, discrete)}")
 
 
 @app.command("preprocess")
@@ -84,11 +87,12 @@ def preprocess_cmd(
     min_frames: int = opt(257, "--min_frames", help="Skip files shorter than this many frames (one training window)."),
 ):
     """Encode an audio corpus into a Parquet latent table with Ray Data (local or s3://)."""
+    console.place(out_path)
     from msprior.data import preprocess
 
     preprocess(audio, out_path, rave, num_secs=num_secs, resolution=resolution, batch_size=batch_size,
                num_workers=num_workers, gpu=gpu, condition_ratio=condition_ratio,
-               condition_tokens=condition_tokens, min_frames=min_frames, echo=typer.echo)
+               condition_tokens=condition_tokens, min_frames=min_frames, echo=console.echo)
 
 
 # --- train and tune (issue 4) -----------------------------------------------------------------
@@ -112,13 +116,14 @@ def train_cmd(
     cpus_per_worker: float = opt(0.5, "--cpus_per_worker", help="Logical CPUs requested per worker."),
 ):
     """Train a prior on a latent table with Ray Train; prints progress, writes RUN/run.json."""
+    console.place(_run_folder(storage_path, name))
     from msprior.train import train
 
     s = train(config, db_path, name, overrides=override or [], pretrained_embedding=pretrained_embedding,
                              num_workers=num_workers, gpu=gpu, batch_size=batch_size, max_steps=max_steps,
                              val_every=val_every, resume=resume, tracking_uri=tracking_uri,
                              storage_path=storage_path, cpus_per_worker=cpus_per_worker)
-    typer.echo(f"best checkpoint {s['best_checkpoint']} (val {s['best_val_loss']}); "
+    console.echo(f"best checkpoint {s['best_checkpoint']} (val {s['best_val_loss']}); "
                f"export it with: msprior export --run {s['run_dir']}")
 
 
@@ -138,13 +143,14 @@ def tune_cmd(
     storage_path: Optional[str] = opt(None, "--storage_path", help="Where runs live (folder or s3://); default ./runs."),
 ):
     """Sweep training configs with Ray Tune (ASHA on validation cross-entropy); names the best trial."""
+    console.place(_run_folder(storage_path, name))
     from msprior.train.tune import tune
 
     s = tune(sweep, db_path, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
                             num_workers=num_workers, max_steps=max_steps, val_every=val_every, batch_size=batch_size,
                             overrides=override or [], tracking_uri=tracking_uri, storage_path=storage_path)
-    typer.echo(f"best trial {s['best_trial']}: val {s['best_val_loss']:.4f}, config {s['best_config']}")
-    typer.echo(f"best checkpoint {s['best_checkpoint']}; export it with: msprior export --run {s['best_run_dir']}")
+    console.echo(f"best trial {s['best_trial']}: val {s['best_val_loss']:.4f}, config {s['best_config']}")
+    console.echo(f"best checkpoint {s['best_checkpoint']}; export it with: msprior export --run {s['best_run_dir']}")
 
 
 
@@ -165,15 +171,16 @@ def export_cmd(
     preview_secs: float = opt(8.0, "--preview_secs", help="Seconds of audio preview to log (0: none)."),
 ):
     """Export a trained prior as a TorchScript model for nn~ (Max/MSP, PureData) and register it."""
+    console.place(os.path.dirname(os.path.abspath(out)))
     from msprior.export.publish import publish
     from msprior.export.run import export_run, sha256_file
 
     path = export_run(run, out, checkpoint=checkpoint, batch_size=batch_size,
                       continuous=True if continuous else None, quantize=quantize, tracking_uri=tracking_uri)
-    typer.echo(f"exported {path} (sha256 {sha256_file(path)[:12]})")
+    console.echo(f"exported {path} (sha256 {sha256_file(path)[:12]})")
     if register:
         publish(path, run=run, checkpoint=checkpoint, name=name, tracking_uri=tracking_uri,
-                preview_secs=preview_secs, measure_int8=quantize == "int8", echo=typer.echo)
+                preview_secs=preview_secs, measure_int8=quantize == "int8", echo=console.echo)
 
 
 @app.command("pull")
@@ -186,7 +193,7 @@ def pull_cmd(
     from msprior.registry import pull
 
     path = pull(ref, out, tracking_uri=tracking_uri)
-    typer.echo(f"pulled {ref} -> {path}")
+    console.echo(f"pulled {ref} -> {path}")
 
 
 # --- the whole pipeline, and the embedded demo (issue 6) -------------------------------------------
@@ -218,6 +225,7 @@ def pipeline_cmd(
     quantize: Optional[str] = opt(None, "--quantize", help="int8: dynamic int8 Linear weights in the export."),
 ):
     """Run preprocess -> train (or tune) -> export -> register; finished stages are skipped."""
+    console.place(out)
     from msprior.pipeline import run_pipeline
 
     result = run_pipeline(
@@ -225,7 +233,7 @@ def pipeline_cmd(
         num_samples=num_samples, gpus_per_trial=gpus_per_trial, num_workers=num_workers, gpu=gpu,
         batch_size=batch_size, max_steps=max_steps, val_every=val_every, pretrained_embedding=pretrained_embedding,
         num_secs=num_secs, resolution=resolution, condition_ratio=condition_ratio, tracking_uri=tracking_uri,
-        registered_name=registered_name, quantize=quantize, echo=typer.echo)
+        registered_name=registered_name, quantize=quantize, echo=console.echo)
     _print_pull(result["registered"])
 
 
@@ -235,25 +243,39 @@ def demo_cmd(
     max_steps: int = opt(300, "--max_steps", help="Training steps of the small demo prior."),
 ):
     """The embedded default: demo codec + synthetic corpus -> the whole pipeline, locally."""
+    console.place(workdir)
     from msprior.demo import run_demo
 
-    run_demo(workdir, max_steps=max_steps, echo=typer.echo)
+    run_demo(workdir, max_steps=max_steps, echo=console.echo)
 
 
 
 def _print_pull(reg: dict) -> None:
     uri = reg.get("tracking_uri")
     flag = f" --tracking_uri {uri}" if uri else ""
-    typer.echo(f"registered {reg['name']} version {reg['version']}; pull it with: "
+    console.echo(f"registered {reg['name']} version {reg['version']}; pull it with: "
                f"msprior pull {reg['name']}@champion --out model.ts{flag}")
 
 
 # --- entry point -----------------------------------------------------------------------------
 
 
+def _run_folder(storage_path: Optional[str], name: str) -> str:
+    return os.path.join(storage_path or os.environ.get("MSPRIOR_STORAGE") or "runs", name)
+
+
+# commands that start Ray or MLflow: their own output goes to a log file unless --verbose
+NOISY = {"preprocess", "train", "tune", "export", "pipeline", "demo"}
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv  # a global flag, anywhere on the line
+    argv = [a for a in argv if a != "--verbose"]
+    command = next((a for a in argv if not a.startswith("-")), "")
     try:
-        app(args=argv)  # standalone: click prints usage errors and exits itself
+        with console.session(command, quiet=command in NOISY and not verbose and "--help" not in argv):
+            app(args=argv)  # standalone: click prints usage errors and exits itself
     except (UserError, FileNotFoundError) as e:  # every stage's one-line errors derive from UserError
         typer.secho(f"error: {e}", err=True, fg="red")
         sys.exit(2)

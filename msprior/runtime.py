@@ -16,6 +16,8 @@ def ensure_ray(log_to_driver: bool = True) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=log_to_driver, include_dashboard=False,
-             configure_logging=True, logging_level="WARNING")
+    # The dashboard serves Ray's State API: without it, Ray Train's PlacementGroupCleaner actor
+    # fails to query its controller once per second for the whole run and logs a warning each time.
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=log_to_driver, include_dashboard=True,
+             dashboard_host="127.0.0.1", configure_logging=True, logging_level="WARNING")
     return True

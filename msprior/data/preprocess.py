@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from msprior import __version__, storage
+from msprior import __version__, console, storage
 from msprior.data import audio as audio_mod
 from msprior.data import features as feat
 from msprior.data import table as tbl
@@ -159,8 +159,8 @@ def _object_array(items: List[np.ndarray]) -> np.ndarray:
 class Progress:
     """Seconds of audio encoded, on one refreshed line (a TTY) or a line every ~10 s (a log)."""
 
-    def __init__(self, enabled: bool, stream=sys.stderr):
-        self.enabled, self.stream = enabled, stream
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled, self.stream = enabled, stream or console.out()
         self.tty = getattr(stream, "isatty", lambda: False)()
         self.start = time.monotonic()
         self.last = 0.0

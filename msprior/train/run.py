@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any, Dict, Optional, Sequence, Union
 
+from msprior import console
 from msprior.config import Config, load_config
 from msprior.runtime import ensure_ray
 
@@ -136,7 +137,7 @@ class Progress:
         from ray.util.queue import Queue
 
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self.name, self.stream = name, stream or sys.stdout
+        self.name, self.stream = name, stream or console.out()
         self.best = math.inf
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -400,8 +401,8 @@ def train(
         client.set_terminated(run_id, status="FINISHED")
         if progress:
             best_txt = f"{info['best_val_loss']:.4f}" if info["best_val_loss"] is not None else "n/a"
-            print(f"[{name}] done: step {info['step']}, best val {best_txt}, "
-                  f"{wall:.0f}s; run dir {run_dir}; MLflow run {run_id}", flush=True)
+            console.echo(f"[{name}] done: step {info['step']}, best val {best_txt}, "
+                         f"{wall:.0f}s; run dir {run_dir}; MLflow run {run_id}")
         return {**info, "run_dir": run_dir, "metrics": metrics, "wall_s": wall}
     finally:
         if started_ray:
