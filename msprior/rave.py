@@ -1,9 +1,12 @@
 """Load and inspect a RAVE model exported as TorchScript, and map its latents to tokens.
 
-Facts read off real exports (see shared DESIGN.md): `encode(x [B, 1, N]) -> [B, C, ceil(N / ratio)]`,
-`sr` (v2) or a `sampling_rate` buffer (v1), `encode_params = [in_ch, in_ratio, out_ch, out_ratio]`.
-Discrete (RVQ) exports return codebook indices as floats, one channel per quantizer; continuous
-exports return latents that msprior quantises into `resolution` bins with the normal CDF.
+Facts read off RAVE's own exports (acids-rave 2.3, tests/fixtures/rave): `encode(x [B, 1, N]) ->
+[B, C, ceil(N / ratio)]`, an `sr` attribute (v2; RAVE 1's exporter stored a `sampling_rate` buffer),
+`encode_params = [in_ch, in_ratio, out_ch, out_ratio]`. Discrete (RVQ) exports return codebook
+indices as floats, one channel per quantizer, and hold `encoder.rvq.layers.N._codebook.embed`.
+Continuous (variational) exports SAMPLE their latent inside `encode` (mean + std * noise, then the
+PCA kept at export): msprior seeds that noise per item, and quantises the latents into `resolution`
+bins after a per-dimension affine fitted on the corpus (msprior.model.quantize).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -23,8 +26,9 @@ class RaveError(UserError):
 
 
 # continuous latents <-> tokens: the one definition shared with export (same resolution at both ends)
+from msprior.model import quantize as bins  # noqa: E402
 from msprior.model.quantize import dequantize as dequantize_normal  # noqa: E402,F401 (re-export)
-from msprior.model.quantize import quantize as quantize_normal  # noqa: E402
+from msprior.model.quantize import quantize as quantize_normal  # noqa: E402,F401 (re-export)
 from msprior.storage import sha256_file  # noqa: E402,F401 (re-export)
 
 
@@ -81,22 +85,52 @@ class Rave:
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
         """[B, N] or [B, 1, N] float audio at `sr` -> raw latents [B, C, ceil(N / ratio)] (float32).
 
-        Continuous (variational) exports sample their latent: the RNG is reseeded per call so the
-        same batch always gives the same latents.
+        Continuous (variational) exports sample their latent: each item is encoded on its own with
+        the RNG seeded to 0, so the same audio gives the same latents whatever batch it is in
+        (equal to `torch.manual_seed(0); export.encode(x)` on that item alone).
         """
         if audio.dim() == 2:
             audio = audio[:, None, :]
-        if not self.discrete:
-            torch.manual_seed(0)
         dev = next(iter(self.module.buffers()), torch.empty(0)).device
-        return self.module.encode(audio.to(dev, torch.float32)).float().cpu()
+        audio = audio.to(dev, torch.float32)
+        if self.discrete:
+            return self.module.encode(audio).float().cpu()
+        out = []
+        for i in range(audio.shape[0]):
+            torch.manual_seed(0)
+            out.append(self.module.encode(audio[i:i + 1]).float().cpu())
+        return torch.cat(out)
 
-    def tokens(self, audio: torch.Tensor, resolution: int) -> torch.Tensor:
-        """Audio [B, N] -> int64 tokens [B, C, T]: codebook indices, or normal-CDF bins."""
+    def latent_bins(self, loc: Optional[List[float]], scale: Optional[List[float]]):
+        """The manifest's per-dimension affine as [C, 1] tensors (None, None when absent)."""
+        if loc is None or scale is None:
+            return None, None
+        return torch.tensor(loc, dtype=torch.float32)[:, None], torch.tensor(scale, dtype=torch.float32)[:, None]
+
+    def encode_tokens(self, audio: torch.Tensor, resolution: int, loc: Optional[List[float]] = None,
+                      scale: Optional[List[float]] = None) -> Tuple[torch.Tensor, int]:
+        """Audio [B, N] -> (int64 tokens [B, C, T], latents outside the fitted range).
+
+        Discrete: the codebook indices (nothing is out of range). Continuous: bins of the latents
+        standardised by the fitted `loc` / `scale` (per dimension); those outside the range are
+        clamped into an edge bin and counted.
+        """
         z = self.encode(audio)
         if self.discrete:
-            return torch.round(z).long()
-        return quantize_normal(z, resolution)
+            return torch.round(z).long(), 0
+        lo, sc = self.latent_bins(loc, scale)
+        return bins.quantize(z, resolution, lo, sc), int(bins.out_of_range(z, lo, sc).sum())
+
+    def tokens(self, audio: torch.Tensor, resolution: int, loc: Optional[List[float]] = None,
+               scale: Optional[List[float]] = None) -> torch.Tensor:
+        """Audio [B, N] -> int64 tokens [B, C, T]: codebook indices, or bins of the latents."""
+        return self.encode_tokens(audio, resolution, loc, scale)[0]
+
+    def fit_bins(self, clips: List[torch.Tensor]) -> Tuple[List[float], List[float]]:
+        """Per-dimension (loc, scale) of a continuous export's latents over audio clips [N] each."""
+        z = torch.cat([self.encode(c.reshape(1, -1))[0].T for c in clips])  # [frames, C]
+        loc, scale = bins.fit(z)
+        return loc.tolist(), scale.tolist()
 
 
 def _has_method(m, name: str) -> bool:
@@ -104,6 +138,17 @@ def _has_method(m, name: str) -> bool:
         return hasattr(m, name) and callable(getattr(m, name))
     except Exception:
         return False
+
+
+# What only a `--streaming` RAVE export holds: cached_conv's stateful layers (their cache buffers carry
+# the tail of the previous call into the next). Every v2 export, streaming or not, also holds
+# `CachedPQMF` and `CachedSequential` modules: those names alone say nothing.
+STREAMING_MODULES = frozenset({"CachedConv1d", "CachedConvTranspose1d", "CachedPadding1d"})
+
+
+def is_streaming(m: torch.jit.ScriptModule) -> bool:
+    """True when the export holds a stateful cached convolution or padding (a `--streaming` export)."""
+    return any(getattr(sub, "original_name", "") in STREAMING_MODULES for _, sub in m.named_modules())
 
 
 def load_rave(path: str, allow_streaming: bool = False) -> Rave:
@@ -146,8 +191,7 @@ def load_rave(path: str, allow_streaming: bool = False) -> Rave:
         latent_size, ratio = int(z.shape[1]), 2 ** 16 // int(z.shape[2])
     if ratio <= 0 or latent_size <= 0:
         raise RaveError(f"{name}: encode_params {buffers.get('encode_params')} make no sense for a RAVE export")
-    streaming = [n for n, sub in m.named_modules() if "Cached" in getattr(sub, "original_name", "")]
-    if (streaming or "_streaming" in p.name) and not allow_streaming:
+    if is_streaming(m) and not allow_streaming:
         raise RaveError(f"{name}: a streaming export (cached convolutions keep state between calls, "
                         "so chunks would leak into each other); export the model again without "
                         "--streaming for preprocessing")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,3 +76,36 @@ def test_normal_quantization_round_trip():
     counts = torch.bincount(t, minlength=64).float()
     assert counts.std() / counts.mean() < 0.2  # equiprobable bins for N(0, 1) latents
     assert torch.equal(quantize_normal(dequantize_normal(t, 64), 64), t)
+
+
+# --- RAVE's own exports (tests/fixtures/rave, made by tests/fixtures/make_rave_fixtures.sh) ---------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "rave"
+EXPORTS = {  # name -> (ratio, latents or quantizers, discrete)
+    "v2_discrete": (1024, 8, True),
+    "v2_continuous": (512, 8, False),
+    "v1_continuous": (2048, 8, False),  # RAVE v1's architecture through acids-rave 2.3's exporter
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_rave_exports_load(name):
+    ratio, size, discrete = EXPORTS[name]
+    r = load_rave(str(FIXTURES / f"{name}.ts"))
+    assert (r.sr, r.ratio, r.latent_size, r.discrete, r.version) == (44100, ratio, size, discrete, "v2")
+    assert r.codebook_size == (1024 if discrete else None)
+    x = torch.randn(2, 3 * ratio) * 0.1
+    z = r.encode(x)
+    assert z.shape == (2, size, 3)
+    if not discrete:  # the export samples its latent: seeded per item, batch or not
+        torch.manual_seed(0)
+        assert torch.equal(z[1:], r.module.encode(x[1:, None]))
+        assert torch.equal(r.encode(x), z)
+
+
+@pytest.mark.parametrize("name", ["v2_discrete_streaming", "v2_continuous_streaming"])
+def test_rave_streaming_exports_refused(name):
+    path = FIXTURES / f"{name}.ts"
+    msg = _one_line_error(path)
+    assert "a streaming export" in msg and "without --streaming" in msg
+    assert load_rave(str(path), allow_streaming=True).ratio in (512, 1024)
