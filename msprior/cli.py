@@ -84,11 +84,12 @@ def preprocess_cmd(
     min_frames: int = opt(257, "--min_frames", help="Skip files shorter than this many frames (one training window)."),
 ):
     """Encode an audio corpus into a Parquet latent table with Ray Data (local or s3://)."""
-    from msprior.data import preprocess
+    from msprior.data import PreprocessRequest, preprocess
 
-    preprocess(audio, out_path, rave, num_secs=num_secs, resolution=resolution, batch_size=batch_size,
-               num_workers=num_workers, gpu=gpu, condition_ratio=condition_ratio,
-               condition_tokens=condition_tokens, min_frames=min_frames, echo=typer.echo)
+    preprocess(PreprocessRequest(audio, out_path, rave, num_secs=num_secs, resolution=resolution,
+                                 batch_size=batch_size, num_workers=num_workers, gpu=gpu,
+                                 condition_ratio=condition_ratio, condition_tokens=condition_tokens,
+                                 min_frames=min_frames), echo=typer.echo)
 
 
 # --- train and tune (issue 4) -----------------------------------------------------------------
