@@ -117,6 +117,11 @@ def test_table_matches_manifest_and_direct_encode(kind, tables, corpus, codecs):
     assert (facts.num_quantizers, facts.vocab_size, facts.cond_ratio) == (q, 64, COND)
     assert facts.cond_features == 15 and len(facts.feature_std) == 15 and facts.cond_vocab == 8
     assert np.load(os.path.join(path, "centroids.npy")).shape == (8, 15)
+    # the manifest's statistics (merged from the write tasks' float64 moments) are those of the table
+    f = np.concatenate([np.asarray(r["features"], np.float64) for r in rows]).reshape(-1, 15)
+    feats = m["conditioning"]["features"]
+    np.testing.assert_allclose(feats["mean"], f.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(feats["std"], f.std(0) + 1e-6, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow

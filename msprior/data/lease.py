@@ -90,14 +90,22 @@ class Lease:
                 continue  # another run took it first: look again (it is live now)
         raise LeaseHeld(f"{self.path}: could not take the lease (another run keeps taking it); retry later")
 
+    def renew(self) -> bool:
+        """One heartbeat: a compare-and-swap on our last version. False (and `lost` set) when another
+        run took the lease over; a storage error is let through (the next beat tries again)."""
+        try:
+            self.tag = storage.replace_if(self.path, json.dumps(self.record()).encode(), self.tag, self.s3)
+            return True
+        except storage.Conflict:
+            self.lost = "another run took the lease over"
+            return False
+
     def _beat(self) -> None:
         period = max(0.2, self.ttl_s / 6)
         while not self._stop.wait(period):
             try:
-                self.tag = storage.replace_if(self.path, json.dumps(self.record()).encode(), self.tag, self.s3)
-            except storage.Conflict:
-                self.lost = "another run took the lease over"
-                return
+                if not self.renew():
+                    return
             except Exception:  # storage unreachable for a moment: try again next period
                 continue
 
