@@ -169,8 +169,8 @@ def delete(path: str, s3: Optional[S3Options] = None) -> None:
 #
 # S3 (checked on SeaweedFS 4.48 and AWS): `If-None-Match: *` creates an object only when the key is
 # free, `If-Match: <etag>` replaces it only when nobody replaced it since we read it; the loser of
-# either race gets 412 PreconditionFailed. Locally, O_EXCL gives the create; the compare-and-swap is a
-# re-read under a rename (good enough on one machine: the lease's TTL is tens of seconds).
+# either race gets 412 PreconditionFailed. Locally, a hard link gives the create (it fails when the
+# name exists) and the compare-and-swap holds an flock while it re-reads and renames.
 
 
 class Conflict(Exception):
@@ -274,23 +274,24 @@ def replace_if(path: str, data: bytes, tag: str, s3: Optional[S3Options] = None)
                 raise Conflict(path) from None
             raise
         return str(r.get("ETag", ""))
-    # move the current file aside (only one mover wins), check it is the one we read, then put ours
-    aside = f"{p}.swap-{uuid.uuid4().hex}"
+    # compare-and-swap under an flock on a sidecar file; the swap itself is a rename, so readers
+    # always find the old or the new lease, never none
+    import fcntl
+
+    lock = os.open(os.path.join(os.path.dirname(p), "." + os.path.basename(p) + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.rename(p, aside)
-    except FileNotFoundError:
-        raise Conflict(path) from None
-    with open(aside, "rb") as f:
-        current = f.read()
-    if _local_tag(current) != tag:  # someone replaced it since we read it: put theirs back
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            os.link(aside, p)
-        except FileExistsError:
-            pass
-        os.unlink(aside)
-        raise Conflict(path)
-    os.unlink(aside)
-    return create_exclusive(path, data)  # a newcomer that slipped in meanwhile wins: Conflict
+            with open(p, "rb") as f:
+                current = f.read()
+        except FileNotFoundError:
+            raise Conflict(path) from None
+        if _local_tag(current) != tag:
+            raise Conflict(path)
+        write_bytes(path, data)
+    finally:
+        os.close(lock)
+    return _local_tag(data)
 
 
 # --- transient errors: retried with backoff, never turned into a permanent skip ---------------------

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import queue
-import sys
 import tempfile
 import threading
 import time
@@ -314,7 +313,10 @@ def file_stats(data: pa.Table, conditioning: bool, counts: Optional[List[str]] =
 def _lease_is_ours(s: Settings) -> None:
     from msprior.data.lease import LEASE, LeaseLost
 
-    data = storage.retry(lambda: storage.read_bytes(storage.join(s.out_path, LEASE), s.s3))
+    try:
+        data = storage.retry(lambda: storage.read_bytes(storage.join(s.out_path, LEASE), s.s3))
+    except FileNotFoundError:
+        data = b"{}"
     if json.loads(data).get("run_id") != s.run_id:
         raise LeaseLost(f"{s.out_path}: another run took this table's lease over; nothing committed")
 
