@@ -173,7 +173,7 @@ class Encoder:
 
         # the model's bytes come through the object store (a ref inside a list is not resolved by
         # Ray, so the actor's constructor arguments stay small)
-        rave_bytes = ray.get(rave_ref[0])
+        rave_bytes = rave_ref[0] if isinstance(rave_ref[0], bytes) else ray.get(rave_ref[0])
         torch.set_num_threads(max(1, settings.threads))
         with tempfile.NamedTemporaryFile(suffix=".ts") as f:
             f.write(rave_bytes)
@@ -185,7 +185,7 @@ class Encoder:
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> pa.Table:
         files = [(str(a), str(b)) for a, b in zip(batch["source"], batch["path"])]
-        q: "queue.Queue" = queue.Queue(maxsize=2 * self.s.batch_size)
+        q: "queue.Queue" = queue.Queue(maxsize=4)  # decode runs a few chunks ahead, no more
         threading.Thread(target=_producer, args=(files, self.s, q), daemon=True).start()
         chunks: Dict[str, Dict[int, dict]] = defaultdict(dict)
         errors: Dict[str, Tuple[str, bool]] = {}
@@ -203,15 +203,18 @@ class Encoder:
             self._encode(items, chunks, errors)
         return _rows_table(files, chunks, errors)
 
-    def _encode(self, items: List[Tuple[str, int]], chunks, errors) -> None:
+    def _encode(self, items: List[Tuple[str, int]], chunks, errors, x=None) -> None:
         """Encode one bucket of equal-length chunks; a transient failure (GPU out of memory) is
         retried with half the batch, a permanent one fails the files involved."""
         import torch
 
-        items = [(src, i) for src, i in items if src not in errors]
-        if not items:
-            return
-        x = torch.from_numpy(np.stack([chunks[src][i]["audio"] for src, i in items]))
+        if x is None:
+            items = [(src, i) for src, i in items if src not in errors]
+            if not items:
+                return
+            x = torch.from_numpy(np.stack([chunks[src][i]["audio"] for src, i in items]))
+            for src, i in items:  # the stacked copy is the only one now
+                chunks[src][i]["audio"] = None
         try:
             out = self.rave.tokens(x, self.s.resolution)
         except Exception as e:
@@ -220,8 +223,8 @@ class Encoder:
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
                 half = len(items) // 2
-                self._encode(items[:half], chunks, errors)
-                self._encode(items[half:], chunks, errors)
+                self._encode(items[:half], chunks, errors, x[:half])
+                self._encode(items[half:], chunks, errors, x[half:])
                 return
             try:
                 if not transient:
