@@ -209,13 +209,13 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - t
-    from msprior.data import preprocess
+    from msprior.data import PreprocessRequest, preprocess
 
     table = work / "table"
     shutil.rmtree(table, ignore_errors=True)
     cpu0 = self_cpu_seconds() + ray_cpu_seconds()
-    s = preprocess(str(work / "corpus"), str(table), rave_path, num_secs=args.num_secs,
-                   batch_size=args.batch_size, num_workers=1, min_frames=1, progress=True)
+    s = preprocess(PreprocessRequest(str(work / "corpus"), str(table), rave_path, num_secs=args.num_secs,
+                                     batch_size=args.batch_size, num_workers=1, min_frames=1, progress=True))
     e2e_cpu = self_cpu_seconds() + ray_cpu_seconds() - cpu0
     e2e = s["seconds_audio"] / s["wall_s"]
     ray.shutdown()

@@ -85,14 +85,18 @@ def preprocess_cmd(
     condition_ratio: int = opt(4, "--condition_ratio", help="RAVE frames per conditioning frame; 0 = none."),
     condition_tokens: int = opt(64, "--condition_tokens", help="k-means classes of the conditioning tokens."),
     min_frames: int = opt(257, "--min_frames", help="Skip files shorter than this many frames (one training window)."),
+    files_per_task: int = opt(8, "--files_per_task", help="Files per encode task (a failed task redoes only these)."),
+    target_file_mb: float = opt(192.0, "--target_file_mb", help="Rows per data file, in MB before compression."),
 ):
     """Encode an audio corpus into a Parquet latent table with Ray Data (local or s3://)."""
     console.place(out_path)
-    from msprior.data import preprocess
+    from msprior.data import PreprocessRequest, preprocess
 
-    preprocess(audio, out_path, rave, num_secs=num_secs, resolution=resolution, batch_size=batch_size,
-               num_workers=num_workers, gpu=gpu, condition_ratio=condition_ratio,
-               condition_tokens=condition_tokens, min_frames=min_frames, echo=console.echo)
+    preprocess(PreprocessRequest(audio, out_path, rave, num_secs=num_secs, resolution=resolution,
+                                 batch_size=batch_size, num_workers=num_workers, gpu=gpu,
+                                 condition_ratio=condition_ratio, condition_tokens=condition_tokens,
+                                 min_frames=min_frames, files_per_task=files_per_task,
+                                 target_file_mb=target_file_mb), echo=console.echo)
 
 
 # --- train and tune (issue 4) -----------------------------------------------------------------

@@ -72,13 +72,14 @@ def run_pipeline(
     if storage.exists(storage.join(table, "manifest.json")):
         _skip(echo, "preprocess", f"{table}/manifest.json exists")
     else:
-        from msprior.data import preprocess
+        from msprior.data import PreprocessRequest, preprocess
 
         echo(f"[preprocess] {audio} -> {table}")
         # a file shorter than one training window (seq_len + 1 frames) cannot train: skip and report it
-        preprocess(audio, table, rave, num_secs=num_secs, resolution=resolution, num_workers=num_workers,
-                   gpu=gpu, condition_ratio=condition_ratio, echo=echo,
-                   min_frames=min_frames if min_frames is not None else cfg.model.seq_len + 1)
+        preprocess(PreprocessRequest(audio, table, rave, num_secs=num_secs, resolution=resolution,
+                                     num_workers=num_workers, gpu=gpu, condition_ratio=condition_ratio,
+                                     min_frames=min_frames if min_frames is not None else cfg.model.seq_len + 1),
+                   echo=echo)
         echo(f"[preprocess] done in {time.monotonic() - t0:.0f} s")
 
     # 2. train or tune ---------------------------------------------------------------------------

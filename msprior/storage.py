@@ -154,3 +154,179 @@ def list_files(path: str, s3: Optional[S3Options] = None) -> List[Tuple[str, int
             continue
         out.append((rel, int(info.get("size") or 0)))
     return sorted(out)
+
+
+def delete(path: str, s3: Optional[S3Options] = None) -> None:
+    """Remove one file or object; a missing one is not an error."""
+    fs, p = filesystem(path, s3)
+    try:
+        fs.rm_file(p)
+    except FileNotFoundError:
+        pass
+
+
+# --- conditional writes: what a lease needs -------------------------------------------------------
+#
+# S3 (checked on SeaweedFS 4.48 and AWS): `If-None-Match: *` creates an object only when the key is
+# free, `If-Match: <etag>` replaces it only when nobody replaced it since we read it; the loser of
+# either race gets 412 PreconditionFailed. Locally, a hard link gives the create (it fails when the
+# name exists) and the compare-and-swap holds an flock while it re-reads and renames.
+
+
+class Conflict(Exception):
+    """A conditional write lost: the object exists (create) or changed (swap)."""
+
+
+def _s3_split(p: str) -> Tuple[str, str]:
+    bucket, _, key = p.partition("/")
+    return bucket, key
+
+
+def _is_precondition(e: Optional[BaseException]) -> bool:
+    """412 PreconditionFailed, also when s3fs re-raised it as an OSError (the cause keeps the code)."""
+    while e is not None:
+        err = getattr(e, "response", None) or {}
+        if (err.get("Error") or {}).get("Code") == "PreconditionFailed" or \
+                (err.get("ResponseMetadata") or {}).get("HTTPStatusCode") == 412:
+            return True
+        if "PreconditionFailed" in str(e) or "pre-conditions you specified" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def create_exclusive(path: str, data: bytes, s3: Optional[S3Options] = None) -> str:
+    """Create `path` only if it does not exist; return its version tag (S3 ETag or a local token).
+
+    Raises `Conflict` when it exists.
+    """
+    fs, p = filesystem(path, s3)
+    if is_s3(path):
+        bucket, key = _s3_split(p)
+        try:
+            r = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as e:
+            if _is_precondition(e) or isinstance(e, FileExistsError):
+                raise Conflict(path) from None
+            raise
+        return str(r.get("ETag", ""))
+    # the whole content first under a temp name, then a hard link: link() fails when the name exists
+    # (the same guarantee as O_EXCL) and a reader never sees a half-written lease
+    d = os.path.dirname(p)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(p)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, p)
+    except FileExistsError:
+        raise Conflict(path) from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return _local_tag(data)
+
+
+def _local_tag(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.md5(data).hexdigest()
+
+
+def read_versioned(path: str, s3: Optional[S3Options] = None) -> Tuple[bytes, str]:
+    """(bytes, version tag) of a file or object; FileNotFoundError when it is missing."""
+    fs, p = filesystem(path, s3)
+    if is_s3(path):
+        import fsspec.asyn
+
+        bucket, key = _s3_split(p)
+
+        async def get():
+            r = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+            async with r["Body"] as body:
+                return await body.read(), str(r.get("ETag", ""))
+
+        try:
+            return fsspec.asyn.sync(fs.loop, get)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            if "NoSuchKey" in str(e) or "404" in str(e):
+                raise FileNotFoundError(path) from None
+            raise
+    with open(p, "rb") as f:
+        data = f.read()
+    return data, _local_tag(data)
+
+
+def replace_if(path: str, data: bytes, tag: str, s3: Optional[S3Options] = None) -> str:
+    """Replace `path` only if its version tag is still `tag`; return the new tag. Raises `Conflict`."""
+    fs, p = filesystem(path, s3)
+    if is_s3(path):
+        bucket, key = _s3_split(p)
+        try:
+            r = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=tag)
+        except Exception as e:
+            if _is_precondition(e) or isinstance(e, (FileNotFoundError, FileExistsError)):
+                raise Conflict(path) from None
+            raise
+        return str(r.get("ETag", ""))
+    # compare-and-swap under an flock on a sidecar file; the swap itself is a rename, so readers
+    # always find the old or the new lease, never none
+    import fcntl
+
+    lock = os.open(os.path.join(os.path.dirname(p), "." + os.path.basename(p) + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(p, "rb") as f:
+                current = f.read()
+        except FileNotFoundError:
+            raise Conflict(path) from None
+        if _local_tag(current) != tag:
+            raise Conflict(path)
+        write_bytes(path, data)
+    finally:
+        os.close(lock)
+    return _local_tag(data)
+
+
+# --- transient errors: retried with backoff, never turned into a permanent skip ---------------------
+
+_TRANSIENT_WORDS = ("timeout", "timed out", "throttl", "slowdown", "slow down", "too many requests",
+                    "connection", "connect", "service unavailable", "internal error", "bad gateway",
+                    "requesttimeout", "broken pipe", "reset by peer", "temporarily", "out of memory")
+
+
+def is_transient(e: BaseException) -> bool:
+    """An error that may pass on retry: network/S3 trouble, throttling, GPU out of memory."""
+    while e is not None:
+        if isinstance(e, (TimeoutError, ConnectionError)):
+            return True
+        name = type(e).__name__.lower()
+        if any(w in name for w in ("timeout", "connection", "throttl", "outofmemory", "endpoint")):
+            return True
+        if any(w in str(e).lower() for w in _TRANSIENT_WORDS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def retry(fn, what: str = "", deadline_s: Optional[float] = None, first_wait_s: float = 0.5):
+    """Call `fn()`; on a transient error wait (0.5 s, doubling, at most 8 s) and try again until
+    `deadline_s` (default 90 s, env MSPRIOR_RETRY_S) has passed; then re-raise."""
+    import time
+
+    deadline_s = float(os.environ.get("MSPRIOR_RETRY_S", 90)) if deadline_s is None else deadline_s
+    end, wait = time.monotonic() + deadline_s, first_wait_s
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e) or time.monotonic() + wait > end:
+                raise
+        time.sleep(wait)
+        wait = min(wait * 2, 8.0)

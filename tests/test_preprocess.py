@@ -14,8 +14,9 @@ import soundfile as sf
 import torch
 
 from msprior.codec import save_codec
-from msprior.data import (PreprocessError, list_shards, load_manifest, load_report, preprocess, read_table,
-                          shard_name)
+from msprior.data import (PreprocessError, PreprocessRequest, list_shards, load_manifest, load_report,
+                          read_index, read_table)
+from msprior.data import preprocess as _preprocess
 from msprior.data.synthetic import melody, write_bad_files, write_corpus
 from msprior.rave import load_rave, quantize_normal, sha256_file
 from tests.data_helpers import reference_audio
@@ -23,8 +24,13 @@ from tests.data_helpers import reference_audio
 pytestmark = pytest.mark.timeout(600)
 
 NUM_SECS, MIN_FRAMES, COND = 4.0, 32, 4  # chunks of 172 frames at 44.1 kHz / 1024; window 0.74 s
+# two files per encode task and tiny data files: several commits even on this small corpus
 OPTS = dict(num_secs=NUM_SECS, min_frames=MIN_FRAMES, batch_size=8, condition_ratio=COND,
-            condition_tokens=8, progress=False)
+            condition_tokens=8, progress=False, files_per_task=2, target_file_mb=0.01)
+
+
+def preprocess(audio, out, rave, **kw):
+    return _preprocess(PreprocessRequest(audio, out, rave, **kw))
 BAD = {  # file -> a word its reason must contain
     "bad/empty.wav": "empty", "bad/notes.wav": "decode", "bad/garbage.flac": "decode",
     "bad/corrupt.wav": "decode", "bad/tiny.wav": "too short", "bad/silent.wav": "silent",
@@ -111,6 +117,11 @@ def test_table_matches_manifest_and_direct_encode(kind, tables, corpus, codecs):
     assert (facts.num_quantizers, facts.vocab_size, facts.cond_ratio) == (q, 64, COND)
     assert facts.cond_features == 15 and len(facts.feature_std) == 15 and facts.cond_vocab == 8
     assert np.load(os.path.join(path, "centroids.npy")).shape == (8, 15)
+    # the manifest's statistics (merged from the write tasks' float64 moments) are those of the table
+    f = np.concatenate([np.asarray(r["features"], np.float64) for r in rows]).reshape(-1, 15)
+    feats = m["conditioning"]["features"]
+    np.testing.assert_allclose(feats["mean"], f.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(feats["std"], f.std(0) + 1e-6, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow
@@ -127,27 +138,46 @@ def test_report_names_every_bad_file(tables):
 @pytest.mark.slow
 def test_rerun_adds_nothing_and_resume_fills_gaps(tables, corpus, codecs, tmp_path):
     src, _ = tables["continuous"]
-    before = read_table(src).sort_by([("source", "ascending"), ("chunk", "ascending")])
-    mtimes = {p: os.stat(p).st_mtime_ns for p in list_shards(src)}
+    key = [("source", "ascending"), ("chunk", "ascending")]
+    before = read_table(src).sort_by(key)
+    files = list_shards(src)
+    assert 1 < len(files) < len(corpus[1])  # several sources per data file, several data files
+    mtimes = {p: os.stat(p).st_mtime_ns for p in files}
     again = preprocess(str(corpus[0]), src, codecs["continuous"], **OPTS)
-    assert again["files_encoded"] == 0 and again["files_already_done"] == len(mtimes)
+    assert again["files_encoded"] == 0 and again["files_already_done"] == len(corpus[1])
     assert {p: os.stat(p).st_mtime_ns for p in list_shards(src)} == mtimes
     assert read_table(src).num_rows == before.num_rows
 
-    # an interrupted run: one shard missing, a stray temp file from a write that never finished
+    # a killed run: one data file written but never committed (its ledger record missing), a stray
+    # temp file, an orphan data file, no index/manifest/report yet
     table = tmp_path / "table"
     shutil.copytree(src, table)
-    victim = table / "latents" / shard_name("extra/short_2s.wav")
+    for name in ("index.parquet", "manifest.json", "report.json"):
+        (table / name).unlink()
+    idx = read_index(str(table))  # from the ledger while no index exists
+    assert sorted(idx["source"].to_pylist()) == corpus[1]
+    victim = sorted(table.glob("ledger/*.json"))[0]
+    lost = {s for s, _, _ in json.loads(victim.read_text())["sources"]}
     victim.unlink()
-    (table / "latents" / f".tmp-deadbeef-{victim.name}").write_bytes(b"partial")
-    assert len(list_shards(str(table))) == len(mtimes) - 1  # the temp file is never a shard
+    (table / "latents" / ".tmp-deadbeef-part-x.parquet").write_bytes(b"partial")
+    (table / "latents" / "part-orphan.parquet").write_bytes(b"not parquet")
+    visible = set(read_index(str(table))["source"].to_pylist())
+    assert visible == set(corpus[1]) - lost  # an uncommitted file is never part of the table
+    assert read_table(str(table)).num_rows == sum(1 for s in before["source"].to_pylist() if s not in lost)
     resumed = preprocess(str(corpus[0]), str(table), codecs["continuous"], **OPTS)
-    assert resumed["files_encoded"] == 1
-    after = read_table(str(table)).sort_by([("source", "ascending"), ("chunk", "ascending")])
-    assert after.equals(before)
+    assert resumed["files_encoded"] == len(lost) and resumed["files_already_done"] == len(corpus[1]) - len(lost)
+    assert not list((table / "latents").glob(".tmp-*")) and not (table / "latents" / "part-orphan.parquet").exists()
+    assert read_table(str(table)).sort_by(key).equals(before)
+    m, m0 = load_manifest(str(table)), load_manifest(src)
+    assert (m["counts"], m["rave"], m["chunk"], m["created"]) == (m0["counts"], m0["rave"], m0["chunk"], m0["created"])
+    f, f0 = m["conditioning"]["features"], m0["conditioning"]["features"]  # float64 sums, merged in another order
+    np.testing.assert_allclose(f["mean"] + f["std"], f0["mean"] + f0["std"], rtol=1e-9)
+    assert (table / "centroids.npy").read_bytes() == (Path(src) / "centroids.npy").read_bytes()
 
     with pytest.raises(PreprocessError, match="resolution"):  # other settings: refuse, one line
         preprocess(str(corpus[0]), str(table), codecs["continuous"], **{**OPTS, "resolution": 32})
+    with pytest.raises(PreprocessError, match="conditioning.ratio=4, this run has 2"):
+        preprocess(str(corpus[0]), str(table), codecs["continuous"], **{**OPTS, "condition_ratio": 2})
 
 
 @pytest.mark.slow
@@ -156,8 +186,8 @@ def test_s3_round_trip(tables, corpus, codecs, s3_env, capfd):
 
     local, _ = tables["discrete"]
     out = "s3://test-bucket/tables/discrete"
-    summary = preprocess(str(corpus[0]), out, codecs["discrete"], **OPTS)
-    assert summary["files_encoded"] == len(corpus[1])
+    summary = preprocess(str(corpus[0]), out, codecs["discrete"], **{**OPTS, "target_file_mb": 192})
+    assert summary["files_encoded"] == len(corpus[1]) and summary["data_files_written"] == 1
     key = [("source", "ascending"), ("chunk", "ascending")]
     assert read_table(out).sort_by(key).equals(read_table(local).sort_by(key))
     m, ml = load_manifest(out), load_manifest(local)

@@ -77,3 +77,83 @@ def chunk_bounds(n: int, chunk: int, ratio: int, min_frames: int) -> List[Tuple[
         bounds[-2] = (bounds[-2][0], bounds[-1][1])
         bounds.pop()
     return bounds
+
+
+# --- streaming: a long file is never whole in memory ------------------------------------------------
+
+BLOCK_SECONDS = 10.0  # decoded per read: 10 s of 48 kHz stereo float32 is 3.8 MB
+
+
+def stream(path_or_file, target_sr: int, block_seconds: float = BLOCK_SECONDS):
+    """Yield mono float32 blocks at `target_sr` from an audio file, read `block_seconds` at a time
+    through a streaming soxr resampler (the same samples as `decode`'s one-shot resample).
+
+    Raises SkipFile (empty, cannot decode, NaN/inf, no samples, silent); silence is only known at
+    the end, so the caller must drop what it made of a file that raises late.
+    """
+    import os
+
+    import soundfile as sf
+    import soxr
+
+    if isinstance(path_or_file, str) and os.path.getsize(path_or_file) == 0:
+        raise SkipFile("empty file (0 bytes)")
+    try:
+        f = sf.SoundFile(path_or_file)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = re.sub(r"^Error opening [<'][^>']*[>']: ", "", msg)
+        raise SkipFile(f"cannot decode: {msg}") from None
+    with f:
+        sr, channels = int(f.samplerate), int(f.channels)
+        rs = soxr.ResampleStream(sr, target_sr, 1, dtype="float32", quality="HQ") if sr != target_sr else None
+        peak, total = 0.0, 0
+        block = max(1, int(block_seconds * sr))
+        while True:
+            try:
+                x = f.read(block, dtype="float32", always_2d=True)
+            except Exception as e:
+                raise SkipFile(f"cannot decode: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            last = x.shape[0] < block
+            total += x.shape[0]
+            if x.shape[0] and not np.isfinite(x).all():
+                raise SkipFile("contains NaN or infinite samples")
+            mono = x.mean(axis=1) if channels > 1 else x[:, 0]
+            if len(mono):
+                peak = max(peak, float(np.abs(mono).max()))
+            out = rs.resample_chunk(np.ascontiguousarray(mono), last=last) if rs is not None else mono
+            if len(out):
+                yield np.ascontiguousarray(out, dtype=np.float32)
+            if last:
+                break
+    if total == 0:
+        raise SkipFile("no audio samples")
+    if peak < SILENCE_PEAK:
+        raise SkipFile("silent (peak below -100 dBFS)")
+
+
+def iter_chunks(blocks, chunk: int, ratio: int, min_frames: int, sr: int):
+    """Cut a stream of sample blocks into the chunks of `chunk_bounds`, on the fly: yields
+    (start sample, float32 samples). Holds at most two chunks plus one block.
+
+    A chunk is final once what follows it cannot be a lone short tail that would join it: more than
+    a chunk follows, or at least `min_frames` frames do. Raises SkipFile when the whole stream is
+    under `min_frames` frames.
+    """
+    buf = np.zeros(0, np.float32)
+    start, n = 0, 0  # sample index of buf[0]; samples seen
+
+    def final(rest: int) -> bool:
+        return rest > chunk or math.ceil(rest / ratio) >= min_frames
+
+    for x in blocks:
+        n += len(x)
+        buf = np.concatenate([buf, x]) if len(buf) else np.asarray(x, np.float32)
+        while len(buf) >= chunk and final(len(buf) - chunk):
+            yield start, buf[:chunk].copy()
+            buf, start = buf[chunk:], start + chunk
+    if math.ceil(n / ratio) < min_frames:
+        raise SkipFile(f"too short: {n / sr:.2f} s is under one training window "
+                       f"({min_frames} frames = {min_frames * ratio / sr:.2f} s)")
+    if len(buf):
+        yield start, buf  # a file shorter than a chunk, a tail, or the last chunk with its short tail

@@ -1,326 +1,676 @@
 """Audio corpus (dir or s3://) -> latent table (dir or s3://), with Ray Data.
 
-    list files (driver) -> decode + mono + resample + chunk + features   [Ray Data read tasks]
-                        -> RAVE encode -> tokens                          [actor pool, model loaded once]
-                        -> one Parquet shard per source, atomic           [driver: tokens are small]
-                        -> manifest.json, report.json, rave.ts, centroids.npy
+    lease + intent (driver)     take the table's lease; write (or check) intent.json + centroids.npy
+    list + pending (driver)     list the corpus; drop what the ledger says is committed or bad for good
+    encode  [actor pool]        per task a few files: stream-decode, resample, chunk, features, RAVE
+                                tokens; every chunk of a file comes out in the same batch
+    write   [Ray write tasks]   bundles of ~target_file_mb -> one Parquet data file, then its ledger
+                                record (the commit), with the file's statistics
+    finish (driver)             index.parquet, report.json, manifest.json from the ledger records only
 
-Resume: a source whose shard exists is not read again; shards appear only whole (temp + rename,
-or a single S3 PUT), so an interrupted run leaves no partial shard. Bad files never stop the run:
-each lands in report.json with its reason.
+Resume: committed sources (in the ledger) and files skipped for good are not read again; a data file
+without its record is deleted; files that failed for a transient cause are retried. A source is in
+exactly one committed file, complete, or absent. See docs/ARCHITECTURE.md ("Latent table").
 """
 
 from __future__ import annotations
 
-from msprior.errors import UserError
 import datetime as _dt
 import io
 import json
 import math
 import os
-import sys
+import queue
 import tempfile
+import threading
 import time
+import uuid
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from msprior import __version__, console, storage
 from msprior.data import audio as audio_mod
 from msprior.data import features as feat
 from msprior.data import table as tbl
+from msprior.data.lease import Lease
+from msprior.errors import UserError
 from msprior.runtime import ensure_ray
+
 
 class PreprocessError(UserError):
     """A preprocessing problem the user can fix; one line."""
 
 
+@dataclass
+class PreprocessRequest:
+    """What `msprior preprocess` is asked to do (the CLI flags, plus tuning knobs)."""
+
+    audio: str
+    out_path: str
+    rave: str
+    num_secs: float = 16.0
+    resolution: int = 64
+    batch_size: int = 64  # chunks per RAVE encode call
+    num_workers: int = 1  # encoder actors
+    gpu: bool = False
+    condition_ratio: int = 4  # 0: no conditioning
+    condition_tokens: int = 64
+    min_frames: int = 257
+    threads_per_worker: Optional[int] = None
+    cpus_per_worker: float = 0.5
+    files_per_task: int = 8  # files per encode task: a failed task redoes only these
+    target_file_mb: float = 192.0  # in-memory rows per data file (Parquet compresses them further)
+    memory_per_worker_mb: Optional[float] = None  # Ray `memory=` of an encoder; None: estimated
+    lease_ttl_s: Optional[float] = None  # None: MSPRIOR_LEASE_TTL_S or 60
+    progress: bool = True
+
+
 @dataclass(frozen=True)
 class Settings:
-    """What a decode task needs: plain values, cheap to ship to Ray workers."""
+    """What encode and write tasks need: plain values, cheap to ship to Ray workers."""
 
     audio_root: str
+    out_path: str
+    run_id: str
     sr: int
     ratio: int
     chunk_samples: int
     min_frames: int
-    condition_ratio: int  # 0: no conditioning
+    resolution: int
+    batch_size: int
+    condition_ratio: int
     centroids: Optional[np.ndarray]
     scale: Optional[np.ndarray]
     s3: storage.S3Options
+    threads: int = 1
+    gpu: bool = False
+    target_bytes: int = 192 << 20
+    row_group_bytes: int = 64 << 20
 
 
-# --- Ray stages ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RaveInfo:
+    data: bytes
+    sha256: str
+    facts: Dict  # the manifest's "rave" dict
 
 
-def _error_row(source: str, reason: str) -> dict:
-    return {"source": source, "chunk": -1, "n_chunks": 0, "start_s": 0.0, "error": reason,
-            "audio": np.zeros(0, np.float32), "features": np.zeros(0, np.float32),
-            "tokens": np.zeros(0, np.int16)}
+# --- encode: files -> complete token rows (Ray actor) ---------------------------------------------
 
 
-def decode_rows(item: dict, s: Settings) -> List[dict]:
-    """One listed file -> its chunk rows (audio + conditioning), or one error row."""
-    source = item["source"]
+@contextmanager
+def _local_file(path: str, s: Settings) -> Iterator[str]:
+    """A local path to read with libsndfile: the file itself, or a download of an S3 object (the
+    download is retried on transient errors; decoding a half-read stream could end silently)."""
+    if not storage.is_s3(s.audio_root):
+        yield path
+        return
+    fs, _ = storage.filesystem(s.audio_root, s.s3)
+    fd, tmp = tempfile.mkstemp(suffix="-" + os.path.basename(path))
+    os.close(fd)
     try:
-        fs, _ = storage.filesystem(s.audio_root, s.s3)
-        with fs.open(item["path"], "rb") as f:
-            data = f.read()
-        x, _, _ = audio_mod.decode(data, s.sr)
-        bounds = audio_mod.chunk_bounds(len(x), s.chunk_samples, s.ratio, s.min_frames)
-        if not bounds:
-            raise audio_mod.SkipFile(
-                f"too short: {len(x) / s.sr:.2f} s is under one training window "
-                f"({s.min_frames} frames = {s.min_frames * s.ratio / s.sr:.2f} s)")
+        storage.retry(lambda: fs.get_file(path, tmp))
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def _file_events(source: str, path: str, s: Settings):
+    """One file -> ("chunk", source, index, start_s, audio, features, tokens) events, then ("done",
+    source, n) or ("error", source, reason, transient)."""
+    n = 0
+    try:
+        with _local_file(path, s) as local:
+            blocks = audio_mod.stream(local, s.sr)
+            for start, x in audio_mod.iter_chunks(blocks, s.chunk_samples, s.ratio, s.min_frames, s.sr):
+                f = t = np.zeros(0, np.float32)
+                if s.condition_ratio:
+                    frames = math.ceil(len(x) / s.ratio)
+                    f = feat.compute(x, s.sr, s.condition_ratio * s.ratio, feat.cond_frames(frames, s.condition_ratio))
+                    t = feat.assign(f, s.centroids, s.scale)
+                yield ("chunk", source, n, start / s.sr, x, f, np.asarray(t, np.int16))
+                n += 1
     except audio_mod.SkipFile as e:
-        return [_error_row(source, str(e))]
-    except Exception as e:  # an unexpected failure on one file must not stop the corpus
-        return [_error_row(source, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
-    rows = []
-    for i, (a, b) in enumerate(bounds):
-        chunk = x[a:b]
-        frames = math.ceil(len(chunk) / s.ratio)
-        f = t = np.zeros(0, np.float32)
-        if s.condition_ratio:
-            n = feat.cond_frames(frames, s.condition_ratio)
-            f = feat.compute(chunk, s.sr, s.condition_ratio * s.ratio, n)
-            t = feat.assign(f, s.centroids, s.scale)
-            f = f.ravel()
-        rows.append({"source": source, "chunk": i, "n_chunks": len(bounds), "start_s": a / s.sr,
-                     "error": "", "audio": chunk, "features": f.astype(np.float32),
-                     "tokens": np.asarray(t, np.int16)})
-    return rows
+        yield ("error", source, str(e), False)
+        return
+    except Exception as e:  # one file's failure never stops the corpus
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        yield ("error", source, msg, storage.is_transient(e))
+        return
+    yield ("done", source, n)
+
+
+def _producer(files: List[Tuple[str, str]], s: Settings, q: "queue.Queue") -> None:
+    """Decode thread: streams every file's chunks into a bounded queue (soundfile, soxr and numpy
+    release the GIL, so decoding overlaps the encode on the actor's main thread)."""
+    try:
+        for source, path in files:
+            for ev in _file_events(source, path, s):
+                q.put(ev)
+    finally:
+        q.put(None)
 
 
 class Encoder:
-    """Ray Data actor: loads the RAVE export once, turns audio chunks into int16 token rows."""
+    """Ray Data actor: loads the RAVE export once; turns a batch of files into token rows.
 
-    def __init__(self, rave_ref: list, resolution: int, threads: int, gpu: bool):
+    Every chunk of a file is in the batch it returns (or one error row), so a write task always
+    sees whole files.
+    """
+
+    def __init__(self, rave_ref: list, settings: Settings):
         import ray
         import torch
 
-        from msprior.rave import Rave, load_rave
+        from msprior.rave import load_rave
 
         # the model's bytes come through the object store (a ref inside a list is not resolved by
         # Ray, so the actor's constructor arguments stay small)
-        rave_bytes = ray.get(rave_ref[0])
-        torch.set_num_threads(max(1, threads))
+        rave_bytes = rave_ref[0] if isinstance(rave_ref[0], bytes) else ray.get(rave_ref[0])
+        torch.set_num_threads(max(1, settings.threads))
         with tempfile.NamedTemporaryFile(suffix=".ts") as f:
             f.write(rave_bytes)
             f.flush()
-            self.rave: Rave = load_rave(f.name)
-        self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+            self.rave = load_rave(f.name)
+        self.device = "cuda" if settings.gpu and torch.cuda.is_available() else "cpu"
         self.rave.to(self.device)
-        self.resolution = resolution
+        self.s = settings
 
-    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def __call__(self, batch: Dict[str, np.ndarray]) -> pa.Table:
+        files = [(str(a), str(b)) for a, b in zip(batch["source"], batch["path"])]
+        q: "queue.Queue" = queue.Queue(maxsize=4)  # decode runs a few chunks ahead, no more
+        threading.Thread(target=_producer, args=(files, self.s, q), daemon=True).start()
+        chunks: Dict[str, Dict[int, dict]] = defaultdict(dict)
+        errors: Dict[str, Tuple[str, bool]] = {}
+        buckets: Dict[int, List[Tuple[str, int]]] = defaultdict(list)  # equal lengths stack
+        while (ev := q.get()) is not None:
+            if ev[0] == "chunk":
+                _, source, i, start_s, x, f, t = ev
+                chunks[source][i] = {"start_s": start_s, "audio": x, "features": f, "tokens": t}
+                buckets[len(x)].append((source, i))
+                if len(buckets[len(x)]) >= self.s.batch_size:
+                    self._encode(buckets.pop(len(x)), chunks, errors)
+            elif ev[0] == "error":
+                errors[ev[1]] = (ev[2], ev[3])
+        for items in buckets.values():
+            self._encode(items, chunks, errors)
+        return _rows_table(files, chunks, errors)
+
+    def _encode(self, items: List[Tuple[str, int]], chunks, errors, x=None) -> None:
+        """Encode one bucket of equal-length chunks; a transient failure (GPU out of memory) is
+        retried with half the batch, a permanent one fails the files involved."""
         import torch
 
-        n = len(batch["source"])
-        audio = list(batch["audio"])
-        errors = [str(e) for e in batch["error"]]
-        rave: List[np.ndarray] = [np.zeros(0, np.int16)] * n
-        frames = np.zeros(n, np.int32)
-        by_len: Dict[int, List[int]] = defaultdict(list)
-        for i in range(n):
-            if not errors[i]:
-                by_len[len(audio[i])].append(i)
-        for length, idx in by_len.items():  # equal lengths stack into one encode call
+        if x is None:
+            items = [(src, i) for src, i in items if src not in errors]
+            if not items:
+                return
+            x = torch.from_numpy(np.stack([chunks[src][i]["audio"] for src, i in items]))
+            for src, i in items:  # the stacked copy is the only one now
+                chunks[src][i]["audio"] = None
+        try:
+            out = self.rave.tokens(x, self.s.resolution)
+        except Exception as e:
+            transient = storage.is_transient(e)
+            if transient and len(items) > 1:  # e.g. GPU out of memory: half the batch, then retry
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+                half = len(items) // 2
+                self._encode(items[:half], chunks, errors, x[:half])
+                self._encode(items[half:], chunks, errors, x[half:])
+                return
             try:
-                x = torch.from_numpy(np.stack([np.asarray(audio[i], np.float32) for i in idx]))
-                tok = self.rave.tokens(x, self.resolution)  # [B, Q, T]
-                tok = tok.transpose(1, 2).to(torch.int16).numpy()  # frame-major [B, T, Q]
-                for j, i in enumerate(idx):
-                    rave[i] = tok[j].ravel()
-                    frames[i] = tok.shape[1]
-            except Exception as e:
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                for i in idx:
-                    errors[i] = f"RAVE encode failed: {msg[:200]}"
-        seconds = np.array([len(a) for a in audio], np.float64) / self.rave.sr
-        out = {k: batch[k] for k in ("source", "chunk", "n_chunks", "start_s", "tokens", "features")}
-        out.update(error=np.array(errors, dtype=object), frames=frames, seconds=seconds,
-                   rave=_object_array(rave))
-        return out
+                if not transient:
+                    raise
+                out = storage.retry(lambda: self.rave.tokens(x, self.s.resolution), deadline_s=20)
+            except Exception as e2:
+                msg = str(e2).strip().splitlines()[-1] if str(e2).strip() else type(e2).__name__
+                for src, _ in items:
+                    errors.setdefault(src, (f"RAVE encode failed: {msg[:200]}", storage.is_transient(e2)))
+                return
+        counts: Dict[str, np.ndarray] = {}
+        if isinstance(out, tuple):  # (tokens, {name: [B] counts}) when the RAVE wrapper counts things
+            out, counts = out
+        tok = out.transpose(1, 2).to(torch.int16).numpy()  # frame-major [B, T, Q]
+        for j, (src, i) in enumerate(items):
+            c = chunks[src][i]
+            c.update(rave=tok[j].ravel(), frames=tok.shape[1], audio=None,
+                     counts={k: int(np.asarray(v)[j]) for k, v in counts.items()})
 
 
-def _object_array(items: List[np.ndarray]) -> np.ndarray:
-    a = np.empty(len(items), dtype=object)
-    for i, x in enumerate(items):
-        a[i] = x
-    return a
+def _rows_table(files, chunks, errors) -> pa.Table:
+    """The encode output: every chunk row of each complete file, one row per failed file."""
+    cols: Dict[str, list] = {k: [] for k in ("source", "chunk", "n_chunks", "start_s", "frames", "rave",
+                                             "tokens", "features", "error", "transient", "counts")}
+
+    def add(source, chunk, n, start_s, frames, rave, tokens, features, error, transient, counts):
+        for k, v in zip(cols, (source, chunk, n, start_s, frames, rave, tokens, features, error,
+                               transient, json.dumps(counts))):
+            cols[k].append(v)
+
+    empty16, empty32 = np.zeros(0, np.int16), np.zeros(0, np.float32)
+    for source, _ in files:
+        if source in errors or source not in chunks:
+            reason, transient = errors.get(source, ("no chunk was produced", True))
+            add(source, -1, 0, 0.0, 0, empty16, empty16, empty32, reason, transient, {})
+            continue
+        rows = chunks[source]
+        for i in range(len(rows)):
+            c = rows[i]
+            add(source, i, len(rows), c["start_s"], c["frames"], c["rave"], c["tokens"],
+                np.asarray(c["features"], np.float32).ravel(), "", False, c.get("counts", {}))
+    return pa.table({
+        "source": pa.array(cols["source"], pa.string()), "chunk": pa.array(cols["chunk"], pa.int32()),
+        "n_chunks": pa.array(cols["n_chunks"], pa.int32()), "start_s": pa.array(cols["start_s"], pa.float64()),
+        "frames": pa.array(cols["frames"], pa.int32()),
+        "rave": pa.array(cols["rave"], pa.list_(pa.int16())), "tokens": pa.array(cols["tokens"], pa.list_(pa.int16())),
+        "features": pa.array(cols["features"], pa.list_(pa.float32())),
+        "error": pa.array(cols["error"], pa.string()), "transient": pa.array(cols["transient"], pa.bool_()),
+        "counts": pa.array(cols["counts"], pa.string()),
+    })
 
 
-# --- driver --------------------------------------------------------------------------------------
+# --- write: bundles of complete files -> one data file + its ledger record (Ray write tasks) ----------
 
 
-class Progress:
-    """Seconds of audio encoded, on one refreshed line (a TTY) or a line every ~10 s (a log)."""
-
-    def __init__(self, enabled: bool, stream=None):
-        self.enabled, self.stream = enabled, stream or console.out()
-        self.tty = getattr(stream, "isatty", lambda: False)()
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.seconds = 0.0
-        self.files = 0
-
-    def update(self, seconds: float, files: int) -> None:
-        self.seconds += seconds
-        self.files += files
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < (0.5 if self.tty else 10.0)):
-            return
-        self.last = now
-        el = max(now - self.start, 1e-9)
-        line = (f"preprocess: {self.seconds:,.0f} s of audio ({self.seconds / 3600:.2f} h), "
-                f"{self.files} files written, {self.seconds / el:,.1f}x realtime")
-        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self.last:
-            self.stream.write("\n")
+DATA_COLUMNS = ["source", "chunk", "start_s", "frames", "rave", "tokens", "features"]
 
 
-def _rave_local(rave: str, s3: storage.S3Options) -> Tuple[str, bytes]:
-    """(local path, bytes) of the RAVE export, downloading it first when it is on S3."""
-    if storage.is_s3(rave):
-        if not storage.exists(rave, s3):
-            raise PreprocessError(f"{rave}: no such object; expected a RAVE model exported as TorchScript")
-        data = storage.read_bytes(rave, s3)
-        fd, path = tempfile.mkstemp(suffix=".ts")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return path, data
-    if not os.path.exists(rave):
-        raise PreprocessError(f"--rave {rave}: no such file; expected a RAVE model exported as TorchScript (.ts)")
-    with open(rave, "rb") as f:
-        return rave, f.read()
+def _complete_sources(t: pa.Table) -> Tuple[List[str], List[str]]:
+    """(sources whose chunks 0..n-1 are all here, sources with some chunk missing)."""
+    seen: Dict[str, set] = defaultdict(set)
+    want: Dict[str, int] = {}
+    for src, c, n in zip(t["source"].to_pylist(), t["chunk"].to_pylist(), t["n_chunks"].to_pylist()):
+        seen[src].add(c)
+        want[src] = n
+    ok = sorted(s for s in seen if seen[s] == set(range(want[s])))
+    return ok, sorted(set(seen) - set(ok))
+
+
+def file_stats(data: pa.Table, conditioning: bool, counts: Optional[List[str]] = None) -> Dict:
+    """A data file's ledger statistics: its sources (source, chunks, frames), frames, float64
+    feature moments and summed counters."""
+    per: Dict[str, List[int]] = {}
+    for src, f in zip(data["source"].to_pylist(), data["frames"].to_pylist()):
+        per.setdefault(src, [0, 0])
+        per[src][0] += 1
+        per[src][1] += f
+    out = {"rows": data.num_rows, "frames": int(sum(v[1] for v in per.values())),
+           "sources": [[s, c, f] for s, (c, f) in sorted(per.items())], "features": None, "counters": {}}
+    if conditioning and data.num_rows:
+        flat = data["features"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        out["features"] = tbl.moments(flat.reshape(-1, len(feat.feature_names())))
+    for c in counts or []:
+        for k, v in json.loads(c).items():
+            out["counters"][k] = out["counters"].get(k, 0) + int(v)
+    return out
+
+
+def _lease_is_ours(s: Settings) -> None:
+    from msprior.data.lease import LEASE, LeaseLost
+
+    try:
+        data = storage.retry(lambda: storage.read_bytes(storage.join(s.out_path, LEASE), s.s3))
+    except FileNotFoundError:
+        data = b"{}"
+    if json.loads(data).get("run_id") != s.run_id:
+        raise LeaseLost(f"{s.out_path}: another run took this table's lease over; nothing committed")
+
+
+def commit_bundle(t: pa.Table, s: Settings) -> Dict:
+    """Write one bundle of encode rows: the complete files' chunks into one Parquet file, then its
+    ledger record (the commit). Returns the record plus `failed` (transient failures, not committed:
+    a resume retries them)."""
+    err = t.filter(pc.not_equal(t["error"], ""))
+    good = t.filter(pc.equal(t["error"], ""))
+    ok, partial = _complete_sources(good)
+    failed = [[r["source"], r["error"]] for r in err.to_pylist() if r["transient"]]
+    failed += [[src, "not all chunks reached the write task; retried on resume"] for src in partial]
+    skipped = [[r["source"], r["error"]] for r in err.to_pylist() if not r["transient"]]
+    if partial:
+        good = good.filter(pc.is_in(good["source"], pa.array(ok, pa.string())))
+    entry: Dict = {"run_id": s.run_id, "file": None, "skipped": skipped, "failed": failed,
+                   "created": _now()}
+    if not ok and not skipped:
+        return entry
+    stem = tbl.data_file_stem(ok or [src for src, _ in skipped])
+    cond = bool(s.condition_ratio)
+    if ok:
+        cols = DATA_COLUMNS if cond else DATA_COLUMNS[:5]
+        data = good.sort_by([("source", "ascending"), ("chunk", "ascending")]).select(cols)
+        stats = file_stats(data, cond, good["counts"].to_pylist())
+        buf = io.BytesIO()
+        per_row = max(1, data.nbytes // max(1, data.num_rows))
+        pq.write_table(data, buf, compression="zstd", row_group_size=max(1, s.row_group_bytes // per_row))
+        entry.update(stats, file=f"{tbl.LATENTS}/{stem}.parquet", bytes=buf.tell())
+        path = storage.join(s.out_path, entry["file"])
+        storage.retry(lambda: storage.write_bytes(path, buf.getvalue(), s.s3))
+    _lease_is_ours(s)
+    tbl.write_ledger_entry(s.out_path, stem, {k: v for k, v in entry.items() if k != "failed"}, s.s3)
+    return entry
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _make_sink(s: Settings):
+    from ray.data import Datasink
+    from ray.data.block import BlockAccessor
+
+    class LedgerSink(Datasink):
+        """Ray Data write tasks: each bundle of ~target_bytes becomes one committed data file."""
+
+        def __init__(self):
+            self.returns: List[Dict] = []
+
+        @property
+        def min_bytes_per_write(self) -> int:
+            return s.target_bytes
+
+        def write(self, blocks, ctx) -> Dict:
+            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                return {"file": None, "skipped": [], "failed": []}
+            return commit_bundle(pa.concat_tables(tables, promote_options="default"), s)
+
+        def on_write_complete(self, write_result) -> None:
+            self.returns = list(write_result.write_returns)
+
+    return LedgerSink()
+
+
+# --- driver: arguments, RAVE, intent, pending files ------------------------------------------------
+
+
+def _validate(req: PreprocessRequest) -> None:
+    if req.num_secs <= 0:
+        raise PreprocessError(f"--num_secs must be > 0 (got {req.num_secs})")
+    if req.resolution < 2 or req.resolution > 32767:
+        raise PreprocessError(f"--resolution must be in [2, 32767] (got {req.resolution})")
+    if req.condition_ratio < 0:
+        raise PreprocessError(f"--condition_ratio must be >= 0 (got {req.condition_ratio}; 0 turns conditioning off)")
+    if req.num_workers < 1 or req.batch_size < 1 or req.files_per_task < 1:
+        raise PreprocessError("--num_workers, --batch_size and files_per_task must be >= 1")
+
+
+def _load_rave(req: PreprocessRequest, s3: storage.S3Options) -> RaveInfo:
+    """The RAVE export's bytes, sha256 and the facts the manifest records."""
+    import hashlib
+
+    from msprior.rave import RaveError, load_rave
+
+    if storage.is_s3(req.rave):
+        if not storage.exists(req.rave, s3):
+            raise PreprocessError(f"{req.rave}: no such object; expected a RAVE model exported as TorchScript")
+        data = storage.read_bytes(req.rave, s3)
+    elif not os.path.exists(req.rave):
+        raise PreprocessError(f"--rave {req.rave}: no such file; expected a RAVE model exported as TorchScript (.ts)")
+    else:
+        with open(req.rave, "rb") as f:
+            data = f.read()
+    with tempfile.NamedTemporaryFile(suffix=".ts") as f:
+        f.write(data)
+        f.flush()
+        try:
+            model = load_rave(req.rave if not storage.is_s3(req.rave) else f.name)
+        except RaveError as e:
+            raise PreprocessError(f"--rave {e}") from None
+    if model.discrete and model.codebook_size > 32767:
+        raise PreprocessError(f"--rave {req.rave}: codebook size {model.codebook_size} does not fit int16 tokens")
+    facts = {"file": tbl.RAVE_FILE, "original_name": os.path.basename(req.rave),
+             "sha256": hashlib.sha256(data).hexdigest(), "sr": model.sr, "ratio": model.ratio,
+             "latent_size": model.latent_size, "num_quantizers": model.num_quantizers,
+             "vocab_size": model.vocab_size(req.resolution), "continuous": not model.discrete,
+             "resolution": None if model.discrete else req.resolution}
+    return RaveInfo(data=data, sha256=facts["sha256"], facts=facts)
 
 
 def _list_corpus(audio: str, s3: storage.S3Options):
-    """(corpus root, [(source, size)] audio files, [ignored non-audio sources])."""
+    """(corpus root, [(source, full path)] audio files, [ignored non-audio sources])."""
     fs, root = storage.filesystem(audio, s3)
     if not fs.exists(root):
         raise PreprocessError(f"--audio {audio}: no such directory or s3:// prefix")
     if fs.isfile(root):  # a single file is a corpus of one, rooted at its folder
         parent, name = root.rsplit("/", 1) if "/" in root else ("", root)
         audio_root = ("s3://" + parent) if storage.is_s3(audio) else parent
-        files = [(name, int(fs.info(root).get("size") or 0))]
+        files = [name]
     else:
-        audio_root, files = audio, storage.list_files(audio, s3)
-    good = [(rel, size) for rel, size in files if audio_mod.is_audio_name(rel)]
-    ignored = [rel for rel, _ in files if not audio_mod.is_audio_name(rel)]
+        audio_root, files = audio, [rel for rel, _ in storage.list_files(audio, s3)]
+    _, base = storage.filesystem(audio_root, s3)
+    good = [(rel, f"{base}/{rel}") for rel in files if audio_mod.is_audio_name(rel)]
+    ignored = [rel for rel in files if not audio_mod.is_audio_name(rel)]
+    if not good:
+        raise PreprocessError(f"--audio {audio}: no audio files found (looked for "
+                              f".wav/.flac/.ogg/.opus/.mp3/.aiff... recursively)")
     return audio_root, good, ignored
 
 
-def _check_compatible(old: dict, new: dict, out_path: str) -> None:
-    """A resumed table must have been made with the same RAVE and settings."""
-    checks = [("rave.sha256", old["rave"].get("sha256"), new["rave"]["sha256"]),
-              ("rave.resolution", old["rave"].get("resolution"), new["rave"]["resolution"]),
-              ("chunk.num_secs", old["chunk"].get("num_secs"), new["chunk"]["num_secs"]),
-              ("chunk.min_frames", old["chunk"].get("min_frames"), new["chunk"]["min_frames"]),
-              ("conditioning.ratio", (old.get("conditioning") or {}).get("ratio"),
-               (new.get("conditioning") or {}).get("ratio"))]
-    for name, a, b in checks:
-        if a != b:
-            raise PreprocessError(f"--out_path {out_path} holds a table made with {name}={a}, this run has "
-                                  f"{b}; use a new --out_path (or the same settings to resume)")
+def _request_fields(req: PreprocessRequest, rave: RaveInfo) -> Dict:
+    """The settings a resume must share with the run that started the table."""
+    return {"rave.sha256": rave.sha256, "rave.resolution": rave.facts["resolution"],
+            "chunk.num_secs": float(req.num_secs), "chunk.min_frames": int(req.min_frames),
+            "conditioning.ratio": int(req.condition_ratio),
+            "conditioning.tokens": int(req.condition_tokens) if req.condition_ratio else None}
 
 
-def _fit_conditioning(pending, root_audio, sr, ratio, cond_ratio, k, s3, max_files=16):
-    """Features of a few evenly spaced files (driver side) -> (centroids, scale)."""
-    if not pending:
-        return None, None
-    step = max(1, len(pending) // max_files)
-    fs, _ = storage.filesystem(root_audio, s3)
-    hop = cond_ratio * ratio
-    sample = []
-    for source, path, _ in pending[::step][: max_files * 2]:
+def _fit_conditioning(files, audio_root, sr, ratio, cond_ratio, k, s3, max_files=16):
+    """Features of the first 30 s of a few evenly spaced files (driver side) -> (centroids, scale)."""
+    step = max(1, len(files) // max_files)
+    s = Settings(audio_root=audio_root, out_path="", run_id="", sr=sr, ratio=ratio, chunk_samples=1,
+                 min_frames=1, resolution=2, batch_size=1, condition_ratio=cond_ratio, centroids=None,
+                 scale=None, s3=s3)
+    hop, sample = cond_ratio * ratio, []
+    for _, path in files[::step][: max_files * 2]:
         try:
-            with fs.open(path, "rb") as f:  # the first 30 s of a file are a fair sample of it
-                x, _, _ = audio_mod.decode(f.read(), sr, max_seconds=30.0)
+            with _local_file(path, s) as local:
+                x, n = [], 0
+                for block in audio_mod.stream(local, sr):
+                    x.append(block)
+                    n += len(block)
+                    if n >= 30 * sr:  # the first 30 s of a file are a fair sample of it
+                        break
+                x = np.concatenate(x)[: 30 * sr]
         except Exception:
             continue
         sample.append(feat.compute(x, sr, hop, max(1, math.ceil(len(x) / hop))))
         if len(sample) >= max_files:
             break
-    if not sample:
-        return None, None
+    if not sample:  # nothing decodable in the sample: the run will report why
+        n = len(feat.feature_names())
+        return np.zeros((1, n), np.float32), np.ones(n, np.float32)
     return feat.fit_tokens(np.concatenate(sample), k)
 
 
-def _conditioning_tokens(out_path, old, pending, audio_root, sr, ratio, condition_ratio, k, s3):
-    """(centroids, scale): fitted once on a sample and saved; a resumed table keeps its own."""
-    cpath = storage.join(out_path, tbl.CENTROIDS)
-    if old is not None and storage.exists(cpath, s3) and (old.get("conditioning") or {}).get("tokens"):
-        return tbl.load_centroids(out_path, s3), np.asarray(old["conditioning"]["tokens"]["scale"], np.float32)
-    centroids, scale = _fit_conditioning(pending, audio_root, sr, ratio, condition_ratio, k, s3)
-    if centroids is None:  # nothing decodable in the sample: the run will report why
-        n = len(feat.feature_names())
-        return np.zeros((1, n), np.float32), np.ones(n, np.float32)
+def _save_npy(path: str, a: np.ndarray, s3) -> str:
+    import hashlib
+
     buf = io.BytesIO()
-    np.save(buf, centroids)
-    storage.write_bytes(cpath, buf.getvalue(), s3)
-    return centroids, scale
+    np.save(buf, a)
+    storage.write_bytes(path, buf.getvalue(), s3)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
-def _encode_pending(pending, settings: Settings, out_path: str, rave_bytes: bytes, resolution: int,
-                    batch_size: int, num_workers: int, gpu: bool, threads: int, cpus_per_worker: float,
-                    cpus_per_read: float, progress: bool):
-    """Run the Ray Data pipeline over the pending files, writing one shard per complete file.
+def _intent(req: PreprocessRequest, rave: RaveInfo, corpus, s3, run_id: str) -> Dict:
+    """Check the table's intent record against this request, or write it (before any encoding):
+    settings, RAVE facts and the conditioning centroids, fitted once and never again."""
+    out = req.out_path
+    path = storage.join(out, tbl.INTENT)
+    want = _request_fields(req, rave)
+    if storage.exists(path, s3):
+        intent = json.loads(storage.read_bytes(path, s3))
+        for name, value in want.items():
+            if intent["request"].get(name) != value:
+                raise PreprocessError(f"--out_path {out} holds a table made with {name}={intent['request'].get(name)}, "
+                                      f"this run has {value}; use a new --out_path (or the same settings to resume)")
+        return intent
+    if storage.exists(storage.join(out, tbl.MANIFEST), s3):
+        raise PreprocessError(f"--out_path {out} holds a table written by an older msprior (no {tbl.INTENT}); "
+                              "it stays readable, but resume it into a new --out_path")
+    sr, ratio = rave.facts["sr"], rave.facts["ratio"]
+    cond = None
+    if req.condition_ratio:
+        audio_root, files, _ = corpus
+        centroids, scale = _fit_conditioning(files, audio_root, sr, ratio, req.condition_ratio,
+                                             req.condition_tokens, s3)
+        sha = _save_npy(storage.join(out, tbl.CENTROIDS), centroids, s3)
+        names = feat.feature_names()
+        cond = {"ratio": int(req.condition_ratio), "features": {"names": names, "size": len(names)},
+                "tokens": {"vocab_size": int(len(centroids)), "centroids": tbl.CENTROIDS, "sha256": sha,
+                           "scale": [float(v) for v in scale]}}
+    storage.write_bytes(storage.join(out, tbl.RAVE_FILE), rave.data, s3)
+    intent = {"format_version": tbl.FORMAT_VERSION, "msprior_version": __version__, "created": _now(),
+              "run_id": run_id, "audio": req.audio, "request": want, "rave": rave.facts,
+              "chunk": {"num_secs": float(req.num_secs), "frames": max(1, round(req.num_secs * sr / ratio)),
+                        "min_frames": int(req.min_frames)},
+              "conditioning": cond}
+    storage.create_exclusive(path, json.dumps(intent, indent=1).encode(), s3)  # we hold the lease
+    return intent
 
-    Returns (files written, seconds of audio, frames, {source: reason} of failed files).
-    """
+
+def _conditioning_arrays(intent: Dict, out: str, s3) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(centroids, scale) of the intent, checked against the sha256 the intent recorded."""
+    import hashlib
+
+    cond = intent.get("conditioning")
+    if not cond:
+        return None, None
+    data = storage.read_bytes(storage.join(out, tbl.CENTROIDS), s3)
+    if hashlib.sha256(data).hexdigest() != cond["tokens"]["sha256"]:
+        raise PreprocessError(f"{storage.join(out, tbl.CENTROIDS)} is not the file {tbl.INTENT} recorded; "
+                              "the table was edited: use a new --out_path")
+    return np.load(io.BytesIO(data)), np.asarray(cond["tokens"]["scale"], np.float32)
+
+
+def _sweep_uncommitted(out: str, entries: List[Dict], s3) -> int:
+    """Delete data files without a ledger record and temp files a killed run left (we hold the lease)."""
+    committed = {e["file"] for e in entries if e.get("file")}
+    fs, root = storage.filesystem(out, s3)
+    n = 0
+    for sub in (tbl.LATENTS, tbl.LEDGER):
+        d = f"{root}/{sub}"
+        if not fs.exists(d):
+            continue
+        for p in fs.find(d):
+            rel = p[len(root) + 1:].replace(os.sep, "/")
+            name = rel.rsplit("/", 1)[-1]
+            if name.startswith(".tmp-") or (sub == tbl.LATENTS and rel not in committed):
+                fs.rm_file(p)
+                n += 1
+    return n
+
+
+def _pending(files, entries: List[Dict]) -> Tuple[list, int]:
+    """(files to encode, files already in the table): committed sources and files skipped for good
+    are not encoded again."""
+    done = {src for e in entries for src, _, _ in e.get("sources", [])}
+    done |= {src for e in entries for src, _ in e.get("skipped", [])}
+    committed = {src for e in entries for src, _, _ in e.get("sources", [])}
+    pending = [(src, path) for src, path in files if src not in done]
+    return pending, sum(1 for src, _ in files if src in committed)
+
+
+# --- driver: the Ray Data run -----------------------------------------------------------------------
+
+
+def _encoder_memory(req: PreprocessRequest, s: Settings) -> int:
+    """Ray `memory=` of one encoder: the model and a batch of audio with room for RAVE's activations."""
+    if req.memory_per_worker_mb:
+        return int(req.memory_per_worker_mb * 2**20)
+    batch = req.batch_size * s.chunk_samples * 4
+    return int(512 * 2**20 + 8 * batch)
+
+
+def _encode_pending(pending, s: Settings, req: PreprocessRequest, rave: RaveInfo) -> List[Dict]:
+    """Encode and commit the pending files; returns the write tasks' records (with `failed`)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our own progress line counts seconds of audio
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    saved = ctx.max_errored_blocks
+    ctx.max_errored_blocks = -1  # a task that keeps failing (a worker killed for memory) costs its
+    # few files, reported and retried on resume, never the run
     num_gpus = 0.0
-    if gpu:
+    if req.gpu:
         total = ray.cluster_resources().get("GPU", 0)
         if total <= 0:
             raise PreprocessError("--gpu was given but the Ray cluster has no GPU")
-        num_gpus = min(1.0, total / num_workers)  # a GPU fraction per actor
-    items = [{"source": src, "path": path} for src, path, _ in pending]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
-    ds = ds.flat_map(decode_rows, fn_kwargs={"s": settings}, num_cpus=cpus_per_read)
-    ds = ds.map_batches(Encoder, fn_constructor_kwargs={
-        "rave_ref": [ray.put(rave_bytes)], "resolution": resolution, "threads": threads, "gpu": gpu},
-        compute=ray.data.ActorPoolStrategy(size=num_workers), batch_size=batch_size,
-        batch_format="numpy", num_cpus=cpus_per_worker, num_gpus=num_gpus)
-    conditioning = bool(settings.condition_ratio)
-    bar = Progress(progress)
-    rows: Dict[str, List[dict]] = defaultdict(list)
-    bad: Dict[str, str] = {}
-    written, seconds, frames = 0, 0.0, 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        files, secs = 0, 0.0
-        for i in range(len(batch["source"])):
-            src, err = str(batch["source"][i]), str(batch["error"][i])
-            if err:  # the file is skipped whole: drop any chunks already here
-                bad.setdefault(src, err)
-                rows.pop(src, None)
-                continue
-            if src in bad:
-                continue
-            rows[src].append({k: batch[k][i] for k in
-                              ("source", "chunk", "start_s", "frames", "rave", "tokens", "features")})
-            secs += float(batch["seconds"][i])
-            frames += int(batch["frames"][i])
-            if len(rows[src]) == int(batch["n_chunks"][i]):  # the whole file is here: write its shard
-                data = tbl.shard_bytes(rows.pop(src), conditioning=conditioning)
-                storage.write_bytes(storage.join(out_path, tbl.LATENTS, tbl.shard_name(src)), data, settings.s3)
-                written += 1
-                files += 1
-        seconds += secs
-        bar.update(secs, files)
-    bar.close()
-    return written, seconds, frames, bad
+        num_gpus = min(1.0, total / req.num_workers)  # a GPU fraction per actor
+    items = [{"source": src, "path": path} for src, path in pending]
+    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / req.files_per_task))
+    ds = ds.map_batches(Encoder, fn_constructor_kwargs={"rave_ref": [ray.put(rave.data)], "settings": s},
+                        compute=ray.data.ActorPoolStrategy(size=req.num_workers), batch_size=req.files_per_task,
+                        batch_format="numpy", num_cpus=req.cpus_per_worker, num_gpus=num_gpus,
+                        memory=_encoder_memory(req, s), max_restarts=-1, max_task_retries=2)
+    sink = _make_sink(s)
+    try:
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25, "max_retries": 3,
+                                                 "memory": 3 * s.target_bytes})
+    finally:
+        ctx.max_errored_blocks = saved
+    return sink.returns
+
+
+def _drop_duplicates(entries: List[Dict], s: Settings) -> List[Dict]:
+    """A source committed twice (a write task retried after its commit, with another grouping):
+    keep the first record's copy, rewrite the later files without it. Rare; reads only those files."""
+    seen, out = set(), []
+    for e in sorted(entries, key=lambda e: e["stem"]):
+        srcs = {src for src, _, _ in e.get("sources", [])}
+        dup = srcs & seen
+        seen |= srcs
+        if not dup:
+            out.append(e)
+            continue
+        fs, _ = storage.pyarrow_filesystem(s.out_path, s.s3)
+        t = pq.read_table(tbl._fs_path(storage.join(s.out_path, e["file"])), filesystem=fs)
+        t = t.filter(pc.invert(pc.is_in(t["source"], pa.array(sorted(dup), pa.string()))))
+        t = t.append_column("n_chunks", pa.array([0] * t.num_rows, pa.int32()))
+        rows = t.to_pylist()
+        counts = {r["source"]: 0 for r in rows}
+        for r in rows:
+            counts[r["source"]] += 1
+        t = t.set_column(t.schema.get_field_index("n_chunks"), "n_chunks",
+                         pa.array([counts[r["source"]] for r in rows], pa.int32()))
+        n = t.num_rows
+        t = t.append_column("error", pa.array([""] * n)).append_column("transient", pa.array([False] * n))
+        t = t.append_column("counts", pa.array(["{}"] * n))
+        new = commit_bundle(t, s) if n else None
+        storage.delete(tbl.ledger_path(s.out_path, e["stem"]), s.s3)
+        storage.delete(storage.join(s.out_path, e["file"]), s.s3)
+        if new and new.get("file"):
+            new["stem"] = new["file"].rsplit("/", 1)[-1][: -len(".parquet")]
+            out.append(new)
+    return out
+
+
+class _Progress(threading.Thread):
+    """A line every ~10 s: data files committed so far (the ledger's size), elapsed time."""
+
+    def __init__(self, out: str, s3, echo):
+        super().__init__(daemon=True)
+        self.out, self.s3, self.echo, self.stop = out, s3, echo, threading.Event()
+        self.t0 = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stop.wait(10.0):
+            try:
+                n = len(storage.list_files(storage.join(self.out, tbl.LEDGER), self.s3))
+                self.echo(f"preprocess: {n} ledger records, {time.monotonic() - self.t0:.0f} s")
+            except Exception:
+                pass
+
+
+# --- driver: finish from the ledger (nothing re-reads the table) -----------------------------------
 
 
 def _nothing_encoded(audio: str, out_path: str, skipped: List[dict]) -> PreprocessError:
@@ -332,136 +682,123 @@ def _nothing_encoded(audio: str, out_path: str, skipped: List[dict]) -> Preproce
                            f"({top or 'none listed'}); see {storage.join(out_path, tbl.REPORT)}")
 
 
-def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, resolution: int = 64,
-               batch_size: int = 64, num_workers: int = 1, gpu: bool = False, condition_ratio: int = 4,
-               condition_tokens: int = 64, min_frames: int = 257, threads_per_worker: Optional[int] = None,
-               cpus_per_worker: float = 0.5, cpus_per_read: float = 1.0, progress: bool = True,
-               echo=print) -> Dict:
-    """Encode the audio under `audio` into the latent table `out_path`; return a summary dict.
+def _report(req, intent, corpus, entries, returns, pending) -> Dict:
+    """report.json: every listed file not in the table, with its reason."""
+    _, files, ignored = corpus
+    committed = {src for e in entries for src, _, _ in e.get("sources", [])}
+    bad = {src: why for e in entries for src, why in e.get("skipped", [])}
+    later = {src: f"{why} (transient: retried on resume)" for r in returns for src, why in r.get("failed", [])}
+    for src, _ in pending:  # a task that failed for good (e.g. its worker killed for memory) loses its files
+        if src not in committed and src not in bad and src not in later:
+            later[src] = "not encoded: its task failed (worker lost, e.g. killed for memory); retried on resume"
+    skipped = ([{"source": s, "reason": "not an audio file extension (ignored)"} for s in ignored]
+               + [{"source": s, "reason": r} for s, r in sorted({**bad, **later}.items())])
+    written = {src for e in entries if e.get("run_id") == intent.get("this_run") for src, _, _ in e.get("sources", [])}
+    counts = {"files_listed": len(files) + len(ignored), "files_ok": len(committed),
+              "files_skipped": len(bad) + len(later), "files_ignored": len(ignored),
+              "files_retry": len(later), "files_written_this_run": len(written)}
+    return {"created": intent["created"], "audio": req.audio, "skipped": skipped, "counts": counts}
 
-    `min_frames`: files with fewer RAVE frames are skipped (one training window: seq_len + 1 of the
-    default configs). `condition_ratio` 0 turns conditioning off. Uses the running Ray runtime (or
-    starts a local one). Raises PreprocessError (one line) for bad arguments, and when the table
+
+def _manifest(intent: Dict, entries: List[Dict], report: Dict) -> Dict:
+    frames = sum(f for e in entries for _, _, f in e.get("sources", []))
+    chunks = sum(c for e in entries for _, c, _ in e.get("sources", []))
+    rave = intent["rave"]
+    counts = {"files_ok": report["counts"]["files_ok"], "files_skipped": report["counts"]["files_skipped"],
+              "files_ignored": report["counts"]["files_ignored"], "chunks": chunks, "frames": frames,
+              "seconds": frames * rave["ratio"] / rave["sr"]}
+    for e in entries:  # per-task counters (e.g. latents outside the quantiser's range) sum up here
+        for k, v in (e.get("counters") or {}).items():
+            counts[k] = counts.get(k, 0) + v
+    cond = None
+    if intent.get("conditioning"):
+        mean, std = tbl.mean_std(tbl.merge_moments([e.get("features") for e in entries]))
+        c = intent["conditioning"]
+        cond = {"ratio": c["ratio"], "features": {**c["features"], "mean": mean, "std": [v + 1e-6 for v in std]},
+                "tokens": {k: v for k, v in c["tokens"].items() if k != "sha256"}}
+    return {"format_version": tbl.FORMAT_VERSION, "msprior_version": __version__, "created": intent["created"],
+            "audio": intent["audio"], "rave": rave, "chunk": intent["chunk"], "conditioning": cond,
+            "counts": counts}
+
+
+def _finish(req, intent, corpus, entries, returns, pending, s3) -> Tuple[Dict, Dict]:
+    """index.parquet, report.json, then manifest.json (last: its presence means the table is done)."""
+    out = req.out_path
+    tbl.write_index(out, tbl.index_from_ledger(entries), s3)
+    report = _report(req, intent, corpus, entries, returns, pending)
+    storage.write_bytes(storage.join(out, tbl.REPORT), json.dumps(report, indent=1).encode(), s3)
+    if not report["counts"]["files_ok"]:
+        raise _nothing_encoded(req.audio, out, report["skipped"])
+    manifest = _manifest(intent, entries, report)
+    storage.write_bytes(storage.join(out, tbl.MANIFEST), json.dumps(manifest, indent=1).encode(), s3)
+    return report, manifest
+
+
+def preprocess(req: PreprocessRequest, echo=print) -> Dict:
+    """Encode the audio under `req.audio` into the latent table `req.out_path`; return a summary.
+
+    Uses the running Ray runtime (or starts a local one). Raises PreprocessError (one line) for bad
+    arguments, a table made with other settings, a table another live run holds, and when the table
     ends up empty (report.json is written first).
     """
-    import ray
-
-    from msprior.rave import RaveError, load_rave, sha256_file
-
     t0 = time.monotonic()
+    req.audio, req.out_path = storage.absolute(req.audio), storage.absolute(req.out_path)
     s3 = storage.S3Options.from_env()
-    if num_secs <= 0:
-        raise PreprocessError(f"--num_secs must be > 0 (got {num_secs})")
-    if resolution < 2 or resolution > 32767:
-        raise PreprocessError(f"--resolution must be in [2, 32767] (got {resolution})")
-    if condition_ratio < 0:
-        raise PreprocessError(f"--condition_ratio must be >= 0 (got {condition_ratio}; 0 turns conditioning off)")
-    if num_workers < 1 or batch_size < 1:
-        raise PreprocessError("--num_workers and --batch_size must be >= 1")
+    _validate(req)
+    rave = _load_rave(req, s3)
+    corpus = _list_corpus(req.audio, s3)
+    run_id = uuid.uuid4().hex[:12]
+    with Lease.acquire(req.out_path, s3, req.lease_ttl_s, run_id) as lease:
+        intent = _intent(req, rave, corpus, s3, run_id)
+        intent["this_run"] = run_id
+        centroids, scale = _conditioning_arrays(intent, req.out_path, s3)
+        entries = tbl.read_ledger(req.out_path, s3)
+        _sweep_uncommitted(req.out_path, entries, s3)
+        pending, already = _pending(corpus[1], entries)
+        s = Settings(audio_root=corpus[0], out_path=req.out_path, run_id=run_id, sr=intent["rave"]["sr"],
+                     ratio=intent["rave"]["ratio"], chunk_samples=intent["chunk"]["frames"] * intent["rave"]["ratio"],
+                     min_frames=req.min_frames, resolution=req.resolution, batch_size=req.batch_size,
+                     condition_ratio=req.condition_ratio, centroids=centroids, scale=scale, s3=s3,
+                     threads=req.threads_per_worker or max(1, (os.cpu_count() or 1) // req.num_workers),
+                     gpu=req.gpu, target_bytes=int(req.target_file_mb * 2**20))
+        returns, ray_init_s = [], 0.0
+        if pending:
+            t = time.monotonic()  # timed apart: start-up is not throughput
+            if ensure_ray():
+                ray_init_s = time.monotonic() - t
+            progress = _Progress(req.out_path, s3, echo) if req.progress else None
+            if progress:
+                progress.start()
+            try:
+                returns = _encode_pending(pending, s, req, rave)
+            finally:
+                if progress:
+                    progress.stop.set()
+        lease.check()
+        entries = _drop_duplicates(tbl.read_ledger(req.out_path, s3), s)
+        report, manifest = _finish(req, intent, corpus, entries, returns, pending, s3)
+    return _summary(req, t0, ray_init_s, run_id, entries, report, manifest, already, echo)
 
-    rave_path, rave_bytes = _rave_local(rave, s3)
-    try:
-        model = load_rave(rave_path)
-        rave_sha = sha256_file(rave_path)
-    except RaveError as e:
-        raise PreprocessError(f"--rave {e}") from None
-    finally:
-        if storage.is_s3(rave):  # our temporary download
-            os.unlink(rave_path)
-    if model.discrete and model.codebook_size > 32767:
-        raise PreprocessError(f"--rave {rave}: codebook size {model.codebook_size} does not fit int16 tokens")
-    sr, ratio = model.sr, model.ratio
-    chunk_frames = max(1, round(num_secs * sr / ratio))
-    manifest = {
-        "format_version": tbl.FORMAT_VERSION,
-        "msprior_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "audio": audio,
-        "rave": {"file": tbl.RAVE_FILE, "original_name": os.path.basename(rave),
-                 "sha256": rave_sha, "sr": sr, "ratio": ratio,
-                 "latent_size": model.latent_size, "num_quantizers": model.num_quantizers,
-                 "vocab_size": model.vocab_size(resolution), "continuous": not model.discrete,
-                 "resolution": None if model.discrete else resolution},
-        "chunk": {"num_secs": float(num_secs), "frames": chunk_frames, "min_frames": int(min_frames)},
-        "conditioning": {"ratio": int(condition_ratio)} if condition_ratio else None,
-        "counts": {},
-    }
-    old = None
-    if storage.exists(storage.join(out_path, tbl.MANIFEST), s3):
-        old = tbl.load_manifest(out_path, s3)
-        _check_compatible(old, manifest, out_path)
-        manifest["created"] = old.get("created", manifest["created"])
 
-    audio_root, files, ignored = _list_corpus(audio, s3)
-    if not files:
-        raise PreprocessError(f"--audio {audio}: no audio files found (looked for "
-                              f".wav/.flac/.ogg/.opus/.mp3/.aiff... recursively)")
-    done = {os.path.basename(p) for p in tbl.list_shards(out_path, s3)}
-    _, root = storage.filesystem(audio_root, s3)
-    pending = [(rel, f"{root}/{rel}", size) for rel, size in files if tbl.shard_name(rel) not in done]
-
-    centroids = scale = None
-    if condition_ratio:
-        centroids, scale = _conditioning_tokens(out_path, old, pending, audio_root, sr, ratio,
-                                                condition_ratio, condition_tokens, s3)
-    settings = Settings(audio_root=audio_root, sr=sr, ratio=ratio, chunk_samples=chunk_frames * ratio,
-                        min_frames=min_frames, condition_ratio=condition_ratio, centroids=centroids,
-                        scale=scale, s3=s3)
-    written, seconds, frames, bad, ray_init_s = 0, 0.0, 0, {}, 0.0
-    if pending:
-        t = time.monotonic()  # timed apart: start-up is not throughput
-        if ensure_ray():
-            ray_init_s = time.monotonic() - t
-        threads = threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
-        written, seconds, frames, bad = _encode_pending(
-            pending, settings, out_path, rave_bytes, resolution, batch_size, num_workers, gpu, threads,
-            cpus_per_worker, cpus_per_read, progress)
-    skipped = ([{"source": s, "reason": "not an audio file extension (ignored)"} for s in ignored]
-               + [{"source": s, "reason": r} for s, r in sorted(bad.items())])
-
-    # report and manifest describe every shard of the table, not only this run's
-    table = tbl.read_table(out_path, columns=["source", "frames"] + (["features"] if condition_ratio else []),
-                           s3=s3)
-    counts = {"files_listed": len(files) + len(ignored), "files_ok": len(set(table["source"].to_pylist())),
-              "files_skipped": len(bad), "files_ignored": len(ignored), "files_written_this_run": written}
-    report = {"created": manifest["created"], "audio": audio, "skipped": skipped, "counts": counts}
-    storage.write_bytes(storage.join(out_path, tbl.REPORT), json.dumps(report, indent=1).encode(), s3)
-    if len(table) == 0:
-        raise _nothing_encoded(audio, out_path, skipped)
-    frames_total = int(pc_sum(table["frames"]))
-    manifest["counts"] = {"files_ok": counts["files_ok"], "files_skipped": len(bad), "files_ignored": len(ignored),
-                          "chunks": len(table), "frames": frames_total, "seconds": frames_total * ratio / sr}
-    if condition_ratio:
-        names = feat.feature_names()
-        f = np.concatenate([np.asarray(x, np.float32) for x in table["features"].to_numpy(zero_copy_only=False)])
-        f = f.reshape(-1, len(names))
-        manifest["conditioning"] = {
-            "ratio": int(condition_ratio),
-            "features": {"names": names, "size": len(names), "mean": f.mean(0).tolist(),
-                         "std": (f.std(0) + 1e-6).tolist()},
-            "tokens": {"vocab_size": int(len(centroids)), "centroids": tbl.CENTROIDS,
-                       "scale": [float(v) for v in scale]},
-        }
-    rave_copy = storage.join(out_path, tbl.RAVE_FILE)
-    if not storage.exists(rave_copy, s3):
-        storage.write_bytes(rave_copy, rave_bytes, s3)
-    storage.write_bytes(storage.join(out_path, tbl.MANIFEST), json.dumps(manifest, indent=1).encode(), s3)
-
+def _summary(req, t0, ray_init_s, run_id, entries, report, manifest, already, echo) -> Dict:
+    mine = [e for e in entries if e.get("run_id") == run_id]
+    frames = sum(f for e in mine for _, _, f in e.get("sources", []))
+    rave = manifest["rave"]
+    seconds = frames * rave["ratio"] / rave["sr"]
     wall = time.monotonic() - t0 - ray_init_s
-    summary = {"out_path": out_path, "files_encoded": written, "files_skipped": len(bad),
-               "files_ignored": len(ignored), "files_already_done": len(files) - len(pending),
-               "hours": seconds / 3600.0, "frames": frames, "seconds_audio": seconds,
-               "wall_s": wall, "ray_init_s": ray_init_s, "realtime": seconds / wall if wall > 0 else 0.0,
-               "table_chunks": len(table), "table_frames": frames_total}
-    echo(f"preprocess: encoded {written} files, skipped {len(bad)}"
-         + (f" (see {storage.join(out_path, tbl.REPORT)})" if bad else "")
-         + (f", {summary['files_already_done']} already in the table" if summary["files_already_done"] else "")
+    c = report["counts"]
+    summary = {"out_path": req.out_path, "files_encoded": c["files_written_this_run"],
+               "files_skipped": c["files_skipped"] - c["files_retry"], "files_retry": c["files_retry"],
+               "files_ignored": c["files_ignored"], "files_already_done": already,
+               "data_files_written": sum(1 for e in mine if e.get("file")),
+               "hours": seconds / 3600.0, "frames": frames, "seconds_audio": seconds, "wall_s": wall,
+               "ray_init_s": ray_init_s, "realtime": seconds / wall if wall > 0 else 0.0,
+               "table_chunks": manifest["counts"]["chunks"], "table_frames": manifest["counts"]["frames"]}
+    echo(f"preprocess: encoded {summary['files_encoded']} files into {summary['data_files_written']} data files, "
+         f"skipped {summary['files_skipped']}"
+         + (f", {c['files_retry']} to retry" if c["files_retry"] else "")
+         + (f" (see {storage.join(req.out_path, tbl.REPORT)})" if c["files_skipped"] else "")
+         + (f", {already} already in the table" if already else "")
          + f", {summary['hours']:.3f} h of audio, {frames:,} frames in {wall:.1f} s"
-         + f" ({summary['realtime']:.1f}x realtime) -> {out_path}")
+         + f" ({summary['realtime']:.1f}x realtime) -> {req.out_path}")
     return summary
-
-
-def pc_sum(col) -> int:
-    import pyarrow.compute as pc
-
-    return int(pc.sum(col).as_py() or 0)

@@ -1,7 +1,16 @@
-"""The latent table on disk or S3: shard names, the Parquet schema, manifest and shard readers.
+"""The latent table on disk or S3: layout, the Parquet schema, the ledger of committed files, readers.
 
-Layout and columns are specified in docs/ARCHITECTURE.md ("Latent table").
+Layout and columns are specified in docs/ARCHITECTURE.md ("Latent table"). In short:
+
+    intent.json, centroids.npy   settings fixed before any encoding (a resume must match them)
+    lease.json                   the live writer (msprior.data.lease)
+    latents/part-<h>.parquet     data files, many sources each, written by Ray write tasks
+    ledger/part-<h>.json         one record per committed data file: a data file without its
+                                 record is not part of the table (readers never see it)
+    index.parquet                one row per committed source (compiled from the ledger)
+    manifest.json, report.json   written last
 """
+
 
 from __future__ import annotations
 
@@ -22,7 +31,9 @@ RAVE_FILE = "rave.ts"
 CENTROIDS = "centroids.npy"
 LATENTS = "latents"
 INDEX = "index.parquet"
-FORMAT_VERSION = 1
+INTENT = "intent.json"
+LEDGER = "ledger"
+FORMAT_VERSION = 2  # 1: one shard per source, no intent/ledger/index (still read)
 
 SCHEMA = pa.schema([
     ("source", pa.string()),
@@ -89,11 +100,29 @@ def load_centroids(table_path: str, s3: Optional[storage.S3Options] = None) -> n
     return np.load(io.BytesIO(storage.read_bytes(storage.join(table_path, CENTROIDS), s3)))
 
 
-def list_shards(table_path: str, s3: Optional[storage.S3Options] = None) -> List[str]:
-    """Full paths (local paths or s3:// URIs) of the table's Parquet shards, sorted."""
+def _legacy_shards(table_path: str, s3: Optional[storage.S3Options]) -> List[str]:
     base = storage.join(table_path, LATENTS)
     return [storage.join(base, rel) for rel, _ in storage.list_files(base, s3)
             if rel.endswith(".parquet") and "/" not in rel]
+
+
+def list_shards(table_path: str, s3: Optional[storage.S3Options] = None) -> List[str]:
+    """Full paths (local paths or s3:// URIs) of the table's committed data files, sorted.
+
+    A table with an index or a ledger lists only committed files (a file a killed run left behind,
+    without its ledger record, is not part of the table); a table of format 1 lists its shards.
+    """
+    if storage.exists(storage.join(table_path, INDEX), s3):
+        files = sorted(set(read_index(table_path, s3)["file"].to_pylist()))
+    elif storage.exists(storage.join(table_path, LEDGER), s3):
+        files = sorted({e["file"] for e in read_ledger(table_path, s3) if e.get("file")})
+    else:
+        return _legacy_shards(table_path, s3)
+    return [storage.join(table_path, f) for f in files]
+
+
+def _fs_path(p: str) -> str:
+    return p[len("s3://"):] if storage.is_s3(p) else p
 
 
 def read_table(table_path: str, columns: Optional[List[str]] = None,
@@ -103,8 +132,7 @@ def read_table(table_path: str, columns: Optional[List[str]] = None,
     if not shards:
         return pa.table({}, schema=SCHEMA) if columns is None else SCHEMA.empty_table().select(columns)
     fs, _ = storage.pyarrow_filesystem(table_path, s3)
-    paths = [s[len("s3://"):] if storage.is_s3(s) else s for s in shards]
-    tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in paths]
+    tables = [pq.read_table(_fs_path(p), columns=columns, filesystem=fs) for p in shards]
     return pa.concat_tables(tables, promote_options="default")
 
 
@@ -131,9 +159,11 @@ def read_index(table_path: str, s3: Optional[storage.S3Options] = None) -> pa.Ta
     if storage.exists(path, s3):
         fs, _ = storage.pyarrow_filesystem(table_path, s3)
         return pq.read_table(path[len("s3://"):] if storage.is_s3(path) else path, filesystem=fs).cast(INDEX_SCHEMA)
+    if storage.exists(storage.join(table_path, LEDGER), s3):  # a run still going (or killed): its commits
+        return index_from_ledger(read_ledger(table_path, s3))
     rows = {"source": [], "file": [], "chunks": [], "frames": []}
     fs, _ = storage.pyarrow_filesystem(table_path, s3)
-    for shard in list_shards(table_path, s3):
+    for shard in _legacy_shards(table_path, s3):
         t = pq.read_table(shard[len("s3://"):] if storage.is_s3(shard) else shard, columns=["source", "frames"],
                           filesystem=fs)
         rel = LATENTS + "/" + shard.rsplit("/", 1)[-1]
@@ -142,3 +172,89 @@ def read_index(table_path: str, s3: Optional[storage.S3Options] = None) -> pa.Ta
             for k, v in (("source", source), ("file", rel), ("chunks", len(frames)), ("frames", sum(frames))):
                 rows[k].append(v)
     return pa.table(rows, schema=INDEX_SCHEMA)
+
+
+# --- the ledger: one JSON record per committed data file ---------------------------------------------
+#
+# A write task writes its data file (one atomic write), then its record `ledger/<stem>.json` (one
+# more): the record is the commit. A record holds what the driver needs to finish the table without
+# reading the data back: the sources in the file (each complete: all its chunks, nothing else), the
+# files skipped for good, and the file's statistics (float64 feature moments, counters).
+
+
+def data_file_stem(sources: List[str]) -> str:
+    """The name of the file holding exactly `sources`: a write task retried with the same input
+    writes the same names again (idempotent), never a second copy."""
+    return "part-" + hashlib.sha1("\n".join(sorted(sources)).encode("utf-8")).hexdigest()[:20]
+
+
+def ledger_path(table_path: str, stem: str) -> str:
+    return storage.join(table_path, LEDGER, stem + ".json")
+
+
+def write_ledger_entry(table_path: str, stem: str, entry: Dict, s3: Optional[storage.S3Options] = None) -> None:
+    data = json.dumps(entry, separators=(",", ":")).encode()
+    storage.retry(lambda: storage.write_bytes(ledger_path(table_path, stem), data, s3))
+
+
+def read_ledger(table_path: str, s3: Optional[storage.S3Options] = None) -> List[Dict]:
+    """Every committed record of the table (sorted by name); each gets `"stem"`."""
+    base = storage.join(table_path, LEDGER)
+    files = storage.retry(lambda: storage.list_files(base, s3))
+    out = []
+    for rel, _ in files:
+        if not rel.endswith(".json") or "/" in rel:
+            continue
+        e = json.loads(storage.retry(lambda: storage.read_bytes(storage.join(base, rel), s3)))
+        e["stem"] = rel[: -len(".json")]
+        out.append(e)
+    return out
+
+
+def index_from_ledger(entries: List[Dict]) -> pa.Table:
+    """INDEX_SCHEMA rows of every committed source; a source in two records (a write retried with
+    another grouping) keeps the first record's file (the driver removes the other copy)."""
+    rows: Dict[str, tuple] = {}
+    for e in sorted(entries, key=lambda e: e["stem"]):
+        for source, chunks, frames in e.get("sources", []):
+            rows.setdefault(source, (e["file"], chunks, frames))
+    return pa.table({"source": list(rows), "file": [v[0] for v in rows.values()],
+                     "chunks": [v[1] for v in rows.values()], "frames": [v[2] for v in rows.values()]},
+                    schema=INDEX_SCHEMA)
+
+
+def moments(x: np.ndarray) -> Dict:
+    """Per-column count, mean and sum of squared deviations (M2) of `x` [n, F], in float64."""
+    x = np.asarray(x, np.float64)
+    n = int(x.shape[0])
+    if n == 0:
+        return {"n": 0, "mean": [0.0] * x.shape[1], "m2": [0.0] * x.shape[1]}
+    mean = x.mean(0)
+    return {"n": n, "mean": mean.tolist(), "m2": ((x - mean) ** 2).sum(0).tolist()}
+
+
+def merge_moments(parts: List[Dict]) -> Dict:
+    """Combine per-task moments (Chan et al.'s pairwise update, float64): exact to rounding however
+    many rows, unlike a running float32 sum."""
+    n, mean, m2 = 0, None, None
+    for p in parts:
+        if not p or not p["n"]:
+            continue
+        pn, pmean, pm2 = p["n"], np.asarray(p["mean"], np.float64), np.asarray(p["m2"], np.float64)
+        if mean is None:
+            n, mean, m2 = pn, pmean, pm2
+            continue
+        delta, total = pmean - mean, n + pn
+        mean = mean + delta * (pn / total)
+        m2 = m2 + pm2 + delta * delta * (n * pn / total)
+        n = total
+    if mean is None:
+        return {"n": 0, "mean": [], "m2": []}
+    return {"n": n, "mean": mean.tolist(), "m2": m2.tolist()}
+
+
+def mean_std(m: Dict) -> tuple:
+    """(mean, population std) lists of merged moments."""
+    if not m["n"]:
+        return [], []
+    return list(m["mean"]), np.sqrt(np.asarray(m["m2"]) / m["n"]).tolist()
