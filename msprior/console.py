@@ -78,13 +78,15 @@ def session(command: str, quiet: bool = True) -> Iterator[Optional[str]]:
     _log_path = os.path.join(folder, f"{command}-{stamp}-{os.getpid()}.log")
     sys.stdout.flush()
     sys.stderr.flush()
+    ray_was_up = _ray_is_up()
     saved_out, saved_err = os.dup(1), os.dup(2)
     _user = os.fdopen(os.dup(saved_out), "w", buffering=1)
     _redirect_to(_log_path)
     try:
         yield _log_path
     finally:
-        _shutdown_ray()  # before the terminal comes back: its exit messages belong in the log
+        if not ray_was_up:  # a Ray this command started: its exit messages belong in the log too
+            _shutdown_ray()
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved_out, 1)
@@ -95,6 +97,11 @@ def session(command: str, quiet: bool = True) -> Iterator[Optional[str]]:
         _user = None
         print(f"log: {_log_path}", file=sys.stderr, flush=True)
         _log_path = None
+
+
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _shutdown_ray() -> None:
