@@ -45,7 +45,7 @@ def opt(default, *names: str, help: str = "", **kw):
 
 @app.command("config")
 def config_cmd(
-    config: str = opt("decoder_only", "--config", help="Config name (configs/*.yaml) or path."),
+    config: str = opt("decoder_only", "--config", help="Shipped config name (msprior/configs/*.yaml) or a YAML path."),
     override: Optional[List[str]] = opt(None, "--override", help="section.key=value, repeatable."),
 ):
     """Print a resolved configuration as YAML (validates names, keys and types)."""
@@ -104,7 +104,7 @@ def preprocess_cmd(
 
 @app.command("train")
 def train_cmd(
-    config: str = opt("decoder_only", "--config", help="Config name (configs/*.yaml) or path."),
+    config: str = opt("decoder_only", "--config", help="Shipped config name (msprior/configs/*.yaml) or a YAML path."),
     db_path: str = opt(..., "--db_path", help="Latent table (folder or s3:// prefix) from `msprior preprocess`."),
     name: str = opt(..., "--name", help="Run name: the run folder under --storage_path and the MLflow experiment."),
     pretrained_embedding: Optional[str] = opt(None, "--pretrained_embedding", help="Discrete RAVE .ts: start from its codebooks."),
@@ -133,7 +133,7 @@ def train_cmd(
 
 @app.command("tune")
 def tune_cmd(
-    sweep: str = opt("configs/sweeps/default.yaml", "--sweep", help="Sweep YAML (search space, ASHA, resources)."),
+    sweep: str = opt("default", "--sweep", help="Shipped sweep name (msprior/configs/sweeps/) or a sweep YAML path."),
     db_path: str = opt(..., "--db_path", help="Latent table (folder or s3:// prefix)."),
     name: str = opt(..., "--name", help="Sweep name: MLflow experiment (parent run + one nested run per trial)."),
     num_samples: Optional[int] = opt(None, "--num_samples", help="Trials; default: the sweep file's."),
@@ -148,9 +148,10 @@ def tune_cmd(
 ):
     """Sweep training configs with Ray Tune (ASHA on validation cross-entropy); names the best trial."""
     console.place(_run_folder(storage_path, name))
+    from msprior.config import resolve_sweep_path
     from msprior.train.tune import tune
 
-    s = tune(sweep, db_path, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
+    s = tune(resolve_sweep_path(sweep), db_path, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
                             num_workers=num_workers, max_steps=max_steps, val_every=val_every, batch_size=batch_size,
                             overrides=override or [], tracking_uri=tracking_uri, storage_path=storage_path)
     console.echo(f"best trial {s['best_trial']}: val {s['best_val_loss']:.4f}, config {s['best_config']}")
@@ -208,11 +209,11 @@ def pipeline_cmd(
     audio: str = opt(..., "--audio", help="Folder or s3://bucket/prefix of audio files."),
     rave: str = opt(..., "--rave", help="RAVE model exported as TorchScript (.ts), local or s3://."),
     out: str = opt(..., "--out", help="Output folder or s3:// prefix (data/, runs/, export/ below it)."),
-    config: str = opt("decoder_only", "--config", help="Config name (configs/*.yaml) or path."),
+    config: str = opt("decoder_only", "--config", help="Shipped config name (msprior/configs/*.yaml) or a YAML path."),
     name: Optional[str] = opt(None, "--name", help="Run name (default: the config name)."),
     override: Optional[List[str]] = opt(None, "--override", help="section.key=value, repeatable."),
     tune: bool = opt(False, "--tune", help="Sweep configs with Ray Tune instead of one training."),
-    sweep: Optional[str] = opt(None, "--sweep", help="Sweep YAML (default configs/sweeps/default.yaml)."),
+    sweep: Optional[str] = opt(None, "--sweep", help="Shipped sweep name or a sweep YAML path (default: default)."),
     num_samples: int = opt(4, "--num_samples", help="Sweep trials."),
     gpus_per_trial: float = opt(0.0, "--gpus_per_trial", help="GPU fraction per trial."),
     num_workers: int = opt(1, "--num_workers", help="Ray workers for encoding and training."),
@@ -230,8 +231,10 @@ def pipeline_cmd(
 ):
     """Run preprocess -> train (or tune) -> export -> register; finished stages are skipped."""
     console.place(out)
+    from msprior.config import resolve_sweep_path
     from msprior.pipeline import run_pipeline
 
+    sweep = resolve_sweep_path(sweep) if sweep else None
     result = run_pipeline(
         audio, rave, out, config=config, name=name, overrides=override or [], tune=tune, sweep=sweep,
         num_samples=num_samples, gpus_per_trial=gpus_per_trial, num_workers=num_workers, gpu=gpu,

@@ -1,4 +1,4 @@
-"""Typed configuration: YAML files in `configs/` loaded into dataclasses.
+"""Typed configuration: YAML files in `msprior/configs/` (package data) loaded into dataclasses.
 
 Unknown keys and mistyped values fail at load with a message naming the key and the file.
 `overrides` take dotted `section.key=value` strings (the value is parsed as YAML, so `4`, `1e-3`,
@@ -13,7 +13,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
@@ -136,36 +136,74 @@ class Config:
 
 # --- loading -----------------------------------------------------------------------------------
 
-CONFIG_DIRS = (
-    Path(__file__).resolve().parent / "_configs",  # wheel installs (force-included by pyproject)
-    Path(__file__).resolve().parent.parent / "configs",  # source checkout / editable install
-)
+# The shipped YAMLs are package data (msprior/configs/): a wheel, an editable install and a Ray job's
+# working dir all find them next to this file, whatever the current directory is.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def config_dir() -> Path:
-    for d in CONFIG_DIRS:
-        if d.is_dir():
-            return d
-    raise ConfigError("cannot find the shipped configs/ directory: reinstall msprior")
+    if CONFIG_DIR.is_dir():
+        return CONFIG_DIR
+    raise ConfigError(f"{CONFIG_DIR}: the shipped configs are missing: reinstall msprior")
 
 
 def available_configs() -> List[str]:
     return sorted(p.stem for p in config_dir().glob("*.yaml"))
 
 
-def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
-            raise ConfigError(f"{p}: config file not found")
+def available_sweeps() -> List[str]:
+    return sorted(p.stem for p in (config_dir() / "sweeps").glob("*.yaml"))
+
+
+def _existing_file(p: Path) -> Optional[Path]:
+    """A path the user typed: as given, else a repository-style `configs/...` path inside the
+    package (so `--config configs/recurrent.yaml` still works outside a checkout)."""
+    if p.is_file():
         return p
+    if not p.is_absolute() and p.parts[:1] == ("configs",):
+        shipped = config_dir().joinpath(*p.parts[1:])
+        if shipped.is_file():
+            return shipped
+    return None
+
+
+def _is_path(p: Path) -> bool:
+    return p.suffix in (".yaml", ".yml") or p.is_file()
+
+
+def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
+    """`decoder_only` -> the shipped file; a path (`my.yaml`, `configs/recurrent.yaml`) -> that file."""
+    p = Path(name_or_path)
+    if _is_path(p):
+        found = _existing_file(p)
+        if found is None:
+            raise ConfigError(f"{p}: config file not found")
+        return found
     candidate = config_dir() / f"{name_or_path}.yaml"
-    if not candidate.exists():
+    if not candidate.is_file():
         raise ConfigError(
             f"unknown config {str(name_or_path)!r}: use one of {', '.join(available_configs())} "
             "or a path to a .yaml file"
         )
     return candidate
+
+
+def resolve_sweep_path(name_or_path: Union[str, Path]) -> str:
+    """`default` (or `sweeps/default`) -> the shipped sweep file; a path -> that file."""
+    p = Path(name_or_path)
+    if _is_path(p):
+        found = _existing_file(p)
+        if found is None:
+            raise ConfigError(f"--sweep {p}: file not found")
+        return str(found)
+    name = p.name if p.parts[:1] == ("sweeps",) and len(p.parts) == 2 else str(name_or_path)
+    candidate = config_dir() / "sweeps" / f"{name}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(
+            f"--sweep {str(name_or_path)!r}: unknown sweep; use one of {', '.join(available_sweeps())} "
+            "or a path to a .yaml file"
+        )
+    return str(candidate)
 
 
 def load_config(name_or_path: Union[str, Path], overrides: Sequence[str] = ()) -> Config:
