@@ -57,3 +57,11 @@ def with_credentials(recorded: Optional[str]) -> Optional[str]:
     if recorded and env and env != recorded and redact_uri(env) == recorded:
         return env
     return recorded
+
+
+def hide_printed_credentials(uri: Optional[str]) -> None:
+    """MLflow prints "View run <name> at: <tracking URI>/..." after each run of an http(s) store:
+    when `uri` carries credentials, turn that print off in this process (MLflow reads the variable
+    at each print; every process that makes a client calls this, Ray workers included)."""
+    if uri and redact_uri(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
