@@ -20,8 +20,8 @@ from urllib.parse import parse_qsl, urlencode
 _URI = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<auth>[^/?#]*@)?(?P<rest>.*)$", re.S)
 # query parameter names that carry secrets (token, access_token, password, X-Amz-Signature, sig, ...)
 _SECRET_KEY = re.compile(r"token|secret|passw|pwd|key|sig|credential|auth|session", re.I)
-# a URI inside free text (a printed hint, a message): up to the next blank or quote
-_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+# a URI inside free text (a printed hint, a message): up to the next blank, quote or parenthesis
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()]+")
 
 
 def redact_uri(uri: Any) -> Any:
