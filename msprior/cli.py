@@ -13,7 +13,7 @@ import typer
 
 from msprior.errors import UserError
 from msprior.export.publish import PREVIEW_SECS
-from msprior.redact import redact_uri
+from msprior.redact import redact_text, redact_uri
 
 app = typer.Typer(
     add_completion=False,
@@ -260,7 +260,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         app(args=argv)  # standalone: click prints usage errors and exits itself
     except (UserError, FileNotFoundError) as e:  # every stage's one-line errors derive from UserError
-        typer.secho(f"error: {e}", err=True, fg="red")
+        typer.secho(f"error: {redact_text(str(e))}", err=True, fg="red")  # no password in a message
         sys.exit(2)
 
 
