@@ -175,6 +175,12 @@ def test_version_without_sha256_is_refused_by_pull_and_never_a_duplicate(tmp_pat
     pulled = registry.pull("msprior-t@champion", str(tmp_path / "c.ts"), tracking_uri=uri)
     assert open(pulled, "rb").read() == open(ts, "rb").read()
 
+    # a registration that stopped after its version, before the alias: the skipped re-run settles it
+    c.delete_registered_model_alias("msprior-t", "champion")
+    again = publish(ts, name="msprior-t", tracking_uri=uri, preview_secs=0, echo=lambda s: None)
+    assert again["version"] == "3" and again["champion"]
+    assert str(c.get_model_version_by_alias("msprior-t", "champion").version) == "3"
+
 
 REGISTER = """
 import json, sys
