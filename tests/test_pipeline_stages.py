@@ -136,3 +136,14 @@ def test_stage_records_and_no_credentials_anywhere(ray_session, mlflow_server, t
     assert code == 0 and "[export] skipped" in printed, err
     code, _, err = _cli(capsys, argv + ["--force", "nope"])
     assert code == 2 and "--force nope: not a stage; one of preprocess, train, export (or tune)" in err
+
+    # --- --force tune (= train) with another config: the sweep and the export are redone, the old
+    # trial's run removed, the preprocessed table kept
+    old_trial = sweep["best_run_dir"]
+    code, printed, err = _cli(capsys, argv + ["--quantize", "int8", "--force", "tune", "--override", "model.num_layers=2"])
+    assert code == 0, (printed + err)[-4000:]
+    assert "[preprocess] skipped" in printed and "[tune] skipped" not in printed and "[export] skipped" not in printed
+    assert not os.path.exists(old_trial)
+    record = json.loads((out / "stages" / f"train.{name}.json").read_text())["inputs"]
+    assert record["model.num_layers"] == 2
+    assert len(all_versions(c, f"msprior-{name}")) == 3
