@@ -149,10 +149,10 @@ def guard(p: Plan, stage: str, inputs: Dict[str, Any], has_output: bool) -> Dict
         diff = [k for k in sorted(set(old["inputs"]) | set(inputs)) if old["inputs"].get(k) != inputs.get(k)]
         if diff:
             k = diff[0]
-            what = f"the {STAGES[i - 1]} stage's output" if k == "upstream" else \
-                f"{k}={old['inputs'].get(k)!r}; this run asks {k}={inputs.get(k)!r}"
+            what = f"from another {STAGES[i - 1]} output" if k == "upstream" else \
+                f"with {k}={old['inputs'].get(k)!r}; this run asks {k}={inputs.get(k)!r}"
             more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
-            raise PipelineError(f"[{stage}] {p.record_path(stage)} was made with {what}{more}: pass --force {stage} "
+            raise PipelineError(f"[{stage}] {p.record_path(stage)} was made {what}{more}: pass --force {stage} "
                                 "to redo it (and the stages after it), or another --out")
         return inputs
     if has_output:

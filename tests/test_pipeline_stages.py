@@ -147,3 +147,27 @@ def test_stage_records_and_no_credentials_anywhere(ray_session, mlflow_server, t
     record = json.loads((out / "stages" / f"train.{name}.json").read_text())["inputs"]
     assert record["model.num_layers"] == 2
     assert len(all_versions(c, f"msprior-{name}")) == 3
+
+
+def test_stage_guard_upstream_and_outputs_without_record(tmp_path):
+    """The records alone (no Ray): an output made by an older msprior is adopted with a printed line;
+    a stage whose upstream record changed underneath it is refused; --force names real stages."""
+    from msprior.codec import save_codec
+    from msprior.pipeline import PipelineError, PipelineRequest, guard, plan
+
+    save_codec(str(tmp_path / "rave.ts"), discrete=True)
+    said = []
+    p = plan(PipelineRequest(str(tmp_path / "audio"), str(tmp_path / "rave.ts"), str(tmp_path / "out")), said.append)
+    assert p.name.startswith("decoder_only-") and p.forced == []
+    guard(p, "preprocess", {"num_secs": 16.0}, has_output=True)
+    assert said == ["[preprocess] no record of the arguments its output was made with (older msprior): recording these"]
+    guard(p, "train", {"max_steps": 10}, has_output=False)
+    guard(p, "train", {"max_steps": 10}, has_output=True)  # same inputs, same upstream: fine
+    os.remove(p.record_path("preprocess"))  # the table remade by hand with other settings
+    guard(p, "preprocess", {"num_secs": 8.0}, has_output=True)
+    with pytest.raises(PipelineError, match=r"^\[train\] .*train\.decoder_only-[0-9a-f]{8}\.json was made from another "
+                       r"preprocess output: pass --force train to redo it"):
+        guard(p, "train", {"max_steps": 10}, has_output=True)
+    forced = plan(PipelineRequest(str(tmp_path / "audio"), str(tmp_path / "rave.ts"), str(tmp_path / "out"),
+                                  force=["tune"]))
+    assert forced.forced == ["train", "export"]
