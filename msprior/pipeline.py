@@ -306,11 +306,10 @@ def stage_export(p: Plan, run_dir: str, tmp: str) -> str:
 def stage_register(p: Plan, run_dir: str, local_model: str) -> Dict[str, Any]:
     """Register the export (skipped when the registry already holds these bytes)."""
     from msprior.export.publish import publish
-    from msprior.registry import model_name
 
     req = p.req
     # msprior-<name>, also after a sweep (whose winning run is named after its trial)
-    return publish(local_model, run=run_dir, name=req.registered_name or model_name(p.name),
+    return publish(local_model, run=run_dir, name=req.registered_name, run_name=p.name,
                    tracking_uri=req.tracking_uri, preview_secs=req.preview_secs,
                    measure_int8=req.quantize == "int8", echo=p.echo)
 

@@ -98,6 +98,16 @@ def version_tags(meta: Dict[str, Any], digest: str, extra: Optional[Dict[str, st
     }
 
 
+def default_name(c, run_name: str, tags: Dict[str, str]) -> str:
+    """`msprior-<run name>`, or `msprior-<run name>-<corpus id>` when that name holds another corpus."""
+    base = model_name(run_name)
+    try:
+        bound = (c.get_registered_model(base).tags or {}).get(BOUND_CORPUS)
+    except Exception:  # no such model yet
+        return base
+    return base if bound in (None, tags["corpus"]) else f"{base}-{tags['corpus'][:8]}"
+
+
 def bind_corpus(c, name: str, tags: Dict[str, str]) -> None:
     """Create `name` bound to this corpus, or check that the existing model is bound to it."""
     bound = {BOUND_RAVE: tags["rave_sha256"], BOUND_TABLE: tags["table"], BOUND_CORPUS: tags["corpus"]}
@@ -123,8 +133,9 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
     """Log `ts_path` (with its config, manifest facts, sha256 and previews) to the training run it came
     from (or a new run), register it as a new version with its tags, then settle `champion`.
 
-    Returns {"name", "version", "champion" (bool: this version is the champion), "champion_version",
-    "run_id", "sha256"}.
+    `name` None: `default_name` (never a model of another corpus); a `name` given is refused when it
+    holds another corpus. Returns {"name", "version", "champion" (bool: this version is the champion),
+    "champion_version", "run_id", "sha256"}.
     """
     import mlflow
 
@@ -132,9 +143,9 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
 
     meta = read_metadata(ts_path)
     c = _client(tracking_uri or meta.get("tracking_uri"))
-    name = name or model_name(meta.get("run_name") or "prior")
     digest = sha256_file(ts_path)
     tags = version_tags(meta, digest, extra_tags)
+    name = name or default_name(c, meta.get("run_name") or "prior", tags)
     bind_corpus(c, name, tags)  # before anything is logged: a wrong corpus is refused cheaply
     run_id = _log_run(c, meta)
     here = os.path.dirname(os.path.abspath(__file__))

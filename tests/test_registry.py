@@ -135,15 +135,19 @@ def test_a_model_holds_one_corpus_and_versions_carry_it(tmp_path):
     from msprior import registry
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    a = _export_for(tmp_path, "a", 2.0, "aa" * 32, "/data/corpus-a")
-    b = _export_for(tmp_path, "b", 0.5, "bb" * 32, "/data/corpus-b")  # better loss, other RAVE
-    v1 = registry.register_export(a, name="msprior-x", tracking_uri=uri)
-    assert v1["champion"]
+    a = _export_for(tmp_path, "x", 2.0, "aa" * 32, "/data/corpus-a")
+    (tmp_path / "other").mkdir()  # a run of the same name on another corpus, with a better loss
+    b = _export_for(tmp_path / "other", "x", 0.5, "bb" * 32, "/data/corpus-b")
+    v1 = registry.register_export(a, tracking_uri=uri)
+    assert v1["name"] == "msprior-x" and v1["champion"]
     with pytest.raises(registry.RegistryError, match=r"^registered model 'msprior-x' holds priors of another "
                        r"corpus .*pass another name \(e\.g\. --name msprior-x-[0-9a-f]{8}\)$"):
-        registry.register_export(b, name="msprior-x", tracking_uri=uri)
+        registry.register_export(b, name="msprior-x", tracking_uri=uri)  # a name given: refused
     c = registry._client(uri)
     assert [str(v.version) for v in registry.all_versions(c, "msprior-x")] == ["1"]  # nothing half-registered
+    v2 = registry.register_export(b, tracking_uri=uri)  # the default name: its own model
+    assert v2["name"] == f"msprior-x-{registry.corpus_id('bb' * 32, '/data/corpus-b')[:8]}" and v2["champion"]
+    assert str(c.get_model_version_by_alias("msprior-x", "champion").version) == "1"
     rm = c.get_registered_model("msprior-x")
     assert rm.tags[registry.BOUND_RAVE] == "aa" * 32 and rm.tags[registry.BOUND_TABLE] == "/data/corpus-a"
     tags = c.get_model_version("msprior-x", "1").tags

@@ -19,19 +19,20 @@ PREVIEW_SECS = 8.0
 
 
 def publish(ts_path: str, *, run: Optional[str] = None, checkpoint: str = "best", name: Optional[str] = None,
-            tracking_uri: Optional[str] = None, preview_secs: float = PREVIEW_SECS, measure_int8: bool = False,
-            echo: Callable[[str], Any] = print) -> Dict[str, Any]:
+            run_name: Optional[str] = None, tracking_uri: Optional[str] = None, preview_secs: float = PREVIEW_SECS,
+            measure_int8: bool = False, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     """Register `ts_path` (with a WAV preview and, for int8 exports, the CE change) unless the
-    registry already holds these exact bytes. Returns register_export's dict + "tracking_uri"
-    (redacted: safe to print or write)."""
+    registry already holds these exact bytes. `name` None: `msprior-<run_name or the export's run>`,
+    suffixed with the corpus id when that name holds another corpus. Returns register_export's
+    dict + "tracking_uri" (redacted: safe to print or write)."""
     from msprior.export.run import read_metadata, sha256_file
     from msprior import registry
 
     meta = read_metadata(ts_path)
     uri = tracking_uri or with_credentials(meta.get("tracking_uri"))
-    name = name or registry.model_name(meta.get("run_name") or "prior")
     digest = sha256_file(ts_path)
     c = registry._client(uri)
+    name = name or registry.default_name(c, run_name or meta.get("run_name") or "prior", registry.corpus_tags(meta))
     try:
         versions = registry.all_versions(c, name)
     except Exception:  # no such registered model yet
