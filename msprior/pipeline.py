@@ -13,7 +13,7 @@ Before a stage runs, the arguments that determine its output are written to
 previous stage's record). A re-run whose arguments differ
 is refused in one line naming the stage and the argument, unless `--force STAGE` asks to redo it:
 then that stage's output and every later stage's are removed first, so a crash during the redo
-cannot leave an old output that looks finished.
+cannot leave an old output under a record of the new arguments.
 
 `<out>` may be a local folder or an s3:// prefix; `audio` and `rave` too.
 """
@@ -163,15 +163,16 @@ def guard(p: Plan, stage: str, inputs: Dict[str, Any], has_output: bool) -> Dict
 
 
 def invalidate(p: Plan) -> None:
-    """Remove the records and outputs of the forced stages (records first: an interrupted removal
-    leaves an output without a record, which the next forced run removes again)."""
-    for stage in p.forced:
-        _remove(p.record_path(stage))
+    """Remove the outputs, then the records, of the forced stages. Interrupted, it leaves old
+    records over missing or partial outputs: a re-run with the old arguments completes them, one
+    with the new arguments is refused again (never an old output adopted under new arguments)."""
     for stage in p.forced:
         for path in _outputs(p, stage):
             if storage.exists(path):
                 p.echo(f"[{stage}] --force: removing {path}")
                 _remove(path)
+    for stage in p.forced:
+        _remove(p.record_path(stage))
 
 
 def _outputs(p: Plan, stage: str) -> List[str]:
