@@ -5,7 +5,9 @@
         --config decoder_only --name NAME [--tune] [--num_workers 4 --gpu] [--override k=v ...]
 
 Inside a job, `ray.init()` (called by each stage) attaches to the cluster that runs the job.
-Re-submitting after a failure continues where it stopped: finished stages are skipped.
+Re-submitting after a failure continues where it stopped: finished stages are skipped. A
+re-submission with other arguments for a finished stage is refused in one line (`--force STAGE`
+redoes it and the stages after it).
 """
 
 import os

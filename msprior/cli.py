@@ -14,6 +14,8 @@ import typer
 
 from msprior import console
 from msprior.errors import UserError
+from msprior.export.publish import PREVIEW_SECS
+from msprior.redact import redact_text, redact_uri
 
 app = typer.Typer(
     add_completion=False,
@@ -173,7 +175,7 @@ def export_cmd(
     name: Optional[str] = opt(None, "--name", help="Registered model name (default msprior-<run name>)."),
     register: bool = typer.Option(True, "--register/--no-register", help="Register a version in MLflow."),
     tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow tracking URI (default: the run's)."),
-    preview_secs: float = opt(8.0, "--preview_secs", help="Seconds of audio preview to log (0: none)."),
+    preview_secs: float = opt(PREVIEW_SECS, "--preview_secs", help="Seconds of audio preview to log (0: none)."),
 ):
     """Export a trained prior as a TorchScript model for nn~ (Max/MSP, PureData) and register it."""
     console.place(os.path.dirname(os.path.abspath(out)))
@@ -210,12 +212,12 @@ def pipeline_cmd(
     rave: str = opt(..., "--rave", help="RAVE model exported as TorchScript (.ts), local or s3://."),
     out: str = opt(..., "--out", help="Output folder or s3:// prefix (data/, runs/, export/ below it)."),
     config: str = opt("decoder_only", "--config", help="Shipped config name (msprior/configs/*.yaml) or a YAML path."),
-    name: Optional[str] = opt(None, "--name", help="Run name (default: the config name)."),
+    name: Optional[str] = opt(None, "--name", help="Run name (default: <config>-<id of the RAVE model and table>)."),
     override: Optional[List[str]] = opt(None, "--override", help="section.key=value, repeatable."),
     tune: bool = opt(False, "--tune", help="Sweep configs with Ray Tune instead of one training."),
     sweep: Optional[str] = opt(None, "--sweep", help="Shipped sweep name or a sweep YAML path (default: default)."),
-    num_samples: int = opt(4, "--num_samples", help="Sweep trials."),
-    gpus_per_trial: float = opt(0.0, "--gpus_per_trial", help="GPU fraction per trial."),
+    num_samples: Optional[int] = opt(None, "--num_samples", help="Sweep trials (default: the sweep file's)."),
+    gpus_per_trial: Optional[float] = opt(None, "--gpus_per_trial", help="GPU fraction per trial (default: the sweep file's)."),
     num_workers: int = opt(1, "--num_workers", help="Ray workers for encoding and training."),
     gpu: bool = opt(False, "--gpu", help="Use GPUs (encode and train)."),
     batch_size: Optional[int] = opt(None, "--batch_size", help="Training batch size (default: config)."),
@@ -228,20 +230,23 @@ def pipeline_cmd(
     tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow tracking URI (default: local sqlite)."),
     registered_name: Optional[str] = opt(None, "--registered_name", help="Registered model name (default msprior-<name>)."),
     quantize: Optional[str] = opt(None, "--quantize", help="int8: dynamic int8 Linear weights in the export."),
+    preview_secs: float = opt(PREVIEW_SECS, "--preview_secs", help="Seconds of audio preview to log (0: none)."),
+    force: Optional[List[str]] = opt(None, "--force", help="Redo STAGE (preprocess|train|tune|export) and the "
+                                     "stages after it, e.g. after changing its arguments; repeatable."),
 ):
     """Run preprocess -> train (or tune) -> export -> register; finished stages are skipped."""
     console.place(out)
     from msprior.config import resolve_sweep_path
-    from msprior.pipeline import run_pipeline
+    from msprior.pipeline import PipelineRequest, run_pipeline
 
     sweep = resolve_sweep_path(sweep) if sweep else None
-    result = run_pipeline(
+    req = PipelineRequest(
         audio, rave, out, config=config, name=name, overrides=override or [], tune=tune, sweep=sweep,
         num_samples=num_samples, gpus_per_trial=gpus_per_trial, num_workers=num_workers, gpu=gpu,
         batch_size=batch_size, max_steps=max_steps, val_every=val_every, pretrained_embedding=pretrained_embedding,
         num_secs=num_secs, resolution=resolution, condition_ratio=condition_ratio, tracking_uri=tracking_uri,
-        registered_name=registered_name, quantize=quantize, echo=console.echo)
-    _print_pull(result["registered"])
+        registered_name=registered_name, quantize=quantize, preview_secs=preview_secs, force=force or [])
+    _print_pull(run_pipeline(req, echo=console.echo)["registered"])
 
 
 @app.command("demo")
@@ -258,7 +263,7 @@ def demo_cmd(
 
 
 def _print_pull(reg: dict) -> None:
-    uri = reg.get("tracking_uri")
+    uri = redact_uri(reg.get("tracking_uri"))
     flag = f" --tracking_uri {uri}" if uri else ""
     console.echo(f"registered {reg['name']} version {reg['version']}; pull it with: "
                f"msprior pull {reg['name']}@champion --out model.ts{flag}")
@@ -284,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         with console.session(command, quiet=command in NOISY and not verbose and "--help" not in argv):
             app(args=argv)  # standalone: click prints usage errors and exits itself
     except (UserError, FileNotFoundError) as e:  # every stage's one-line errors derive from UserError
-        typer.secho(f"error: {e}", err=True, fg="red")
+        typer.secho(f"error: {redact_text(str(e))}", err=True, fg="red")  # no password in a message
         sys.exit(2)
 
 

@@ -1,6 +1,6 @@
 """The embedded default: the whole pipeline on one machine with no flags and no servers.
 
-Builds the demo codec, synthesises a small corpus, then runs `run_pipeline` on local Ray, local
+Builds the demo codec, synthesises a small corpus, then runs the pipeline on local Ray, local
 storage and a sqlite MLflow store, all under one work folder (default ./msprior-demo).
 """
 
@@ -20,7 +20,7 @@ DEMO_OVERRIDES = [
 def run_demo(workdir: str = "msprior-demo", max_steps: int = 300, echo: Callable[[str], Any] = print) -> Dict:
     from msprior.codec import save_codec
     from msprior.data.synthetic import write_corpus
-    from msprior.pipeline import run_pipeline
+    from msprior.pipeline import PipelineRequest, run_pipeline
 
     t0 = time.monotonic()
     workdir = os.path.abspath(workdir)
@@ -34,11 +34,10 @@ def run_demo(workdir: str = "msprior-demo", max_steps: int = 300, echo: Callable
         write_corpus(audio, n_files=8, seconds=20.0, seed=0)
         echo(f"[demo] synthetic corpus (melodies, chords, noise) -> {audio}")
     tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
-    result = run_pipeline(
-        audio, rave, os.path.join(workdir, "out"), config="decoder_only", name="demo",
-        overrides=DEMO_OVERRIDES, max_steps=max_steps, val_every=100, num_secs=8.0,
-        tracking_uri=tracking, echo=echo,
-    )
+    req = PipelineRequest(audio, rave, os.path.join(workdir, "out"), config="decoder_only", name="demo",
+                          overrides=DEMO_OVERRIDES, max_steps=max_steps, val_every=100, num_secs=8.0,
+                          tracking_uri=tracking)
+    result = run_pipeline(req, echo=echo)
     reg = result["registered"]
     ref = f"{reg['name']}@champion"
     echo("")

@@ -1,4 +1,4 @@
-"""The whole service in one function: preprocess -> train (or tune) -> export -> register.
+"""The whole service: preprocess -> train (or tune) -> export -> register, one function per stage.
 
 Each stage is skipped when its output already exists, so re-running after a failure (or
 re-submitting the Ray job) continues where it stopped:
@@ -8,145 +8,322 @@ re-submitting the Ray job) continues where it stopped:
     <out>/export/<name>.ts          nn~ model (msprior.export.export_run)
     registry version tagged with the .ts sha256   (msprior.registry.register_export)
 
+Before a stage runs, the arguments that determine its output are written to
+`<out>/stages/preprocess.json`, `train.<name>.json`, `export.<name>.json` (with a digest of the
+previous stage's record). A re-run whose arguments differ
+is refused in one line naming the stage and the argument, unless `--force STAGE` asks to redo it:
+then that stage's output and every later stage's are removed first, so a crash during the redo
+cannot leave an old output under a record of the new arguments.
+
 `<out>` may be a local folder or an s3:// prefix; `audio` and `rave` too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from msprior import storage
+from msprior.errors import UserError
+from msprior.export.publish import PREVIEW_SECS
+from msprior.redact import redact_uri
+
+STAGES = ("preprocess", "train", "export")  # recorded stages; registration is idempotent by sha256
+FORCE_ALIASES = {"tune": "train"}
 
 
-def _skip(echo: Callable, stage: str, why: str) -> None:
-    echo(f"[{stage}] skipped: {why}")
+class PipelineError(UserError):
+    """A re-run whose arguments differ from a finished stage's, or a bad --force; one line."""
 
 
-def run_pipeline(
-    audio: str,
-    rave: str,
-    out: str,
-    *,
-    config: str = "decoder_only",
-    name: Optional[str] = None,
-    overrides: Sequence[str] = (),
-    tune: bool = False,
-    sweep: Optional[str] = None,
-    num_samples: int = 4,
-    gpus_per_trial: float = 0.0,
-    num_workers: int = 1,
-    gpu: bool = False,
-    batch_size: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    val_every: Optional[int] = None,
-    pretrained_embedding: bool = False,
-    num_secs: float = 16.0,
-    resolution: int = 64,
-    condition_ratio: int = 4,
-    min_frames: Optional[int] = None,
-    tracking_uri: Optional[str] = None,
-    registered_name: Optional[str] = None,
-    quantize: Optional[str] = None,
-    export_batch_size: int = 1,
-    preview_secs: float = 4.0,
-    echo: Callable[[str], Any] = print,
-) -> Dict[str, Any]:
-    """Run (or resume) every stage; returns {"table", "run_dir", "model", "registered": {...}}."""
+@dataclass
+class PipelineRequest:
+    """Everything `msprior pipeline` (and jobs/pipeline.py) was asked; built once by the CLI."""
+
+    audio: str
+    rave: str
+    out: str
+    config: str = "decoder_only"
+    name: Optional[str] = None  # default: <config>-<corpus id>, distinct per RAVE model and table
+    overrides: Sequence[str] = ()
+    tune: bool = False
+    sweep: Optional[str] = None
+    num_samples: Optional[int] = None  # default: the sweep file's
+    gpus_per_trial: Optional[float] = None  # default: the sweep file's
+    num_workers: int = 1
+    gpu: bool = False
+    batch_size: Optional[int] = None
+    max_steps: Optional[int] = None
+    val_every: Optional[int] = None
+    pretrained_embedding: bool = False
+    num_secs: float = 16.0
+    resolution: int = 64
+    condition_ratio: int = 4
+    min_frames: Optional[int] = None  # default: the config's seq_len + 1 (one training window)
+    tracking_uri: Optional[str] = None
+    registered_name: Optional[str] = None
+    quantize: Optional[str] = None
+    export_batch_size: int = 1
+    preview_secs: float = PREVIEW_SECS
+    force: Sequence[str] = ()
+
+
+@dataclass
+class Plan:
+    """The request resolved once: absolute paths, the validated config, names, the RAVE sha256."""
+
+    req: PipelineRequest
+    cfg: Any
+    name: str
+    rave_sha256: str
+    table: str
+    runs: str
+    run_dir: str
+    model_path: str
+    forced: List[str] = field(default_factory=list)
+    echo: Callable[[str], Any] = print
+
+    def record_path(self, stage: str) -> str:
+        """`<out>/stages/preprocess.json`; train and export per run name (`train.<name>.json`)."""
+        base = stage if stage == "preprocess" else f"{stage}.{self.name}"
+        return storage.join(self.req.out, "stages", f"{base}.json")
+
+
+def plan(req: PipelineRequest, echo: Callable[[str], Any] = print) -> Plan:
     from msprior.config import load_config
+    from msprior.registry import corpus_id
 
-    name = name or os.path.splitext(os.path.basename(config))[0]
-    audio, rave, out = storage.absolute(audio), storage.absolute(rave), storage.absolute(out)
+    cfg = load_config(req.config, list(req.overrides))  # fail on config typos before any work
+    audio, rave, out = storage.absolute(req.audio), storage.absolute(req.rave), storage.absolute(req.out)
+    req = dataclasses.replace(req, audio=audio, rave=rave, out=out)
+    rave_sha256 = hashlib.sha256(storage.read_bytes(rave)).hexdigest()
     table = storage.join(out, "data")
+    # a default run name that differs per corpus (RAVE model + table), so registered names never collide
+    name = req.name or f"{os.path.splitext(os.path.basename(req.config))[0]}-{corpus_id(rave_sha256, table)[:8]}"
     runs = storage.join(out, "runs")
-    run_dir = storage.join(runs, name)
-    model_path = storage.join(out, "export", f"{name}.ts")
-    cfg = load_config(config, overrides)  # fail on config typos before any work
-    t_all = time.monotonic()
+    forced = _forced_stages(req.force)
+    return Plan(req, cfg, name, rave_sha256, table, runs, storage.join(runs, name),
+                storage.join(out, "export", f"{name}.ts"), forced, echo)
 
-    # 1. preprocess ------------------------------------------------------------------------------
+
+def _forced_stages(force: Sequence[str]) -> List[str]:
+    """`--force STAGE` redoes STAGE and every stage after it."""
+    first = len(STAGES)
+    for s in force:
+        s = FORCE_ALIASES.get(s, s)
+        if s not in STAGES:
+            raise PipelineError(f"--force {s}: not a stage; one of {', '.join(STAGES)} (or tune)")
+        first = min(first, STAGES.index(s))
+    return list(STAGES[first:])
+
+
+# --- stage records -----------------------------------------------------------------------------
+
+
+def _digest(inputs: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_record(p: Plan, stage: str) -> Optional[Dict[str, Any]]:
+    path = p.record_path(stage)
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+
+
+def guard(p: Plan, stage: str, inputs: Dict[str, Any], has_output: bool) -> Dict[str, Any]:
+    """Refuse a re-run with other arguments; else record this stage's inputs before it runs.
+
+    `inputs` also gets `upstream`: the digest of the previous stage's inputs."""
+    i = STAGES.index(stage)
+    if i:
+        prev = _read_record(p, STAGES[i - 1])
+        inputs = {**inputs, "upstream": _digest(prev["inputs"]) if prev else None}
+    inputs = json.loads(json.dumps(inputs, default=str))  # compare as written
+    old = _read_record(p, stage)
+    if old is not None:
+        diff = [k for k in sorted(set(old["inputs"]) | set(inputs)) if old["inputs"].get(k) != inputs.get(k)]
+        if diff:
+            k = diff[0]
+            what = f"from another {STAGES[i - 1]} output" if k == "upstream" else \
+                f"with {k}={old['inputs'].get(k)!r}; this run asks {k}={inputs.get(k)!r}"
+            more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+            raise PipelineError(f"[{stage}] {p.record_path(stage)} was made {what}{more}: pass --force {stage} "
+                                "to redo it (and the stages after it), or another --out")
+        return inputs
+    if has_output:
+        p.echo(f"[{stage}] no record of the arguments its output was made with (older msprior): recording these")
+    record = {"stage": stage, "inputs": inputs, "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_bytes(p.record_path(stage), json.dumps(record, indent=1).encode())
+    return inputs
+
+
+def invalidate(p: Plan) -> None:
+    """Remove the outputs, then the records, of the forced stages. Interrupted, it leaves old
+    records over missing or partial outputs: a re-run with the old arguments completes them, one
+    with the new arguments is refused again (never an old output adopted under new arguments)."""
+    for stage in p.forced:
+        for path in _outputs(p, stage):
+            if storage.exists(path):
+                p.echo(f"[{stage}] --force: removing {path}")
+                _remove(path)
+    for stage in p.forced:
+        _remove(p.record_path(stage))
+
+
+def _outputs(p: Plan, stage: str) -> List[str]:
+    if stage == "preprocess":
+        return [p.table]
+    if stage == "export":
+        return [p.model_path]
+    sweep_record = storage.join(p.runs, f"{p.name}.sweep.json")
+    trials = []
+    if storage.exists(sweep_record):  # a sweep's trial runs, as it recorded them
+        trials = [t["run_dir"] for t in json.loads(storage.read_bytes(sweep_record)).get("trials", []) if t.get("run_dir")]
+    return [p.run_dir, *trials, sweep_record]
+
+
+def _remove(path: str) -> None:
+    fs, local = storage.filesystem(path)
+    if fs.exists(local):
+        fs.rm(local, recursive=True)
+
+
+# --- the stages --------------------------------------------------------------------------------
+
+
+def stage_preprocess(p: Plan) -> None:
+    req = p.req
+    min_frames = req.min_frames if req.min_frames is not None else p.cfg.model.seq_len + 1
+    done = storage.exists(storage.join(p.table, "manifest.json"))
+    guard(p, "preprocess", {"audio": req.audio, "rave_sha256": p.rave_sha256, "num_secs": req.num_secs,
+                            "resolution": req.resolution, "condition_ratio": req.condition_ratio,
+                            "min_frames": min_frames}, done)
+    if done:
+        p.echo(f"[preprocess] skipped: {p.table}/manifest.json exists")
+        return
+    from msprior.data import PreprocessRequest, preprocess
+
     t0 = time.monotonic()
-    if storage.exists(storage.join(table, "manifest.json")):
-        _skip(echo, "preprocess", f"{table}/manifest.json exists")
-    else:
-        from msprior.data import PreprocessRequest, preprocess
+    p.echo(f"[preprocess] {req.audio} -> {p.table}")
+    # a file shorter than one training window (seq_len + 1 frames) cannot train: skip and report it
+    preprocess(PreprocessRequest(req.audio, p.table, req.rave, num_secs=req.num_secs, resolution=req.resolution,
+                                 num_workers=req.num_workers, gpu=req.gpu, condition_ratio=req.condition_ratio,
+                                 min_frames=min_frames), echo=p.echo)
+    p.echo(f"[preprocess] done in {time.monotonic() - t0:.0f} s")
 
-        echo(f"[preprocess] {audio} -> {table}")
-        # a file shorter than one training window (seq_len + 1 frames) cannot train: skip and report it
-        preprocess(PreprocessRequest(audio, table, rave, num_secs=num_secs, resolution=resolution,
-                                     num_workers=num_workers, gpu=gpu, condition_ratio=condition_ratio,
-                                     min_frames=min_frames if min_frames is not None else cfg.model.seq_len + 1),
-                   echo=echo)
-        echo(f"[preprocess] done in {time.monotonic() - t0:.0f} s")
 
-    # 2. train or tune ---------------------------------------------------------------------------
+def _train_inputs(p: Plan) -> Dict[str, Any]:
+    req = p.req
+    inputs = {"config": p.cfg.name, **{k: v for k, v in p.cfg.flat().items() if k != "name"},
+              "tune": req.tune, "max_steps": req.max_steps, "batch_size": req.batch_size,
+              "val_every": req.val_every, "pretrained_embedding": req.pretrained_embedding}
+    if req.tune:
+        sweep = _sweep_file(req)
+        inputs.update(sweep=sweep, sweep_sha256=hashlib.sha256(open(sweep, "rb").read()).hexdigest(),
+                      num_samples=req.num_samples)
+    return inputs
+
+
+def _sweep_file(req: PipelineRequest) -> str:
+    from msprior.config import resolve_sweep_path
+
+    return resolve_sweep_path(req.sweep or "default")
+
+
+def stage_train(p: Plan) -> str:
+    """Train (or sweep); returns the run directory to export."""
     from msprior.train.checkpoint import read_run_json
 
+    req = p.req
+    sweep_record = storage.join(p.runs, f"{p.name}.sweep.json")  # which trial won, for re-runs
+    summary = None if req.tune else read_run_json(p.run_dir)
+    guard(p, "train", _train_inputs(p), storage.exists(sweep_record) if req.tune else bool(summary))
     t0 = time.monotonic()
-    summary = read_run_json(run_dir)
-    sweep_record = storage.join(runs, f"{name}.sweep.json")  # which trial won, for re-runs
-    codebooks = storage.join(table, "rave.ts") if pretrained_embedding else None
-    if tune and storage.exists(sweep_record):
+    if req.tune and storage.exists(sweep_record):
         result = json.loads(storage.read_bytes(sweep_record))
-        run_dir = result["best_run_dir"]
-        _skip(echo, "tune", f"{sweep_record} exists (best trial {result.get('best_trial')})")
-    elif tune:
-        from msprior.config import config_dir
+        p.echo(f"[tune] skipped: {sweep_record} exists (best trial {result.get('best_trial')})")
+        return result["best_run_dir"]
+    if req.tune:
         from msprior.train.tune import tune as run_tune
 
-        sweep = sweep or str(config_dir() / "sweeps" / "default.yaml")
-        echo(f"[tune] sweep {sweep} over {table}")
-        result = run_tune(sweep, table, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
-                          num_workers=num_workers, max_steps=max_steps, val_every=val_every,
-                          batch_size=batch_size, overrides=overrides, tracking_uri=tracking_uri,
-                          storage_path=runs)
-        run_dir = result["best_run_dir"]
+        p.echo(f"[tune] sweep {_sweep_file(req)} over {p.table}")
+        result = run_tune(_sweep_file(req), p.table, p.name, num_samples=req.num_samples,
+                          gpus_per_trial=req.gpus_per_trial, num_workers=req.num_workers, max_steps=req.max_steps,
+                          val_every=req.val_every, batch_size=req.batch_size, overrides=list(req.overrides),
+                          tracking_uri=req.tracking_uri, storage_path=p.runs)
+        result = {**result, "tracking_uri": redact_uri(result.get("tracking_uri"))}
         storage.write_bytes(sweep_record, json.dumps(result, indent=1, default=str).encode())
-        echo(f"[tune] done in {time.monotonic() - t0:.0f} s: best trial {result.get('best_trial')} "
-             f"val CE {result.get('best_val_loss')}")
-    elif summary:
-        _skip(echo, "train", f"{run_dir}/run.json exists (best val CE {summary.get('best_val_loss')})")
-    else:
-        from msprior.train import train
-        from msprior.train.run import _has_checkpoints
+        p.echo(f"[tune] done in {time.monotonic() - t0:.0f} s: best trial {result.get('best_trial')} "
+               f"val CE {result.get('best_val_loss')}")
+        return result["best_run_dir"]
+    if summary:
+        p.echo(f"[train] skipped: {p.run_dir}/run.json exists (best val CE {summary.get('best_val_loss')})")
+        return p.run_dir
+    from msprior.train import train
+    from msprior.train.run import _has_checkpoints
 
-        resume = _has_checkpoints(run_dir)  # an interrupted training continues from its last checkpoint
-        echo(f"[train] {config} on {table} -> {run_dir}" + (" (resuming)" if resume else ""))
-        summary = train(cfg, table, name, num_workers=num_workers, gpu=gpu, batch_size=batch_size,
-                        max_steps=max_steps, val_every=val_every, resume=resume, tracking_uri=tracking_uri,
-                        storage_path=runs, pretrained_embedding=codebooks)
-        echo(f"[train] done in {time.monotonic() - t0:.0f} s: best val CE {summary.get('best_val_loss')}")
+    resume = _has_checkpoints(p.run_dir)  # an interrupted training continues from its last checkpoint
+    p.echo(f"[train] {req.config} on {p.table} -> {p.run_dir}" + (" (resuming)" if resume else ""))
+    codebooks = storage.join(p.table, "rave.ts") if req.pretrained_embedding else None
+    summary = train(p.cfg, p.table, p.name, num_workers=req.num_workers, gpu=req.gpu, batch_size=req.batch_size,
+                    max_steps=req.max_steps, val_every=req.val_every, resume=resume, tracking_uri=req.tracking_uri,
+                    storage_path=p.runs, pretrained_embedding=codebooks)
+    p.echo(f"[train] done in {time.monotonic() - t0:.0f} s: best val CE {summary.get('best_val_loss')}")
+    return p.run_dir
 
-    # 3. export ----------------------------------------------------------------------------------
+
+def stage_export(p: Plan, run_dir: str, tmp: str) -> str:
+    """Export the run's best checkpoint to `<out>/export/<name>.ts`; returns a local copy's path."""
     from msprior.export.run import export_run
 
+    req = p.req
+    is_s3 = storage.is_s3(p.model_path)
+    local = os.path.join(tmp, f"{p.name}.ts") if is_s3 else p.model_path
+    done = storage.exists(p.model_path)
+    guard(p, "export", {"run_dir": run_dir, "checkpoint": "best", "quantize": req.quantize or "none",
+                        "export_batch_size": req.export_batch_size}, done)
+    if done:
+        p.echo(f"[export] skipped: {p.model_path} exists")
+        if is_s3:
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(p.model_path))
+        return local
     t0 = time.monotonic()
+    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    export_run(run_dir, local, checkpoint="best", batch_size=req.export_batch_size, quantize=req.quantize,
+               tracking_uri=req.tracking_uri)
+    if is_s3:
+        with open(local, "rb") as f:
+            storage.write_bytes(p.model_path, f.read())
+    p.echo(f"[export] {p.model_path} in {time.monotonic() - t0:.0f} s")
+    return local
+
+
+def stage_register(p: Plan, run_dir: str, local_model: str) -> Dict[str, Any]:
+    """Register the export (skipped when the registry already holds these bytes)."""
+    from msprior.export.publish import publish
+
+    req = p.req
+    # msprior-<name>, also after a sweep (whose winning run is named after its trial)
+    return publish(local_model, run=run_dir, name=req.registered_name, run_name=p.name,
+                   tracking_uri=req.tracking_uri, preview_secs=req.preview_secs,
+                   measure_int8=req.quantize == "int8", echo=p.echo)
+
+
+def run_pipeline(req: PipelineRequest, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
+    """Run (or resume) every stage; returns {"table", "run_dir", "model", "registered": {...}}."""
+    t_all = time.monotonic()
+    p = plan(req, echo)
+    invalidate(p)
+    stage_preprocess(p)
+    run_dir = stage_train(p)
     with tempfile.TemporaryDirectory() as tmp:
-        local_model = model_path if not storage.is_s3(model_path) else os.path.join(tmp, f"{name}.ts")
-        if storage.exists(model_path):
-            _skip(echo, "export", f"{model_path} exists")
-            if storage.is_s3(model_path):
-                with open(local_model, "wb") as f:
-                    f.write(storage.read_bytes(model_path))
-        else:
-            os.makedirs(os.path.dirname(local_model) or ".", exist_ok=True)
-            export_run(run_dir, local_model, checkpoint="best", batch_size=export_batch_size,
-                       quantize=quantize, tracking_uri=tracking_uri)
-            if storage.is_s3(model_path):
-                with open(local_model, "rb") as f:
-                    storage.write_bytes(model_path, f.read())
-            echo(f"[export] {model_path} in {time.monotonic() - t0:.0f} s")
-
-        # 4. register (skipped when the registry already holds these bytes) --------------------
-        from msprior.export.publish import publish
-        from msprior.registry import model_name
-
-        # msprior-<name>, also after a sweep (whose winning run is named after its trial)
-        registered = publish(local_model, run=run_dir, name=registered_name or model_name(name),
-                             tracking_uri=tracking_uri, preview_secs=preview_secs,
-                             measure_int8=quantize == "int8", echo=echo)
+        local_model = stage_export(p, run_dir, tmp)
+        registered = stage_register(p, run_dir, local_model)
     echo(f"[pipeline] finished in {time.monotonic() - t_all:.0f} s")
-    return {"table": table, "run_dir": run_dir, "model": model_path, "registered": registered}
+    return {"table": p.table, "run_dir": run_dir, "model": p.model_path, "registered": registered}

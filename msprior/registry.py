@@ -2,33 +2,52 @@
 
 A version is a pyfunc "models from code" model (msprior/export/pyfunc.py) carrying the `.ts` as
 its artifact "ts": no pickled Python objects, and the file nn~ loads comes back byte for byte.
-Version tags: sha256 (of the .ts), rave_sha256, config, continuous, val_loss, quantize,
-torch_version, run. The alias `champion` moves to a new version only when its validation
-cross-entropy is lower than the current champion's (aliases replace the deprecated stages).
+A version is created with its tags in one call (a crash cannot leave a version without them):
+sha256 (of the .ts), rave_sha256, table, corpus, config, continuous, val_loss, quantize,
+torch_version, run, checkpoint.
+
+A registered model belongs to one corpus: the RAVE model (its sha256) and the latent table (its
+location) its versions were trained on. The registered model carries them as tags from its
+creation; a version of another corpus is refused, so `NAME@champion` never hands back a prior for
+another RAVE. `champion` is the version of lowest validation cross-entropy (ties: the older one).
+Every registration, after creating its version, re-reads the versions and the alias and sets the
+alias until the two agree: two registrations racing on one model leave it on the better version,
+whatever the interleaving (each write is followed by a read, and the last reader sees every
+version).
 """
 
 from __future__ import annotations
 
-from msprior.errors import UserError
+import hashlib
+import math
 import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from msprior.errors import UserError
+from msprior.redact import redact_uri, with_credentials
 
 CHAMPION = "champion"
 TS_ARTIFACT = "ts"
+# the registered model's corpus, set when it is created (tag keys)
+BOUND_RAVE, BOUND_TABLE, BOUND_CORPUS = "msprior.rave_sha256", "msprior.table", "msprior.corpus"
+# fault injection for tests: before its first alias write, wait until this file exists (a
+# registration that chose its champion, then stalled while another one registered a better version)
+STALL_ENV = "MSPRIOR_FAULT_CHAMPION_STALL"
 
 
 class RegistryError(UserError):
-    """A missing model / alias / version or a corrupted download; one line for the user."""
+    """A missing model / alias / version, a corpus mismatch or a corrupted download; one line."""
 
 
 def _client(tracking_uri: Optional[str]):
     import mlflow
     from msprior.train.tracking import client, default_tracking_uri
 
-    uri = default_tracking_uri(tracking_uri)
+    uri = default_tracking_uri(with_credentials(tracking_uri))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return client(uri)
@@ -39,35 +58,35 @@ def model_name(run_name: str) -> str:
     return "msprior-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-")
 
 
+def corpus_id(rave_sha256: Optional[str], table: Optional[str]) -> str:
+    """12 hex digits naming a corpus: the RAVE model's sha256 and the latent table's location."""
+    key = f"{rave_sha256 or 'unknown'}\n{redact_uri(table) or 'unknown'}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def corpus_tags(meta: Dict[str, Any]) -> Dict[str, str]:
+    """The corpus of an export (from its metadata) as version tags."""
+    rave, table = meta.get("rave_sha256"), redact_uri(meta.get("db_path"))
+    return {"rave_sha256": str(rave or "unknown"), "table": str(table or "unknown"),
+            "corpus": corpus_id(rave, table)}
+
+
 def _float(v: Any) -> Optional[float]:
     try:
-        return float(v)
+        f = float(v)
     except (TypeError, ValueError):
         return None
+    return f if math.isfinite(f) else None
 
 
-def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Optional[str] = None,
-                    previews: Iterable[str] = (), extra_tags: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """Log `ts_path` (with its config, manifest facts, sha256 and previews) to the training run it came
-    from (or a new run), register it as a new version, move `champion` if it is better.
-
-    Returns {"name", "version", "champion" (bool: the alias moved here), "run_id", "sha256"}.
-    """
-    import mlflow
-
-    from msprior.export.run import read_metadata, sha256_file
-    from msprior.train.tracking import experiment_id
-
-    meta = read_metadata(ts_path)
-    c = _client(tracking_uri or meta.get("tracking_uri"))
-    name = name or model_name(meta.get("run_name") or "prior")
-    digest = sha256_file(ts_path)
+def version_tags(meta: Dict[str, Any], digest: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Every tag of a new version, from the export's metadata and the file's sha256."""
     val_loss = _float(meta.get("best_val_loss") if meta.get("checkpoint") == "best" else meta.get("val_loss"))
     if val_loss is None:
         val_loss = _float(meta.get("val_loss"))
-    tags = {
+    return {
         "sha256": digest,
-        "rave_sha256": str(meta.get("rave_sha256")),
+        **corpus_tags(meta),
         "config": str(meta.get("config_name")),
         "continuous": str(bool(meta.get("continuous"))).lower(),
         "val_loss": "" if val_loss is None else repr(val_loss),
@@ -75,21 +94,64 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
         "torch_version": str(meta.get("torch_version")),
         "run": str(meta.get("run_name")),
         "checkpoint": str(meta.get("checkpoint")),
-        **(extra_tags or {}),
+        **(extra or {}),
     }
-    run_id = meta.get("mlflow_run_id")
-    if run_id:
-        try:
-            c.get_run(run_id)
-        except Exception:  # the training run lives in another store: log to a new run here
-            run_id = None
-    if not run_id:
-        exp = experiment_id(c, meta.get("run_name") or "msprior-export")
-        run_id = c.create_run(exp, run_name=f"export-{meta.get('run_name')}", tags={"msprior.export": "true"}).info.run_id
 
+
+def default_name(c, run_name: str, tags: Dict[str, str]) -> str:
+    """`msprior-<run name>`, or `msprior-<run name>-<corpus id>` when that name holds another corpus."""
+    base = model_name(run_name)
+    try:
+        bound = (c.get_registered_model(base).tags or {}).get(BOUND_CORPUS)
+    except Exception:  # no such model yet
+        return base
+    return base if bound in (None, tags["corpus"]) else f"{base}-{tags['corpus'][:8]}"
+
+
+def bind_corpus(c, name: str, tags: Dict[str, str]) -> None:
+    """Create `name` bound to this corpus, or check that the existing model is bound to it."""
+    bound = {BOUND_RAVE: tags["rave_sha256"], BOUND_TABLE: tags["table"], BOUND_CORPUS: tags["corpus"]}
+    try:
+        c.create_registered_model(name, tags=bound, description="msprior prior for nn~ (one corpus)")
+        return
+    except Exception:  # exists already (maybe created by a concurrent registration this instant)
+        rm = c.get_registered_model(name)
+    have = (rm.tags or {}).get(BOUND_CORPUS)
+    if have is None:  # registered before models were bound to a corpus: bind it now
+        for k, v in bound.items():
+            c.set_registered_model_tag(name, k, v)
+    elif have != tags["corpus"]:
+        raise RegistryError(
+            f"registered model {name!r} holds priors of another corpus (RAVE {rm.tags.get(BOUND_RAVE, '?')[:12]}, "
+            f"table {rm.tags.get(BOUND_TABLE)}); this export is RAVE {tags['rave_sha256'][:12]}, table {tags['table']}: "
+            f"pass another name (e.g. --name {name}-{tags['corpus'][:8]})")
+
+
+def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Optional[str] = None,
+                    previews: Iterable[str] = (), extra_tags: Optional[Dict[str, str]] = None,
+                    echo: Optional[Callable[[str], Any]] = None) -> Dict[str, Any]:
+    """Log `ts_path` (with its config, manifest facts, sha256 and previews) to the training run it came
+    from (or a new run), register it as a new version with its tags, then settle `champion`.
+
+    `name` None: `default_name` (never a model of another corpus); a `name` given is refused when it
+    holds another corpus. Returns {"name", "version", "champion" (bool: this version is the champion),
+    "champion_version", "run_id", "sha256"}.
+    """
+    import mlflow
+
+    from msprior.export.run import read_metadata, sha256_file
+
+    meta = read_metadata(ts_path)
+    c = _client(tracking_uri or meta.get("tracking_uri"))
+    digest = sha256_file(ts_path)
+    tags = version_tags(meta, digest, extra_tags)
+    name = name or default_name(c, meta.get("run_name") or "prior", tags)
+    bind_corpus(c, name, tags)  # before anything is logged: a wrong corpus is refused cheaply
+    run_id = _log_run(c, meta)
     here = os.path.dirname(os.path.abspath(__file__))
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_dict({k: v for k, v in meta.items() if k != "config"}, "export/export.json")
+        safe = {k: redact_uri(v) for k, v in meta.items() if k != "config"}
+        mlflow.log_dict(safe, "export/export.json")
         mlflow.log_dict(meta.get("config") or {}, "export/config.json")
         mlflow.log_artifact(ts_path, "export")
         for wav in previews:
@@ -100,27 +162,86 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
             python_model=os.path.join(here, "export", "pyfunc.py"),
             artifacts={TS_ARTIFACT: os.path.abspath(ts_path)},
             pip_requirements=[f"torch>={tags['torch_version']}"],
-            registered_model_name=name,
         )
-    version = str(info.registered_model_version)
-    for k, v in tags.items():
-        c.set_model_version_tag(name, version, k, v)
-    moved = _maybe_promote(c, name, version, val_loss)
-    return {"name": name, "version": version, "champion": moved, "run_id": run_id, "sha256": digest}
+    # the version and its tags in one call: no window where a version exists without its sha256
+    mv = c.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+    version = str(mv.version)
+    champion = settle_champion(c, name, echo)
+    return {"name": name, "version": version, "champion": champion == version, "champion_version": champion,
+            "run_id": run_id, "sha256": digest}
 
 
-def _maybe_promote(c, name: str, version: str, val_loss: Optional[float]) -> bool:
-    """Move `champion` to `version` when it is the first, or strictly better than the current one."""
-    try:
-        current = c.get_model_version_by_alias(name, CHAMPION)
-    except Exception:  # no champion yet
-        current = None
-    if current is not None:
-        best = _float(current.tags.get("val_loss"))
-        if val_loss is None or (best is not None and not val_loss < best):
-            return False
-    c.set_registered_model_alias(name, CHAMPION, version)
-    return True
+def _log_run(c, meta: Dict[str, Any]) -> str:
+    """The training run of the export when it is in this store, else a new run `export-<name>`."""
+    from msprior.train.tracking import experiment_id
+
+    run_id = meta.get("mlflow_run_id")
+    if run_id:
+        try:
+            c.get_run(run_id)
+            return run_id
+        except Exception:  # the training run lives in another store: log to a new run here
+            pass
+    exp = experiment_id(c, meta.get("run_name") or "msprior-export")
+    return c.create_run(exp, run_name=f"export-{meta.get('run_name')}", tags={"msprior.export": "true"}).info.run_id
+
+
+def all_versions(c, name: str) -> List[Any]:
+    """Every version of `name`, tags included (all pages)."""
+    out: List[Any] = []
+    token = None
+    while True:
+        page = c.search_model_versions(f"name='{name}'", page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def best_version(c, name: str) -> Optional[str]:
+    """The eligible version of lowest val_loss (ties: the lower version number), or None.
+
+    Eligible: it has its sha256 and a finite val_loss, and its corpus is the model's."""
+    rm = c.get_registered_model(name)
+    corpus = (rm.tags or {}).get(BOUND_CORPUS)
+    ranked = []
+    for v in all_versions(c, name):
+        t = v.tags or {}
+        loss = _float(t.get("val_loss"))
+        if t.get("sha256") and loss is not None and (corpus is None or t.get("corpus") == corpus):
+            ranked.append((loss, int(v.version)))
+    return str(min(ranked)[1]) if ranked else None
+
+
+def _alias(c, name: str, alias: str = CHAMPION) -> Optional[str]:
+    rm = c.get_registered_model(name)
+    v = (rm.aliases or {}).get(alias)
+    return str(v) if v is not None else None
+
+
+def settle_champion(c, name: str, echo: Optional[Callable[[str], Any]] = None, max_rounds: int = 50) -> Optional[str]:
+    """Set `champion` to the best eligible version, re-reading after each write until alias and
+    versions agree (a concurrent registration may have written in between). Returns the champion."""
+    for _ in range(max_rounds):
+        best = best_version(c, name)
+        current = _alias(c, name)
+        if best is None or best == current:
+            return current
+        _fault_stall(echo)
+        if echo:
+            echo(f"[register] {name}: champion -> version {best}")
+        c.set_registered_model_alias(name, CHAMPION, best)
+    raise RegistryError(f"{name}: champion did not settle after {max_rounds} rounds (registrations racing?); "
+                        "re-run the registration")
+
+
+def _fault_stall(echo: Optional[Callable[[str], Any]]) -> None:
+    flag = os.environ.get(STALL_ENV)
+    if flag and not os.path.exists(flag):
+        if echo:
+            echo(f"[fault] stalled before the alias write until {flag} exists")
+        while not os.path.exists(flag):
+            time.sleep(0.1)
 
 
 def parse_ref(ref: str) -> Tuple[str, Optional[str], Optional[str]]:
@@ -136,9 +257,9 @@ def parse_ref(ref: str) -> Tuple[str, Optional[str], Optional[str]]:
 
 def _describe(c, name: str) -> str:
     rm = c.get_registered_model(name)
-    versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+    numbers = sorted(int(v.version) for v in all_versions(c, name))
     aliases = ", ".join(f"{a} (v{v})" for a, v in sorted((rm.aliases or {}).items())) or "none"
-    return f"aliases: {aliases}; versions: {', '.join(map(str, versions)) or 'none'}"
+    return f"aliases: {aliases}; versions: {', '.join(map(str, numbers)) or 'none'}"
 
 
 def resolve(c, ref: str):
@@ -160,10 +281,10 @@ def resolve(c, ref: str):
     try:  # bare name: the champion, else the latest version
         return c.get_model_version_by_alias(name, CHAMPION)
     except Exception:
-        versions = sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-        if not versions:
+        found = sorted(all_versions(c, name), key=lambda v: int(v.version))
+        if not found:
             raise RegistryError(f"model {name!r} has no versions") from None
-        return versions[-1]
+        return found[-1]
 
 
 def pull(ref: str, out: str, tracking_uri: Optional[str] = None) -> str:
@@ -174,6 +295,9 @@ def pull(ref: str, out: str, tracking_uri: Optional[str] = None) -> str:
 
     c = _client(tracking_uri)
     mv = resolve(c, ref)
+    if not (mv.tags or {}).get("sha256"):  # a registration interrupted before its tags: unverifiable
+        raise RegistryError(f"{mv.name} v{mv.version} has no sha256 tag, so its download cannot be verified; "
+                            f"pull another version ({_describe(c, mv.name)})")
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(out)) as tmp:
@@ -184,8 +308,8 @@ def pull(ref: str, out: str, tracking_uri: Optional[str] = None) -> str:
         if len(found) != 1:
             raise RegistryError(f"{mv.name} v{mv.version}: expected one .ts artifact, found {len(found)}")
         digest = sha256_file(found[0])
-        expected = mv.tags.get("sha256")
-        if expected and digest != expected:
+        expected = (mv.tags or {}).get("sha256")
+        if digest != expected:
             raise RegistryError(f"{mv.name} v{mv.version}: downloaded file sha256 {digest[:12]}... does not match "
                                 f"the registered {expected[:12]}...; the artifact store is corrupted")
         staged = os.path.join(tmp, ".pulled.ts")

@@ -400,3 +400,51 @@ def test_local_stack_up_answers_and_down_leaves_nothing(tmp_path):
     assert not (stack_dir / "state.json").exists()
     assert not Path(stack.ray.temp_dir).exists()
     assert (stack_dir / "mlflow" / "mlflow.db").exists(), "down keeps the data"
+
+
+# --- the image's build context (cluster/Dockerfile.dockerignore) ---------------------------------
+
+
+def build_context(root: Path) -> set:
+    """The files `docker build -f cluster/Dockerfile .` would send from `root`, computed with
+    docker-py's implementation of .dockerignore matching (the Docker CLI's rules)."""
+    from docker.utils.build import exclude_paths
+
+    patterns = [line.strip() for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    sent = exclude_paths(str(root), patterns, dockerfile="cluster/Dockerfile")
+    return {p for p in sent if (root / p).is_file()}
+
+
+SECRETS_AND_OUTPUTS = [
+    "mlflow.db", "sub/dir/mlflow.db", "mlflow.db-journal", "mlartifacts/1/abc/artifacts/ts/model.ts",
+    "mlruns/0/meta.yaml", "runs/percussion/run.json", "runs/percussion/checkpoint_00000100/checkpoint.pt",
+    "out/runs/x/run.json", "msprior-demo/mlflow.db", "msprior-demo/out/export/demo.ts", "data/corpus/manifest.json",
+    "data/corpus/latents/a.parquet", "out/data/centroids.npy", "model.ts", "out/export/prior.ts",
+    "tests/fixtures/rave.ts", "corpus/a.wav", "corpus/b.flac", ".venv/bin/python", ".git/config",
+    ".msprior-stack/s3.json", ".env", "cluster/.env", ".aws/credentials", "key.pem", ".ray/auth_token",
+]
+IMAGE_NEEDS = ["pyproject.toml", "constraints.txt", "msprior/__init__.py", "msprior/data/preprocess.py",
+               "msprior/export/pyfunc.py", "configs/decoder_only.yaml", "configs/sweeps/default.yaml",
+               "jobs/pipeline.py", "cluster/runtime_env.yaml", "README.md"]
+
+
+def test_image_context_keeps_out_stores_outputs_and_secrets(tmp_path):
+    for rel in SECRETS_AND_OUTPUTS + IMAGE_NEEDS:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    sent = build_context(tmp_path)
+    assert sorted(set(SECRETS_AND_OUTPUTS) & sent) == []
+    assert sorted(set(IMAGE_NEEDS) - sent) == []
+
+
+def test_image_context_of_this_checkout_is_the_package():
+    """On the real working tree: every tracked file the install needs goes in; nothing else heavy."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, text=True, capture_output=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    sent = build_context(ROOT)
+    needed = {f for f in tracked if f.startswith(("msprior/", "configs/", "jobs/"))} | {"pyproject.toml", "constraints.txt"}
+    assert sorted(needed - sent) == []
+    assert not [f for f in sent if f.startswith((".venv/", ".git/", "tests/", "msprior-demo/", "runs/", "mlartifacts/"))
+                or f.endswith((".db", ".ts", ".parquet", ".wav"))]

@@ -110,3 +110,148 @@ def test_cli_export_from_mlflow_run_id_registers_with_preview_and_pulls(store, t
     with pytest.raises(SystemExit) as err:
         main(["pull", "msprior-cli@nope", "--out", str(pulled), "--tracking_uri", uri])
     assert err.value.code == 2
+
+
+# --- one corpus per registered model, tags in the creating call, champion under concurrency -------
+
+
+def _export_for(root, tag: str, val_loss: float, rave_sha: str = "ab" * 32, db_path=None) -> str:
+    """An export whose metadata names this RAVE sha256 and latent table (db_path)."""
+    from msprior.export.run import read_metadata
+    from msprior.train.checkpoint import read_run_json, write_run_json
+
+    run = make_run(str(root / tag), "decoder_only", steps=3, val_loss=val_loss, name=tag)
+    ckpt_file = root / tag / tag / "checkpoints" / "best" / "checkpoint.pt"
+    state = torch.load(ckpt_file, weights_only=True)
+    state["manifest"]["rave"]["sha256"] = rave_sha
+    torch.save(state, ckpt_file)
+    write_run_json(run, {**read_run_json(run), "db_path": db_path})
+    out = export_run(run, str(root / f"{tag}.ts"))
+    assert read_metadata(out)["rave_sha256"] == rave_sha
+    return out
+
+
+def test_a_model_holds_one_corpus_and_versions_carry_it(tmp_path):
+    from msprior import registry
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    a = _export_for(tmp_path, "x", 2.0, "aa" * 32, "/data/corpus-a")
+    (tmp_path / "other").mkdir()  # a run of the same name on another corpus, with a better loss
+    b = _export_for(tmp_path / "other", "x", 0.5, "bb" * 32, "/data/corpus-b")
+    v1 = registry.register_export(a, tracking_uri=uri)
+    assert v1["name"] == "msprior-x" and v1["champion"]
+    with pytest.raises(registry.RegistryError, match=r"^registered model 'msprior-x' holds priors of another "
+                       r"corpus .*pass another name \(e\.g\. --name msprior-x-[0-9a-f]{8}\)$"):
+        registry.register_export(b, name="msprior-x", tracking_uri=uri)  # a name given: refused
+    c = registry._client(uri)
+    assert [str(v.version) for v in registry.all_versions(c, "msprior-x")] == ["1"]  # nothing half-registered
+    v2 = registry.register_export(b, tracking_uri=uri)  # the default name: its own model
+    assert v2["name"] == f"msprior-x-{registry.corpus_id('bb' * 32, '/data/corpus-b')[:8]}" and v2["champion"]
+    assert str(c.get_model_version_by_alias("msprior-x", "champion").version) == "1"
+    rm = c.get_registered_model("msprior-x")
+    assert rm.tags[registry.BOUND_RAVE] == "aa" * 32 and rm.tags[registry.BOUND_TABLE] == "/data/corpus-a"
+    tags = c.get_model_version("msprior-x", "1").tags
+    assert tags["corpus"] == registry.corpus_id("aa" * 32, "/data/corpus-a") == rm.tags[registry.BOUND_CORPUS]
+    assert registry.corpus_id("aa" * 32, "/data/corpus-a") != registry.corpus_id("aa" * 32, "/data/corpus-b")
+
+
+def test_version_without_sha256_is_refused_by_pull_and_never_a_duplicate(tmp_path):
+    """What the old two-step registration left after a crash between the version and its tags."""
+    from msprior import registry
+    from msprior.export.publish import publish
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ts = _export_for(tmp_path, "t", 1.0)
+    first = registry.register_export(ts, name="msprior-t", tracking_uri=uri)
+    c = registry._client(uri)
+    src = c.get_model_version("msprior-t", first["version"]).source
+    bare = c.create_model_version("msprior-t", source=src)  # a version without any tag
+    with pytest.raises(registry.RegistryError, match=rf"^msprior-t v{bare.version} has no sha256 tag, so its "
+                       r"download cannot be verified; pull another version \(aliases: champion \(v1\); versions: 1, 2\)$"):
+        registry.pull(f"msprior-t/{bare.version}", str(tmp_path / "x.ts"), tracking_uri=uri)
+    assert not (tmp_path / "x.ts").exists()
+
+    # the first version is deleted: the tagless one must not pass for a copy of this file
+    c.delete_model_version("msprior-t", first["version"])
+    info = publish(ts, name="msprior-t", tracking_uri=uri, preview_secs=0, echo=lambda s: None)
+    assert info["version"] == "3" and info["champion"]  # registered again, and only it can be champion
+    assert c.get_model_version("msprior-t", "3").tags["sha256"] == info["sha256"]
+    pulled = registry.pull("msprior-t@champion", str(tmp_path / "c.ts"), tracking_uri=uri)
+    assert open(pulled, "rb").read() == open(ts, "rb").read()
+
+    # a registration that stopped after its version, before the alias: the skipped re-run settles it
+    c.delete_registered_model_alias("msprior-t", "champion")
+    again = publish(ts, name="msprior-t", tracking_uri=uri, preview_secs=0, echo=lambda s: None)
+    assert again["version"] == "3" and again["champion"]
+    assert str(c.get_model_version_by_alias("msprior-t", "champion").version) == "3"
+
+
+REGISTER = """
+import json, sys
+from msprior import registry
+info = registry.register_export(sys.argv[1], name=sys.argv[2], tracking_uri=sys.argv[3], echo=print)
+print("RESULT", json.dumps(info), flush=True)
+"""
+
+
+def _register_proc(ts, name, uri, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", REGISTER, ts, name, uri], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+
+
+def _finish(p, timeout=300):
+    out, _ = p.communicate(timeout=timeout)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_champion_survives_a_stalled_concurrent_registration(tmp_path):
+    """Process A registers a worse model, chooses itself as champion, and stalls before the alias
+    write; process B registers a better model meanwhile; A then writes its stale choice. The
+    re-read after each write brings the alias back to B's version."""
+    import json
+
+    from msprior import registry
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base, worse, better = (_export_for(tmp_path, t, loss) for t, loss in (("base", 2.0), ("worse", 1.5), ("better", 1.0)))
+    assert registry.register_export(base, name="msprior-race", tracking_uri=uri)["champion"]
+    flag = tmp_path / "go"
+    a = _register_proc(worse, "msprior-race", uri, {registry.STALL_ENV: str(flag)})
+    lines = []
+    for line in a.stdout:  # until A has chosen itself and stalls before writing
+        lines.append(line)
+        if line.startswith("[fault] stalled"):
+            break
+    assert lines and lines[-1].startswith("[fault] stalled"), "".join(lines)
+    assert "champion -> version 2" not in "".join(lines)  # A's write is still pending
+    b_out = _finish(_register_proc(better, "msprior-race", uri))
+    b = json.loads(b_out.split("RESULT ", 1)[1])
+    assert b["version"] == "3" and b["champion"]
+    flag.touch()
+    a_out = "".join(lines) + _finish(a)
+    # A wrote its stale choice, read again, and put the alias back on B's better version
+    assert a_out.index("champion -> version 2") < a_out.rindex("champion -> version 3"), a_out[-2000:]
+    c = registry._client(uri)
+    assert str(c.get_model_version_by_alias("msprior-race", "champion").version) == "3"
+
+
+@pytest.mark.slow
+def test_two_processes_registering_at_once_leave_the_better_champion(tmp_path):
+    from msprior import registry
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exports = [_export_for(tmp_path, f"e{i}", loss) for i, loss in enumerate((1.7, 1.2, 1.4, 1.1))]
+    registry.register_export(exports[0], name="msprior-duo", tracking_uri=uri)
+    procs = [_register_proc(ts, "msprior-duo", uri) for ts in exports[1:]]  # three at once, no stall
+    for p in procs:
+        _finish(p)
+    c = registry._client(uri)
+    losses = {str(v.version): float(v.tags["val_loss"]) for v in registry.all_versions(c, "msprior-duo")}
+    assert sorted(losses.values()) == [1.1, 1.2, 1.4, 1.7]
+    assert str(c.get_model_version_by_alias("msprior-duo", "champion").version) == min(losses, key=losses.get)

@@ -2,7 +2,8 @@
 
 One function, `publish`, shared by `msprior export` and the pipeline. Registration is idempotent:
 a file whose sha256 is already a version of the registered model is not registered twice (a
-re-run of the pipeline must not add versions).
+re-run of the pipeline must not add versions); a version without a sha256 tag (from an interrupted
+registration) is never taken for a duplicate.
 """
 
 from __future__ import annotations
@@ -11,40 +12,49 @@ import os
 from typing import Any, Callable, Dict, Optional
 
 from msprior import storage
+from msprior.redact import redact_uri, with_credentials
+
+# seconds of generated audio logged with a registered version (`msprior export` and `pipeline`)
+PREVIEW_SECS = 8.0
 
 
 def publish(ts_path: str, *, run: Optional[str] = None, checkpoint: str = "best", name: Optional[str] = None,
-            tracking_uri: Optional[str] = None, preview_secs: float = 4.0, measure_int8: bool = False,
-            echo: Callable[[str], Any] = print) -> Dict[str, Any]:
+            run_name: Optional[str] = None, tracking_uri: Optional[str] = None, preview_secs: float = PREVIEW_SECS,
+            measure_int8: bool = False, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     """Register `ts_path` (with a WAV preview and, for int8 exports, the CE change) unless the
-    registry already holds these exact bytes. Returns register_export's dict + "tracking_uri"."""
-    from mlflow.tracking import MlflowClient
-
+    registry already holds these exact bytes. `name` None: `msprior-<run_name or the export's run>`,
+    suffixed with the corpus id when that name holds another corpus. Returns register_export's
+    dict + "tracking_uri" (redacted: safe to print or write)."""
     from msprior.export.run import read_metadata, sha256_file
-    from msprior.registry import model_name, register_export
+    from msprior import registry
 
     meta = read_metadata(ts_path)
-    uri = tracking_uri or meta.get("tracking_uri")
-    name = name or model_name(meta.get("run_name") or "prior")
+    uri = tracking_uri or with_credentials(meta.get("tracking_uri"))
     digest = sha256_file(ts_path)
+    c = registry._client(uri)
+    name = name or registry.default_name(c, run_name or meta.get("run_name") or "prior", registry.corpus_tags(meta))
     try:
-        versions = MlflowClient(tracking_uri=uri).search_model_versions(f"name='{name}'")
+        versions = registry.all_versions(c, name)
     except Exception:  # no such registered model yet
         versions = []
     for v in versions:
-        if v.tags.get("sha256") == digest:
+        if (v.tags or {}).get("sha256") == digest:
+            # an earlier registration may have stopped before settling the alias: settle it now
+            champion = registry.settle_champion(c, name)
             echo(f"[register] skipped: {name} version {v.version} already holds this model (sha256 {digest[:12]})")
-            return {"name": name, "version": str(v.version), "champion": None, "sha256": digest, "tracking_uri": uri}
+            return {"name": name, "version": str(v.version), "champion": champion == str(v.version),
+                    "champion_version": champion, "sha256": digest, "tracking_uri": redact_uri(uri)}
 
     tags = int8_effect_tags(run, checkpoint, tracking_uri, meta, echo) if (measure_int8 and run) else {}
     previews = []
     if preview_secs > 0:
         wav = preview(ts_path, meta.get("db_path"), preview_secs, echo)
         previews = [wav] if wav else []
-    info = register_export(ts_path, name=name, tracking_uri=uri, previews=previews, extra_tags=tags)
-    info["tracking_uri"] = uri
+    info = registry.register_export(ts_path, name=name, tracking_uri=uri, previews=previews, extra_tags=tags)
+    info["tracking_uri"] = redact_uri(uri)
     echo(f"[register] {info['name']} version {info['version']}"
-         + (" is the new champion" if info["champion"] else " (champion unchanged: not better)"))
+         + (" is the new champion" if info["champion"] else f" (champion stays version {info['champion_version']}: "
+            "not better)"))
     return info
 
 

@@ -23,6 +23,7 @@ from msprior.config import Config
 from msprior.storage import sha256_file  # noqa: F401  (re-exported for the CLI and registry)
 from msprior.export.scripted import ScriptedPrior
 from msprior.model import DatasetFacts, Prior, build_prior
+from msprior.redact import redact_uri
 
 METADATA_FILE = "msprior.json"  # stored inside the .ts (torch.jit `_extra_files`), read by the registry
 QUANTIZE_CHOICES = ("int8",)
@@ -186,7 +187,7 @@ def metadata(loaded: LoadedRun, scripted: torch.jit.ScriptModule, quantize: Opti
         "val_loss": loaded.state.get("val_loss"),
         "best_val_loss": loaded.state.get("best_val_loss"),
         "mlflow_run_id": run.get("mlflow_run_id"),
-        "tracking_uri": run.get("tracking_uri"),
+        "tracking_uri": redact_uri(run.get("tracking_uri")),
         "db_path": run.get("db_path"),
         "rave_sha256": rave.get("sha256"),
         "rave_file": rave.get("original_name") or rave.get("file"),

@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 from msprior import console
 from msprior.config import Config, load_config
+from msprior.redact import redact_uri
 from msprior.runtime import ensure_ray
 
 DATA_CPU = 0.25  # what Ray Data's read tasks need to make progress next to the train workers
@@ -390,7 +391,7 @@ def train(
             "best_val_loss": metrics.get("best_val_loss"),
             "step": metrics.get("step"),
             "mlflow_run_id": run_id,
-            "tracking_uri": uri,
+            "tracking_uri": redact_uri(uri),
             "db_path": db_path,
         }
         write_run_json(run_dir, info)

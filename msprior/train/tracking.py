@@ -38,7 +38,11 @@ def _artifact_root(uri: str) -> Optional[str]:
 def client(tracking_uri: Optional[str] = None):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=default_tracking_uri(tracking_uri))
+    from msprior.redact import hide_printed_credentials
+
+    uri = default_tracking_uri(tracking_uri)
+    hide_printed_credentials(uri)  # MLflow would print the URI, password included
+    return MlflowClient(tracking_uri=uri)
 
 
 def experiment_id(c, name: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
+from msprior.redact import redact_uri
 from msprior.runtime import ensure_ray
 from msprior.train.run import DEFAULT_CPUS_PER_WORKER, TrainError, _storage, check_resources
 
@@ -193,7 +194,7 @@ def tune(
         summary = {"name": name, "best_trial": best["trial_id"], "best_config": best["config"],
                    "best_val_loss": best["val_loss"], "best_checkpoint": info.get("best_checkpoint"),
                    "best_run_dir": run_dir, "run_dir": run_dir, "best_run_id": info.get("mlflow_run_id"), "parent_run_id": parent,
-                   "tracking_uri": uri, "trials": trials}
+                   "tracking_uri": redact_uri(uri), "trials": trials}
         tracking.log_dict(client, parent, summary, "sweep.json")
         client.set_terminated(parent, status="FINISHED")
         return summary
@@ -232,7 +233,7 @@ def _trial_summary(result, sweep_name: str, storage: str, db_path: str, uri: str
     write_run_json(run_dir, {
         "name": f"{sweep_name}-{trial_id}", "best_checkpoint": uri_of(best_row["checkpoint_path"]),
         "last_checkpoint": uri_of(rows.iloc[-1]["checkpoint_path"]), "best_val_loss": float(rows["val_loss"].min()),
-        "step": int(rows.iloc[-1]["step"]), "mlflow_run_id": run_id, "tracking_uri": uri, "db_path": db_path,
+        "step": int(rows.iloc[-1]["step"]), "mlflow_run_id": run_id, "tracking_uri": redact_uri(uri), "db_path": db_path,
         "stopped_early_by": "ASHA"})
     if run_id:
         client.set_tag(run_id, "msprior.stopped_by", "ASHA")
