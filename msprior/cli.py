@@ -89,6 +89,7 @@ def preprocess_cmd(
     min_frames: int = opt(257, "--min_frames", help="Skip files shorter than this many frames (one training window)."),
     files_per_task: int = opt(8, "--files_per_task", help="Files per encode task (a failed task redoes only these)."),
     target_file_mb: float = opt(192.0, "--target_file_mb", help="Rows per data file, in MB before compression."),
+    decode_threads: int = opt(1, "--decode_threads", help="Decode threads per encoder (more for a GPU encoder)."),
 ):
     """Encode an audio corpus into a Parquet latent table with Ray Data (local or s3://)."""
     console.place(out_path)
@@ -98,7 +99,7 @@ def preprocess_cmd(
                                  batch_size=batch_size, num_workers=num_workers, gpu=gpu,
                                  condition_ratio=condition_ratio, condition_tokens=condition_tokens,
                                  min_frames=min_frames, files_per_task=files_per_task,
-                                 target_file_mb=target_file_mb), echo=console.echo)
+                                 target_file_mb=target_file_mb, decode_threads=decode_threads), echo=console.echo)
 
 
 # --- train and tune (issue 4) -----------------------------------------------------------------

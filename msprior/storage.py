@@ -64,6 +64,9 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+_S3FS: dict = {}
+
+
 def filesystem(path: str, s3: Optional[S3Options] = None):
     """(fsspec filesystem, path as that filesystem names it) for a local path or an s3:// URI."""
     if is_s3(path):
@@ -75,9 +78,13 @@ def filesystem(path: str, s3: Optional[S3Options] = None):
             client_kwargs["endpoint_url"] = o.endpoint_url
         if o.region:
             client_kwargs["region_name"] = o.region
-        fs = s3fs.S3FileSystem(key=o.key, secret=o.secret, token=o.token, client_kwargs=client_kwargs,
-                               # s3fs caches listings; a fresh instance per call sees others' writes
-                               skip_instance_cache=True)
+        ident = (o.endpoint_url, o.key, o.secret, o.token, o.region, os.getpid())
+        fs = _S3FS.get(ident)
+        if fs is None:  # one client per process and settings: creating one costs ~0.1 s of CPU
+            fs = _S3FS[ident] = s3fs.S3FileSystem(
+                key=o.key, secret=o.secret, token=o.token, client_kwargs=client_kwargs,
+                # no listing cache: every listing sees the writes of other processes
+                use_listings_cache=False, skip_instance_cache=True)
         return fs, path[len("s3://"):].rstrip("/")
     from fsspec.implementations.local import LocalFileSystem
 

@@ -166,3 +166,34 @@ def test_ledger_moments_round_trip(tmp_path):
     tbl.write_ledger_entry(str(tmp_path), "part-a", {"file": None, "features": m, "sources": []})
     (e,) = tbl.read_ledger(str(tmp_path))
     assert e["stem"] == "part-a" and json.loads(json.dumps(m)) == e["features"]
+
+
+def test_encode_task_with_several_decode_threads_gives_the_same_rows(tmp_path):
+    """An encode task (in this process: the actor class without Ray) with 3 decode threads returns
+    exactly the rows of one decode thread, each file complete, bad files as one error row each."""
+    from msprior.codec import save_codec
+    from msprior.data import features as feat
+    from msprior.data.preprocess import Encoder, Settings
+    from msprior.data.synthetic import write_bad_files, write_corpus
+
+    write_corpus(str(tmp_path / "c"), n_files=4, seconds=9.0, seed=0)
+    write_bad_files(str(tmp_path / "c" / "bad"))
+    files = sorted(p for p in (tmp_path / "c").rglob("*.*") if p.suffix != ".txt")
+    rave = save_codec(str(tmp_path / "codec.ts"), discrete=True)
+    n = len(feat.feature_names())
+    rows = {}
+    for threads in (1, 3):
+        s = Settings(audio_root=str(tmp_path / "c"), out_path="", run_id="", sr=44100, ratio=1024,
+                     chunk_samples=172 * 1024, min_frames=32, resolution=64, batch_size=4, condition_ratio=4,
+                     centroids=np.random.default_rng(0).standard_normal((8, n)).astype(np.float32),
+                     scale=np.ones(n, np.float32), s3=storage.S3Options(), decode_threads=threads)
+        enc = Encoder([open(rave, "rb").read()], s)
+        t = enc({"source": np.array([str(p.relative_to(tmp_path / "c")) for p in files]),
+                 "path": np.array([str(p) for p in files])})
+        rows[threads] = t.sort_by([("source", "ascending"), ("chunk", "ascending")])
+    assert rows[1].equals(rows[3])
+    errors = {r["source"] for r in rows[1].to_pylist() if r["error"]}
+    assert errors == {f"bad/{n}" for n in ("empty.wav", "notes.wav", "garbage.flac", "corrupt.wav", "tiny.wav",
+                                          "silent.wav")}
+    good = [r for r in rows[1].to_pylist() if not r["error"]]
+    assert len({r["source"] for r in good}) == 4 and all(r["n_chunks"] == 3 for r in good)

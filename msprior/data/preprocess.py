@@ -66,6 +66,7 @@ class PreprocessRequest:
     threads_per_worker: Optional[int] = None
     cpus_per_worker: float = 0.5
     files_per_task: int = 8  # files per encode task: a failed task redoes only these
+    decode_threads: int = 1  # per encoder actor (a GPU actor needs several to keep its GPU fed)
     target_file_mb: float = 192.0  # in-memory rows per data file (Parquet compresses them further)
     memory_per_worker_mb: Optional[float] = None  # Ray `memory=` of an encoder; None: estimated
     lease_ttl_s: Optional[float] = None  # None: MSPRIOR_LEASE_TTL_S or 60
@@ -90,6 +91,7 @@ class Settings:
     scale: Optional[np.ndarray]
     s3: storage.S3Options
     threads: int = 1
+    decode_threads: int = 1
     gpu: bool = False
     target_bytes: int = 192 << 20
     row_group_bytes: int = 64 << 20
@@ -147,13 +149,27 @@ def _file_events(source: str, path: str, s: Settings):
     yield ("done", source, n)
 
 
-def _producer(files: List[Tuple[str, str]], s: Settings, q: "queue.Queue") -> None:
-    """Decode thread: streams every file's chunks into a bounded queue (soundfile, soxr and numpy
-    release the GIL, so decoding overlaps the encode on the actor's main thread)."""
-    try:
-        for source, path in files:
+def _producer(files: List[Tuple[str, str]], s: Settings, q: "queue.Queue", threads: int) -> None:
+    """Decode threads: `threads` of them take files from one list and stream their chunks into a
+    bounded queue (soundfile, soxr and numpy release the GIL, so decoding overlaps the encode on the
+    actor's main thread); None marks the end."""
+    todo = list(reversed(files))
+
+    def work() -> None:
+        while True:
+            try:
+                source, path = todo.pop()  # list.pop is atomic under the GIL
+            except IndexError:
+                return
             for ev in _file_events(source, path, s):
                 q.put(ev)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(max(1, threads))]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
     finally:
         q.put(None)
 
@@ -185,8 +201,9 @@ class Encoder:
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> pa.Table:
         files = [(str(a), str(b)) for a, b in zip(batch["source"], batch["path"])]
-        q: "queue.Queue" = queue.Queue(maxsize=4)  # decode runs a few chunks ahead, no more
-        threading.Thread(target=_producer, args=(files, self.s, q), daemon=True).start()
+        n = self.s.decode_threads
+        q: "queue.Queue" = queue.Queue(maxsize=4 * n)  # decode runs a few chunks ahead, no more
+        threading.Thread(target=_producer, args=(files, self.s, q, n), daemon=True).start()
         chunks: Dict[str, Dict[int, dict]] = defaultdict(dict)
         errors: Dict[str, Tuple[str, bool]] = {}
         buckets: Dict[int, List[Tuple[str, int]]] = defaultdict(list)  # equal lengths stack
@@ -398,8 +415,8 @@ def _validate(req: PreprocessRequest) -> None:
         raise PreprocessError(f"--resolution must be in [2, 32767] (got {req.resolution})")
     if req.condition_ratio < 0:
         raise PreprocessError(f"--condition_ratio must be >= 0 (got {req.condition_ratio}; 0 turns conditioning off)")
-    if req.num_workers < 1 or req.batch_size < 1 or req.files_per_task < 1:
-        raise PreprocessError("--num_workers, --batch_size and files_per_task must be >= 1")
+    if min(req.num_workers, req.batch_size, req.files_per_task, req.decode_threads) < 1:
+        raise PreprocessError("--num_workers, --batch_size, --files_per_task and --decode_threads must be >= 1")
 
 
 def _load_rave(req: PreprocessRequest, s3: storage.S3Options) -> RaveInfo:
@@ -760,7 +777,8 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
                      min_frames=req.min_frames, resolution=req.resolution, batch_size=req.batch_size,
                      condition_ratio=req.condition_ratio, centroids=centroids, scale=scale, s3=s3,
                      threads=req.threads_per_worker or max(1, (os.cpu_count() or 1) // req.num_workers),
-                     gpu=req.gpu, target_bytes=int(req.target_file_mb * 2**20))
+                     gpu=req.gpu, target_bytes=int(req.target_file_mb * 2**20),
+                     decode_threads=req.decode_threads)
         returns, ray_init_s = [], 0.0
         if pending:
             t = time.monotonic()  # timed apart: start-up is not throughput
