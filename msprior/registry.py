@@ -45,7 +45,7 @@ class RegistryError(UserError):
 
 def _client(tracking_uri: Optional[str]):
     import mlflow
-    from msprior.train.tracking import client, default_tracking_uri
+    from msprior.tracking import client, default_tracking_uri
 
     uri = default_tracking_uri(with_credentials(tracking_uri))
     mlflow.set_tracking_uri(uri)
@@ -139,7 +139,8 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
     """
     import mlflow
 
-    from msprior.export.run import read_metadata, sha256_file
+    from msprior.export.metadata import read_metadata
+    from msprior.storage import sha256_file
 
     meta = read_metadata(ts_path)
     c = _client(tracking_uri or meta.get("tracking_uri"))
@@ -173,7 +174,7 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
 
 def _log_run(c, meta: Dict[str, Any]) -> str:
     """The training run of the export when it is in this store, else a new run `export-<name>`."""
-    from msprior.train.tracking import experiment_id
+    from msprior.tracking import experiment_id
 
     run_id = meta.get("mlflow_run_id")
     if run_id:
@@ -291,7 +292,7 @@ def pull(ref: str, out: str, tracking_uri: Optional[str] = None) -> str:
     """Download the `.ts` of `ref` (`NAME[@alias|/version]`) to `out`, verified against its sha256."""
     import mlflow
 
-    from msprior.export.run import sha256_file
+    from msprior.storage import sha256_file
 
     c = _client(tracking_uri)
     mv = resolve(c, ref)

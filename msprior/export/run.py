@@ -21,11 +21,11 @@ import torch.nn as nn
 
 from msprior.config import Config
 from msprior.storage import sha256_file  # noqa: F401  (re-exported for the CLI and registry)
+from msprior.export.metadata import METADATA_FILE, read_metadata  # noqa: F401 (re-export)
 from msprior.export.scripted import ScriptedPrior
 from msprior.model import DatasetFacts, Prior, build_prior
 from msprior.redact import redact_uri
 
-METADATA_FILE = "msprior.json"  # stored inside the .ts (torch.jit `_extra_files`), read by the registry
 QUANTIZE_CHOICES = ("int8",)
 
 
@@ -217,13 +217,6 @@ def save_scripted(scripted: torch.jit.ScriptModule, out: str, meta: Dict[str, An
         if os.path.exists(tmp):
             os.remove(tmp)
     return out
-
-
-def read_metadata(path: str) -> Dict[str, Any]:
-    """The export's metadata without running anything (torch.jit.load reads the extra file)."""
-    files = {METADATA_FILE: ""}
-    torch.jit.load(path, map_location="cpu", _extra_files=files)
-    return json.loads(files[METADATA_FILE]) if files[METADATA_FILE] else {}
 
 
 def export_run(run: str, out: str, checkpoint: str = "best", batch_size: int = 1,

@@ -77,7 +77,7 @@ def resolve_run_dir(run_dir_or_mlflow_id: str, tracking_uri: Optional[str] = Non
     if ref.startswith("s3://") or os.path.exists(ref):
         return ref
     if len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):  # MLflow run ids: 32 hex digits
-        from msprior.train.tracking import client
+        from msprior.tracking import client
 
         try:
             run = client(tracking_uri).get_run(ref)
