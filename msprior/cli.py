@@ -56,7 +56,7 @@ def config_cmd(
     typer.echo(load_config(config, override or []).to_yaml(), nl=False)
 
 
-# --- data: demo codec, preprocess (issue 3) ---------------------------------------------------
+# --- data: demo codec, preprocess ---------------------------------------------------
 
 
 @app.command("codec")
@@ -102,7 +102,7 @@ def preprocess_cmd(
                                  target_file_mb=target_file_mb, decode_threads=decode_threads), echo=console.echo)
 
 
-# --- train and tune (issue 4) -----------------------------------------------------------------
+# --- train and tune -----------------------------------------------------------------
 
 
 @app.command("train")
@@ -162,7 +162,7 @@ def tune_cmd(
 
 
 
-# --- export for nn~ and the MLflow registry (issue 5) -------------------------------------------
+# --- export for nn~ and the MLflow registry -------------------------------------------
 
 
 @app.command("export")
@@ -204,7 +204,7 @@ def pull_cmd(
     console.echo(f"pulled {ref} -> {path}")
 
 
-# --- the whole pipeline, and the embedded demo (issue 6) -------------------------------------------
+# --- the whole pipeline, and the embedded demo -------------------------------------------
 
 
 @app.command("pipeline")

@@ -455,7 +455,7 @@ class RayHead(_Daemon):
                  start_timeout: float = 120.0, detach: bool = False):
         super().__init__(dir, env, start_timeout, detach)
         # Logical CPUs >= 4 even on 2 cores: fractional Data/Train/Tune requests then fit side
-        # by side instead of waiting forever for one another (FIELD_NOTES).
+        # by side instead of waiting forever for one another.
         self.num_cpus = num_cpus or max(4, os.cpu_count() or 1)
         self.object_store_memory = object_store_memory
         self.ports: Dict[str, int] = {}

@@ -1,6 +1,6 @@
 """The nn~ wrapper: a TorchScript module that streams a Prior in Max/MSP and PureData.
 
-What nn~'s backend does with it (see shared DESIGN.md, "Exported model (nn~)"):
+What nn~'s backend does with it (read off its C++ source):
   * `get_methods()` -> ["forward"], and `forward_params` = [in_ch, ratio, out_ch, ratio];
   * `forward(x [B, in_ch, n])` -> [B, Q + 1, n]: x holds one value per RAVE frame (nn~ takes the
     last sample of each `ratio` block); channels are the Q latent channels, then the conditioning
