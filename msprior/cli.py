@@ -290,7 +290,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         with console.session(command, quiet=command in NOISY and not verbose and "--help" not in argv):
             app(args=argv)  # standalone: click prints usage errors and exits itself
     except (UserError, FileNotFoundError) as e:  # every stage's one-line errors derive from UserError
-        typer.secho(f"error: {redact_text(str(e))}", err=True, fg="red")  # no password in a message
+        log = f" (full log: {console.last_log})" if console.last_log else ""
+        typer.secho(f"error: {redact_text(str(e))}{log}", err=True, fg="red")  # no password in a message
         sys.exit(2)
 
 

@@ -22,6 +22,8 @@ from typing import Iterator, Optional, TextIO
 
 _user: Optional[TextIO] = None  # the real terminal while a session redirects fds 1 and 2
 _log_path: Optional[str] = None
+_made: list = []  # folders place() created, removed again when the log stays empty
+last_log: Optional[str] = None  # the log of the session that ended last (None: it was empty)
 
 
 def out() -> TextIO:
@@ -55,7 +57,13 @@ def place(folder: str) -> None:
     target = os.path.join(target_dir, os.path.basename(_log_path))
     if target == _log_path:
         return
-    os.makedirs(target_dir, exist_ok=True)
+    missing, d = [], target_dir
+    while not os.path.isdir(d):
+        missing.insert(0, d)
+        d = os.path.dirname(d)
+    for d in missing:
+        os.mkdir(d)
+        _made.append(d)
     try:
         os.rename(_log_path, target)  # the open descriptors follow the file
     except OSError:  # another filesystem: copy, then write to the copy from now on
@@ -82,8 +90,15 @@ def session(command: str, quiet: bool = True) -> Iterator[Optional[str]]:
     saved_out, saved_err = os.dup(1), os.dup(2)
     _user = os.fdopen(os.dup(saved_out), "w", buffering=1)
     _redirect_to(_log_path)
+    failed = False
     try:
         yield _log_path
+    except SystemExit as e:  # click ends every command with one; a non-zero code is a failure
+        failed = e.code not in (0, None)
+        raise
+    except BaseException:
+        failed = True
+        raise
     finally:
         if not ray_was_up:  # a Ray this command started: its exit messages belong in the log too
             _shutdown_ray()
@@ -95,8 +110,26 @@ def session(command: str, quiet: bool = True) -> Iterator[Optional[str]]:
         os.close(saved_err)
         _user.close()
         _user = None
-        print(f"log: {_log_path}", file=sys.stderr, flush=True)
-        _log_path = None
+        _close_log(failed)
+
+
+def _close_log(failed: bool) -> None:
+    """Name a log that holds something (an error's line names it itself); drop an empty one."""
+    global _log_path, last_log
+    if os.path.getsize(_log_path) == 0:
+        os.unlink(_log_path)
+        for d in reversed(_made):  # only folders this session made, and only when empty
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        last_log = None
+    else:
+        last_log = _log_path
+        if not failed:
+            print(f"log: {_log_path}", file=sys.stderr, flush=True)
+    _made.clear()
+    _log_path = None
 
 
 def _ray_is_up() -> bool:
