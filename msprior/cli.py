@@ -87,7 +87,8 @@ def preprocess_cmd(
     condition_ratio: int = opt(4, "--condition_ratio", help="RAVE frames per conditioning frame; 0 = none."),
     condition_tokens: int = opt(64, "--condition_tokens", help="k-means classes of the conditioning tokens."),
     min_frames: int = opt(257, "--min_frames", help="Skip files shorter than this many frames (one training window)."),
-    files_per_task: int = opt(8, "--files_per_task", help="Files per encode task (a failed task redoes only these)."),
+    files_per_task: int = opt(64, "--files_per_task", help="At most this many files per encode task..."),
+    task_mb: float = opt(128.0, "--task_mb", help="...and about this many MB of input (a failed task redoes only these)."),
     target_file_mb: float = opt(192.0, "--target_file_mb", help="Rows per data file, in MB before compression."),
     decode_threads: int = opt(1, "--decode_threads", help="Decode threads per encoder (more for a GPU encoder)."),
 ):
@@ -98,7 +99,7 @@ def preprocess_cmd(
     preprocess(PreprocessRequest(audio, out_path, rave, num_secs=num_secs, resolution=resolution,
                                  batch_size=batch_size, num_workers=num_workers, gpu=gpu,
                                  condition_ratio=condition_ratio, condition_tokens=condition_tokens,
-                                 min_frames=min_frames, files_per_task=files_per_task,
+                                 min_frames=min_frames, files_per_task=files_per_task, task_mb=task_mb,
                                  target_file_mb=target_file_mb, decode_threads=decode_threads), echo=console.echo)
 
 

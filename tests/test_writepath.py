@@ -197,3 +197,32 @@ def test_encode_task_with_several_decode_threads_gives_the_same_rows(tmp_path):
                                           "silent.wav")}
     good = [r for r in rows[1].to_pylist() if not r["error"]]
     assert len({r["source"] for r in good}) == 4 and all(r["n_chunks"] == 3 for r in good)
+
+
+def test_transient_failures_are_not_committed_and_come_back_on_resume(tmp_path):
+    """A write task's bundle with a good file, a bad file and a file failed for a transient cause:
+    only the first two are committed (the ledger says so), and the next run's pending list has the
+    third again; a data file holds only complete files."""
+    from msprior.data.lease import Lease
+    from msprior.data.preprocess import Settings, _pending, _rows_table, commit_bundle
+
+    out = str(tmp_path / "table")
+    chunk = {"start_s": 0.0, "frames": 2, "rave": np.zeros(8, np.int16), "tokens": np.zeros(0, np.int16),
+             "features": np.zeros(0, np.float32)}
+    files = [("good.wav", ""), ("bad.wav", ""), ("flaky.wav", ""), ("partial.wav", "")]
+    chunks = {"good.wav": {0: chunk, 1: chunk}, "partial.wav": {0: chunk, 1: chunk}}
+    errors = {"bad.wav": ("cannot decode: Format not recognised.", False),
+              "flaky.wav": ("ReadTimeoutError: Read timeout on endpoint URL", True)}
+    t = _rows_table(files, chunks, errors)
+    t = t.filter(~((np.asarray(t["source"].to_pylist()) == "partial.wav") & (np.asarray(t["chunk"].to_pylist()) == 1)))
+    s = Settings(audio_root="", out_path=out, run_id="r1", sr=44100, ratio=1024, chunk_samples=1024, min_frames=1,
+                 resolution=64, batch_size=1, condition_ratio=0, centroids=None, scale=None, s3=storage.S3Options())
+    with Lease.acquire(out, ttl_s=30, run_id="r1"):
+        entry = commit_bundle(t, s)
+    assert [x[0] for x in entry["sources"]] == ["good.wav"] and entry["skipped"][0][0] == "bad.wav"
+    assert {x[0] for x in entry["failed"]} == {"flaky.wav", "partial.wav"}
+    (rec,) = tbl.read_ledger(out)
+    assert "failed" not in rec and rec["file"] == entry["file"]
+    pending, done = _pending([(f, f, 1) for f, _ in files], [rec])
+    assert sorted(p[0] for p in pending) == ["flaky.wav", "partial.wav"] and done == 1
+    assert tbl.read_table(out)["source"].to_pylist() == ["good.wav", "good.wav"]

@@ -65,7 +65,8 @@ class PreprocessRequest:
     min_frames: int = 257
     threads_per_worker: Optional[int] = None
     cpus_per_worker: float = 0.5
-    files_per_task: int = 8  # files per encode task: a failed task redoes only these
+    files_per_task: int = 64  # at most this many files per encode task ...
+    task_mb: float = 128.0  # ... and about this many MB of input files: a failed task redoes only these
     decode_threads: int = 1  # per encoder actor (a GPU actor needs several to keep its GPU fed)
     target_file_mb: float = 192.0  # in-memory rows per data file (Parquet compresses them further)
     memory_per_worker_mb: Optional[float] = None  # Ray `memory=` of an encoder; None: estimated
@@ -174,6 +175,11 @@ def _producer(files: List[Tuple[str, str]], s: Settings, q: "queue.Queue", threa
         q.put(None)
 
 
+def _flat(col) -> list:
+    """A batch column of file names, or of lists of them (one row per task), as one list."""
+    return [x for v in col for x in ([v] if isinstance(v, str) else list(v))]
+
+
 class Encoder:
     """Ray Data actor: loads the RAVE export once; turns a batch of files into token rows.
 
@@ -200,7 +206,7 @@ class Encoder:
         self.s = settings
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> pa.Table:
-        files = [(str(a), str(b)) for a, b in zip(batch["source"], batch["path"])]
+        files = [(str(a), str(b)) for a, b in zip(_flat(batch["source"]), _flat(batch["path"]))]
         n = self.s.decode_threads
         q: "queue.Queue" = queue.Queue(maxsize=4 * n)  # decode runs a few chunks ahead, no more
         threading.Thread(target=_producer, args=(files, self.s, q, n), daemon=True).start()
@@ -419,52 +425,89 @@ def _validate(req: PreprocessRequest) -> None:
         raise PreprocessError("--num_workers, --batch_size, --files_per_task and --decode_threads must be >= 1")
 
 
-def _load_rave(req: PreprocessRequest, s3: storage.S3Options) -> RaveInfo:
-    """The RAVE export's bytes, sha256 and the facts the manifest records."""
-    import hashlib
-
-    from msprior.rave import RaveError, load_rave
-
+def _read_rave(req: PreprocessRequest, s3: storage.S3Options) -> bytes:
     if storage.is_s3(req.rave):
         if not storage.exists(req.rave, s3):
             raise PreprocessError(f"{req.rave}: no such object; expected a RAVE model exported as TorchScript")
-        data = storage.read_bytes(req.rave, s3)
-    elif not os.path.exists(req.rave):
+        return storage.read_bytes(req.rave, s3)
+    if not os.path.exists(req.rave):
         raise PreprocessError(f"--rave {req.rave}: no such file; expected a RAVE model exported as TorchScript (.ts)")
-    else:
-        with open(req.rave, "rb") as f:
-            data = f.read()
-    with tempfile.NamedTemporaryFile(suffix=".ts") as f:
-        f.write(data)
-        f.flush()
+    with open(req.rave, "rb") as f:
+        return f.read()
+
+
+def _inspect_rave(data: bytes, name: str, resolution: int) -> Dict:
+    """(in a Ray task: the driver never loads torch) the manifest's RAVE facts, or {"error": line}."""
+    from msprior.rave import RaveError, load_rave
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, os.path.basename(name) or "rave.ts")
+        with open(path, "wb") as f:
+            f.write(data)
         try:
-            model = load_rave(req.rave if not storage.is_s3(req.rave) else f.name)
+            model = load_rave(path)
         except RaveError as e:
-            raise PreprocessError(f"--rave {e}") from None
+            return {"error": f"--rave {str(e).replace(path, name)}"}
     if model.discrete and model.codebook_size > 32767:
-        raise PreprocessError(f"--rave {req.rave}: codebook size {model.codebook_size} does not fit int16 tokens")
-    facts = {"file": tbl.RAVE_FILE, "original_name": os.path.basename(req.rave),
-             "sha256": hashlib.sha256(data).hexdigest(), "sr": model.sr, "ratio": model.ratio,
-             "latent_size": model.latent_size, "num_quantizers": model.num_quantizers,
-             "vocab_size": model.vocab_size(req.resolution), "continuous": not model.discrete,
-             "resolution": None if model.discrete else req.resolution}
-    return RaveInfo(data=data, sha256=facts["sha256"], facts=facts)
+        return {"error": f"--rave {name}: codebook size {model.codebook_size} does not fit int16 tokens"}
+    return {"sr": model.sr, "ratio": model.ratio, "latent_size": model.latent_size,
+            "num_quantizers": model.num_quantizers, "vocab_size": model.vocab_size(resolution),
+            "continuous": not model.discrete, "resolution": None if model.discrete else resolution}
+
+
+def _remote(fn, *args, num_cpus: float = 0.5):
+    """Run `fn(*args)` as a Ray task and return its result (keeps model loading off the driver)."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=num_cpus, max_retries=2)(fn).remote(*args))
+
+
+class _RayUp:
+    """Start or join Ray on first need; the start-up time is kept apart (it is not throughput)."""
+
+    def __init__(self):
+        self.init_s = 0.0
+
+    def __call__(self) -> None:
+        t = time.monotonic()
+        if ensure_ray():
+            self.init_s += time.monotonic() - t
+
+
+def _load_rave(req: PreprocessRequest, s3: storage.S3Options, old_intent: Optional[Dict], ray_up) -> RaveInfo:
+    """The RAVE export's bytes, sha256 and facts; the facts come from the table's intent when it
+    was made with the same file, else from loading it (in a Ray task)."""
+    import hashlib
+
+    data = _read_rave(req, s3)
+    sha = hashlib.sha256(data).hexdigest()
+    head = {"file": tbl.RAVE_FILE, "original_name": os.path.basename(req.rave), "sha256": sha}
+    if old_intent and old_intent["rave"]["sha256"] == sha:
+        facts = {**old_intent["rave"], **head}
+        if facts["continuous"]:  # what this request asks; the intent check compares it
+            facts.update(resolution=req.resolution, vocab_size=req.resolution)
+        return RaveInfo(data=data, sha256=sha, facts=facts)
+    ray_up()
+    facts = _remote(_inspect_rave, data, req.rave, req.resolution)
+    if "error" in facts:
+        raise PreprocessError(facts["error"])
+    return RaveInfo(data=data, sha256=sha, facts={**head, **facts})
 
 
 def _list_corpus(audio: str, s3: storage.S3Options):
-    """(corpus root, [(source, full path)] audio files, [ignored non-audio sources])."""
+    """(corpus root, [(source, full path, bytes)] audio files, [ignored non-audio sources])."""
     fs, root = storage.filesystem(audio, s3)
     if not fs.exists(root):
         raise PreprocessError(f"--audio {audio}: no such directory or s3:// prefix")
     if fs.isfile(root):  # a single file is a corpus of one, rooted at its folder
         parent, name = root.rsplit("/", 1) if "/" in root else ("", root)
         audio_root = ("s3://" + parent) if storage.is_s3(audio) else parent
-        files = [name]
+        files = [(name, int(fs.info(root).get("size") or 0))]
     else:
-        audio_root, files = audio, [rel for rel, _ in storage.list_files(audio, s3)]
+        audio_root, files = audio, storage.list_files(audio, s3)
     _, base = storage.filesystem(audio_root, s3)
-    good = [(rel, f"{base}/{rel}") for rel in files if audio_mod.is_audio_name(rel)]
-    ignored = [rel for rel in files if not audio_mod.is_audio_name(rel)]
+    good = [(rel, f"{base}/{rel}", size) for rel, size in files if audio_mod.is_audio_name(rel)]
+    ignored = [rel for rel, _ in files if not audio_mod.is_audio_name(rel)]
     if not good:
         raise PreprocessError(f"--audio {audio}: no audio files found (looked for "
                               f".wav/.flac/.ogg/.opus/.mp3/.aiff... recursively)")
@@ -480,13 +523,13 @@ def _request_fields(req: PreprocessRequest, rave: RaveInfo) -> Dict:
 
 
 def _fit_conditioning(files, audio_root, sr, ratio, cond_ratio, k, s3, max_files=16):
-    """Features of the first 30 s of a few evenly spaced files (driver side) -> (centroids, scale)."""
-    step = max(1, len(files) // max_files)
+    """Features of the first 30 s of a few of `files` -> (centroids, scale)."""
+    step = 1
     s = Settings(audio_root=audio_root, out_path="", run_id="", sr=sr, ratio=ratio, chunk_samples=1,
                  min_frames=1, resolution=2, batch_size=1, condition_ratio=cond_ratio, centroids=None,
                  scale=None, s3=s3)
     hop, sample = cond_ratio * ratio, []
-    for _, path in files[::step][: max_files * 2]:
+    for _, path, _ in files[::step][: max_files * 2]:
         try:
             with _local_file(path, s) as local:
                 x, n = [], 0
@@ -516,7 +559,7 @@ def _save_npy(path: str, a: np.ndarray, s3) -> str:
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
-def _intent(req: PreprocessRequest, rave: RaveInfo, corpus, s3, run_id: str) -> Dict:
+def _intent(req: PreprocessRequest, rave: RaveInfo, corpus, s3, run_id: str, ray_up) -> Dict:
     """Check the table's intent record against this request, or write it (before any encoding):
     settings, RAVE facts and the conditioning centroids, fitted once and never again."""
     out = req.out_path
@@ -536,8 +579,10 @@ def _intent(req: PreprocessRequest, rave: RaveInfo, corpus, s3, run_id: str) -> 
     cond = None
     if req.condition_ratio:
         audio_root, files, _ = corpus
-        centroids, scale = _fit_conditioning(files, audio_root, sr, ratio, req.condition_ratio,
-                                             req.condition_tokens, s3)
+        sample = files[:: max(1, len(files) // 16)][:32]  # evenly spaced files, fitted in a Ray task
+        ray_up()
+        centroids, scale = _remote(_fit_conditioning, sample, audio_root, sr, ratio, req.condition_ratio,
+                                   req.condition_tokens, s3, num_cpus=1.0)
         sha = _save_npy(storage.join(out, tbl.CENTROIDS), centroids, s3)
         names = feat.feature_names()
         cond = {"ratio": int(req.condition_ratio), "features": {"names": names, "size": len(names)},
@@ -591,8 +636,8 @@ def _pending(files, entries: List[Dict]) -> Tuple[list, int]:
     done = {src for e in entries for src, _, _ in e.get("sources", [])}
     done |= {src for e in entries for src, _ in e.get("skipped", [])}
     committed = {src for e in entries for src, _, _ in e.get("sources", [])}
-    pending = [(src, path) for src, path in files if src not in done]
-    return pending, sum(1 for src, _ in files if src in committed)
+    pending = [f for f in files if f[0] not in done]
+    return pending, sum(1 for f in files if f[0] in committed)
 
 
 # --- driver: the Ray Data run -----------------------------------------------------------------------
@@ -603,7 +648,20 @@ def _encoder_memory(req: PreprocessRequest, s: Settings) -> int:
     if req.memory_per_worker_mb:
         return int(req.memory_per_worker_mb * 2**20)
     batch = req.batch_size * s.chunk_samples * 4
-    return int(512 * 2**20 + 8 * batch)
+    return int(1024 * 2**20 + 8 * batch)  # Ray Data saw 953 MB for a 4 M-param encoder at batch 8 x 16 s
+
+
+def _tasks(pending, req: PreprocessRequest) -> List[list]:
+    """Group files into tasks of about `task_mb` of input, at most `files_per_task` files: a few long
+    files or many short ones per task, so that scheduling stays cheap and a failed task costs little."""
+    tasks, cur, size = [], [], 0
+    for f in pending:
+        if cur and (len(cur) >= req.files_per_task or size + f[2] > req.task_mb * 2**20):
+            tasks.append(cur)
+            cur, size = [], 0
+        cur.append(f)
+        size += f[2]
+    return tasks + ([cur] if cur else [])
 
 
 def _encode_pending(pending, s: Settings, req: PreprocessRequest, rave: RaveInfo) -> List[Dict]:
@@ -622,12 +680,14 @@ def _encode_pending(pending, s: Settings, req: PreprocessRequest, rave: RaveInfo
         if total <= 0:
             raise PreprocessError("--gpu was given but the Ray cluster has no GPU")
         num_gpus = min(1.0, total / req.num_workers)  # a GPU fraction per actor
-    items = [{"source": src, "path": path} for src, path in pending]
-    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / req.files_per_task))
+    # never ask for more than the cluster has: an unschedulable actor would wait forever
+    memory = min(_encoder_memory(req, s), 0.8 * ray.cluster_resources().get("memory", 1e18) / req.num_workers)
+    items = [{"source": [f[0] for f in g], "path": [f[1] for f in g]} for g in _tasks(pending, req)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one row (a few files) per task
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={"rave_ref": [ray.put(rave.data)], "settings": s},
-                        compute=ray.data.ActorPoolStrategy(size=req.num_workers), batch_size=req.files_per_task,
+                        compute=ray.data.ActorPoolStrategy(size=req.num_workers), batch_size=1,
                         batch_format="numpy", num_cpus=req.cpus_per_worker, num_gpus=num_gpus,
-                        memory=_encoder_memory(req, s), max_restarts=-1, max_task_retries=2)
+                        memory=memory, max_restarts=-1, max_task_retries=2)
     sink = _make_sink(s)
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25, "max_retries": 3,
@@ -682,7 +742,8 @@ class _Progress(threading.Thread):
         while not self.stop.wait(10.0):
             try:
                 n = len(storage.list_files(storage.join(self.out, tbl.LEDGER), self.s3))
-                self.echo(f"preprocess: {n} ledger records, {time.monotonic() - self.t0:.0f} s")
+                self.echo(f"preprocess: running {time.monotonic() - self.t0:.0f} s, {n} data files committed "
+                          "(one per --target_file_mb of rows)")
             except Exception:
                 pass
 
@@ -705,7 +766,7 @@ def _report(req, intent, corpus, entries, returns, pending) -> Dict:
     committed = {src for e in entries for src, _, _ in e.get("sources", [])}
     bad = {src: why for e in entries for src, why in e.get("skipped", [])}
     later = {src: f"{why} (transient: retried on resume)" for r in returns for src, why in r.get("failed", [])}
-    for src, _ in pending:  # a task that failed for good (e.g. its worker killed for memory) loses its files
+    for src, *_ in pending:  # a task that failed for good (e.g. its worker killed for memory) loses its files
         if src not in committed and src not in bad and src not in later:
             later[src] = "not encoded: its task failed (worker lost, e.g. killed for memory); retried on resume"
     skipped = ([{"source": s, "reason": "not an audio file extension (ignored)"} for s in ignored]
@@ -762,11 +823,14 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
     req.audio, req.out_path = storage.absolute(req.audio), storage.absolute(req.out_path)
     s3 = storage.S3Options.from_env()
     _validate(req)
-    rave = _load_rave(req, s3)
+    intent_path = storage.join(req.out_path, tbl.INTENT)
+    old_intent = json.loads(storage.read_bytes(intent_path, s3)) if storage.exists(intent_path, s3) else None
+    ray_up = _RayUp()
+    rave = _load_rave(req, s3, old_intent, ray_up)
     corpus = _list_corpus(req.audio, s3)
     run_id = uuid.uuid4().hex[:12]
     with Lease.acquire(req.out_path, s3, req.lease_ttl_s, run_id) as lease:
-        intent = _intent(req, rave, corpus, s3, run_id)
+        intent = _intent(req, rave, corpus, s3, run_id, ray_up)
         intent["this_run"] = run_id
         centroids, scale = _conditioning_arrays(intent, req.out_path, s3)
         entries = tbl.read_ledger(req.out_path, s3)
@@ -779,11 +843,9 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
                      threads=req.threads_per_worker or max(1, (os.cpu_count() or 1) // req.num_workers),
                      gpu=req.gpu, target_bytes=int(req.target_file_mb * 2**20),
                      decode_threads=req.decode_threads)
-        returns, ray_init_s = [], 0.0
+        returns = []
         if pending:
-            t = time.monotonic()  # timed apart: start-up is not throughput
-            if ensure_ray():
-                ray_init_s = time.monotonic() - t
+            ray_up()
             progress = _Progress(req.out_path, s3, echo) if req.progress else None
             if progress:
                 progress.start()
@@ -795,7 +857,7 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
         lease.check()
         entries = _drop_duplicates(tbl.read_ledger(req.out_path, s3), s)
         report, manifest = _finish(req, intent, corpus, entries, returns, pending, s3)
-    return _summary(req, t0, ray_init_s, run_id, entries, report, manifest, already, echo)
+    return _summary(req, t0, ray_up.init_s, run_id, entries, report, manifest, already, echo)
 
 
 def _summary(req, t0, ray_init_s, run_id, entries, report, manifest, already, echo) -> Dict:
