@@ -98,10 +98,12 @@ def run_pipeline(
 
         sweep = sweep or str(config_dir() / "sweeps" / "default.yaml")
         echo(f"[tune] sweep {sweep} over {table}")
+        from msprior.train.tune import sweep_exists
+
         result = run_tune(sweep, table, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
                           num_workers=num_workers, max_steps=max_steps, val_every=val_every,
                           batch_size=batch_size, overrides=overrides, tracking_uri=tracking_uri,
-                          storage_path=runs)
+                          storage_path=runs, resume=sweep_exists(storage.join(runs, name)))  # a preempted sweep goes on
         run_dir = result["best_run_dir"]
         storage.write_bytes(sweep_record, json.dumps(result, indent=1, default=str).encode())
         echo(f"[tune] done in {time.monotonic() - t0:.0f} s: best trial {result.get('best_trial')} "
