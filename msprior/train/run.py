@@ -397,10 +397,12 @@ def start_tracking(req: TrainRequest, p: Plan, data) -> None:
     uri = tracking.default_tracking_uri(req.tracking_uri)
     client = tracking.client(uri)
     exp_name = req.experiment or req.name
-    run_id = tracking.find_run(client, exp_name, p.run_dir) if req.resume else None
-    if run_id:
+    run_id = tracking.find_run(client, exp_name, p.run_dir)
+    if run_id and req.resume:
         client.update_run(run_id, status="RUNNING")
     else:
+        if run_id and client.get_run(run_id).info.status == "RUNNING":  # a start killed before its checkpoint
+            client.set_terminated(run_id, status="KILLED")
         cfg, manifest, t = p.cfg, p.table.manifest, p.table
         rave = manifest.get("rave", {})
         params = {**cfg.flat(), "data.db_path": t.db_path, "data.num_quantizers": rave.get("num_quantizers"),

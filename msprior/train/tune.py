@@ -373,7 +373,8 @@ def _trial_summary(result, sweep_name: str, storage: str, db_path: str, uri: str
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id")
     out = {"trial_id": trial_id, "config": result.config, "error": str(result.error) if result.error else None,
-           "val_loss": metrics.get("best_val_loss"), "step": metrics.get("step"), "run_dir": None}
+           "val_loss": metrics.get("best_val_loss"), "step": metrics.get("step"),
+           "start_step": metrics.get("start_step"), "run_dir": None}
     if not trial_id or out["val_loss"] is None:
         return out
     run_dir = out["run_dir"] = st.join(storage, f"{sweep_name}-{trial_id}")
