@@ -25,7 +25,10 @@ from msprior.errors import UserError
 
 COLUMNS = ("source", "chunk", "frames", "rave", "tokens", "features")
 PART_BYTES = 64 << 20  # token bytes one load task reads (a few large files, or many small ones)
-PART_FILES = 64  # at most this many data files per load task (tables with one small file per source)
+# at most this many data files per load task: a table of one small file per source is read by a
+# few tasks of many threads (starting a Ray worker costs seconds; one small file ~5 ms)
+PART_FILES = 512
+READ_THREADS = 16  # concurrent file reads in one process (object storage latency, not CPU)
 LOAD_CPU = 0.25  # reads are I/O: a small CPU share so they never wait behind train workers
 
 
@@ -94,12 +97,45 @@ class Table:
                 "frames": int(pc.sum(self.index["frames"]).as_py() or 0)}
 
 
+def index_from_shards(db_path: str) -> pa.Table:
+    """The index of a table written before index.parquet existed (one shard per source under
+    latents/): the shards' `source` and `frames` columns, read READ_THREADS at a time.
+
+    To move into msprior/data/table.py (`read_index`'s fallback, which reads them one by one).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from msprior import storage
+    from msprior.data.table import INDEX_SCHEMA, LATENTS, list_shards
+
+    fs, _ = storage.pyarrow_filesystem(db_path)
+
+    def one(shard: str) -> pa.Table:
+        t = pq.read_table(shard[len("s3://"):] if storage.is_s3(shard) else shard, columns=["source", "frames"],
+                          filesystem=fs)
+        g = t.group_by("source").aggregate([("frames", "count"), ("frames", "sum")])
+        rel = LATENTS + "/" + shard.rsplit("/", 1)[-1]
+        return pa.table({"source": g["source"], "file": pa.array([rel] * g.num_rows, pa.string()),
+                         "chunks": g["frames_count"].cast(pa.int32()), "frames": g["frames_sum"].cast(pa.int64())},
+                        schema=INDEX_SCHEMA)
+
+    shards = list_shards(db_path)
+    if not shards:
+        return INDEX_SCHEMA.empty_table()
+    with ThreadPoolExecutor(min(READ_THREADS, len(shards))) as pool:
+        return pa.concat_tables(list(pool.map(one, shards))).sort_by("source")
+
+
 def read_table_index(db_path: str) -> pa.Table:
     """The table's index, or a one-line error when the table holds nothing."""
-    from msprior.data.table import read_index
+    from msprior import storage
+    from msprior.data.table import INDEX, read_index
 
     try:
-        index = read_index(db_path)
+        has_index = storage.exists(storage.join(db_path, INDEX))
+        index = read_index(db_path) if has_index else index_from_shards(db_path)
     except (OSError, pa.ArrowInvalid) as e:
         raise DataError(f"{db_path}/index.parquet: unreadable ({str(e).splitlines()[0]}); re-run preprocess") from None
     if index.num_rows == 0:
@@ -188,31 +224,39 @@ def check_rows(rows: pa.Table, spec: ReadSpec, where: str) -> None:
             raise DataError(f"{where}: column features holds NaN or inf values; re-run preprocess")
 
 
-def read_files(spec: ReadSpec, files: Sequence[str], sources: Sequence[str]) -> pa.Table:
-    """The rows of `sources` held by `files` (relative to the table root), each file read once and checked."""
+def _read_file(spec: ReadSpec, fs, rel: str, wanted: pa.Array) -> pa.Table:
+    """One data file's rows of the `wanted` sources, checked; its footer and columns read once."""
     import pyarrow.parquet as pq
 
     from msprior import storage
 
+    path = storage.join(spec.db_path, rel)
+    try:
+        with fs.open_input_file(path[len("s3://"):] if storage.is_s3(path) else path) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if any(c not in names for c in spec.columns):  # say which, naming the file
+                check_rows(pa.table({n: pa.array([], pa.null()) for n in names}), spec, path)
+            rows = pf.read(columns=list(spec.columns))
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{path}: unreadable ({str(e).splitlines()[0]}); re-run preprocess") from None
+    rows = rows.filter(pc.is_in(rows["source"], value_set=wanted))  # only what the index lists
+    check_rows(rows, spec, path)
+    return rows
+
+
+def read_files(spec: ReadSpec, files: Sequence[str], sources: Sequence[str]) -> pa.Table:
+    """The rows of `sources` held by `files` (relative to the table root), each file read once and checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from msprior import storage
+
+    if not files:
+        raise DataError(f"{spec.db_path}: the index lists no data file for this split")
     fs, _ = storage.pyarrow_filesystem(spec.db_path, spec.s3)
     wanted = pa.array(sorted(set(sources)), pa.string())
-    tables = []
-    for rel in files:
-        path = storage.join(spec.db_path, rel)
-        try:
-            with fs.open_input_file(path[len("s3://"):] if storage.is_s3(path) else path) as f:
-                pf = pq.ParquetFile(f)
-                names = pf.schema_arrow.names
-                if any(c not in names for c in spec.columns):  # say which, naming the file
-                    check_rows(pa.table({n: pa.array([], pa.null()) for n in names}), spec, path)
-                rows = pf.read(columns=list(spec.columns))
-        except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(f"{path}: unreadable ({str(e).splitlines()[0]}); re-run preprocess") from None
-        rows = rows.filter(pc.is_in(rows["source"], value_set=wanted))  # only what the index lists
-        check_rows(rows, spec, path)
-        tables.append(rows)
-    if not tables:
-        raise DataError(f"{spec.db_path}: the index lists no data file for this split")
+    with ThreadPoolExecutor(min(READ_THREADS, len(files))) as pool:
+        tables = list(pool.map(lambda rel: _read_file(spec, fs, rel, wanted), files))
     return pa.concat_tables(tables).combine_chunks()
 
 

@@ -2,8 +2,9 @@
 
 It knows the model only through `build_prior(model_cfg, facts)`, `prior.loss(batch)` and
 `prior.logits(batch)`. Ray appears at the edges: the table's arrays in (object references, read
-zero-copy from the object store), `ray.train.report` (metrics + checkpoint) out, `ray.train.get_checkpoint()` to resume. Only rank 0 logs to MLflow and sends
-progress lines to the driver.
+zero-copy from the object store), `ray.train.report` (metrics + checkpoint) out,
+`ray.train.get_checkpoint()` to resume. Only rank 0 logs to MLflow and sends progress lines to the
+driver.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
     # seeded by (seed, rank, step): a resumed run draws fresh windows, each rank its own
     sampler = WindowSampler(parts, cfg.model.seq_len, kw["conditioning"], kw["cond_ratio"],
                             seed=np.random.SeedSequence([cfg.train.seed, rank, step]).generate_state(1)[0])
-    val_batches = [to_device(b, device) for b in ray.get(loop_cfg["val_batches"])[rank::world]]
+    val_batches = [to_device({k: v.copy() for k, v in b.items()}, device)  # own (writable) copies
+                   for b in ray.get(loop_cfg["val_batches"])[rank::world]]
 
     client = tracking.client(loop_cfg["tracking_uri"]) if rank == 0 and loop_cfg.get("mlflow_run_id") else None
     run_id = loop_cfg.get("mlflow_run_id")
