@@ -133,6 +133,9 @@ def test_legacy_table_without_index_still_reads(tmp_path):
     (tmp_path / "t" / "latents" / ".tmp-dead-00000009.parquet").write_bytes(b"half")  # a killed write
     table = open_table(str(tmp_path / "t"), 0.25, 0)
     assert len(table.files) == 4 and read_split(table, val=False).num_rows == 3 * 4
+    (tmp_path / "t" / "latents" / "broken.parquet").write_bytes(b"not parquet")  # listed, so read
+    with pytest.raises(DataError, match="broken.parquet: unreadable"):
+        open_table(str(tmp_path / "t"), 0.25, 0)
 
 
 def _edit_rows(path, column, value):

@@ -113,8 +113,11 @@ def index_from_shards(db_path: str) -> pa.Table:
     fs, _ = storage.pyarrow_filesystem(db_path)
 
     def one(shard: str) -> pa.Table:
-        t = pq.read_table(shard[len("s3://"):] if storage.is_s3(shard) else shard, columns=["source", "frames"],
-                          filesystem=fs)
+        try:
+            t = pq.read_table(shard[len("s3://"):] if storage.is_s3(shard) else shard, columns=["source", "frames"],
+                              filesystem=fs)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"{shard}: unreadable ({str(e).splitlines()[0]}); re-run preprocess") from None
         g = t.group_by("source").aggregate([("frames", "count"), ("frames", "sum")])
         rel = LATENTS + "/" + shard.rsplit("/", 1)[-1]
         return pa.table({"source": g["source"], "file": pa.array([rel] * g.num_rows, pa.string()),
