@@ -114,7 +114,7 @@ def train_cmd(
     pretrained_embedding: Optional[str] = opt(None, "--pretrained_embedding", help="Discrete RAVE .ts: start from its codebooks."),
     num_workers: int = opt(1, "--num_workers", help="Ray Train workers (DDP)."),
     gpu: bool = opt(False, "--gpu", help="One GPU per worker (nccl, bf16 autocast)."),
-    batch_size: Optional[int] = opt(None, "--batch_size", help="Global batch (split across workers); default: config."),
+    batch_size: Optional[int] = opt(None, "--batch_size", help="Windows per worker per step (global: x workers); default: config."),
     max_steps: Optional[int] = opt(None, "--max_steps", help="Training steps; default: config."),
     val_every: Optional[int] = opt(None, "--val_every", help="Steps between validations and checkpoints."),
     override: Optional[List[str]] = opt(None, "--override", help="section.key=value, repeatable."),
@@ -145,10 +145,11 @@ def tune_cmd(
     num_workers: Optional[int] = opt(None, "--num_workers", help="Ray Train workers per trial."),
     max_steps: Optional[int] = opt(None, "--max_steps", help="Steps per trial; default: the sweep file's."),
     val_every: Optional[int] = opt(None, "--val_every", help="Steps between validations (ASHA's time unit)."),
-    batch_size: Optional[int] = opt(None, "--batch_size", help="Global batch per trial."),
+    batch_size: Optional[int] = opt(None, "--batch_size", help="Windows per worker per step."),
     override: Optional[List[str]] = opt(None, "--override", help="section.key=value for every trial, repeatable."),
     tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow URI (default MLFLOW_TRACKING_URI or ./mlflow.db)."),
     storage_path: Optional[str] = opt(None, "--storage_path", help="Where runs live (folder or s3://); default ./runs."),
+    resume: bool = opt(False, "--resume", help="Continue the preempted sweep NAME (finished trials are kept)."),
 ):
     """Sweep training configs with Ray Tune (ASHA on validation cross-entropy); names the best trial."""
     console.place(_run_folder(storage_path, name))
@@ -157,7 +158,8 @@ def tune_cmd(
 
     s = tune(resolve_sweep_path(sweep), db_path, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
                             num_workers=num_workers, max_steps=max_steps, val_every=val_every, batch_size=batch_size,
-                            overrides=override or [], tracking_uri=tracking_uri, storage_path=storage_path)
+                            overrides=override or [], tracking_uri=tracking_uri, storage_path=storage_path,
+                            resume=resume)
     console.echo(f"best trial {s['best_trial']}: val {s['best_val_loss']:.4f}, config {s['best_config']}")
     console.echo(f"best checkpoint {s['best_checkpoint']}; export it with: msprior export --run {s['best_run_dir']}")
 

@@ -7,15 +7,17 @@ Unknown keys and mistyped values fail at load with a message naming the key and 
 
 from __future__ import annotations
 
-from msprior.errors import UserError
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
+
+from msprior.errors import UserError
 
 
 class ConfigError(UserError):
@@ -63,19 +65,44 @@ class OptimConfig:
     warmup_start: float = 0.01
     decay: float = 0.9999985  # exponential decay per step after the warm-up
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # How the lr follows the number of workers W (the global batch is W x train.batch_size):
+    # "sqrt" (default): lr x sqrt(W). AdamW divides each update by the gradient's RMS, so its step
+    # does not grow with the batch the way SGD's does; W times the batch lowers the gradient noise
+    # by sqrt(W), and raising the lr by sqrt(W) keeps the noise of an update where `lr` was tuned
+    # (on one worker). "linear": lr x W (SGD's rule; too aggressive for Adam beyond a few workers).
+    # "none": lr as written.
+    lr_scaling: str = "sqrt"
 
     def validate(self, where: str) -> None:
         if self.lr <= 0:
             raise ConfigError(f"{where}: optim.lr must be > 0, got {self.lr}")
+        _choice(where, "optim.lr_scaling", self.lr_scaling, LR_SCALING)
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}: optim.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.warmup_start <= 1:
+            raise ConfigError(f"{where}: optim.warmup_start must be in (0, 1], got {self.warmup_start}")
         if len(self.betas) != 2:
             raise ConfigError(f"{where}: optim.betas must be two floats, got {self.betas}")
         if not 0 < self.decay <= 1:
             raise ConfigError(f"{where}: optim.decay must be in (0, 1], got {self.decay}")
 
 
+LR_SCALING = ("sqrt", "linear", "none")
+
+
+def scaled_lr(optim: OptimConfig, num_workers: int) -> float:
+    """The peak lr a run of `num_workers` workers uses (see OptimConfig.lr_scaling)."""
+    w = max(1, int(num_workers))
+    factor = {"sqrt": math.sqrt(w), "linear": float(w), "none": 1.0}[optim.lr_scaling]
+    return optim.lr * factor
+
+
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # global batch (split across workers)
+    # windows per worker per step: the global batch is num_workers x batch_size, so adding
+    # workers adds data per step (the lr follows optim.lr_scaling)
+    batch_size: int = 64
     max_steps: int = 1_000_000
     val_every: int = 1000  # steps between validations (and checkpoints)
     val_batches: int = 16  # batches per validation
@@ -221,24 +248,28 @@ def load_config(name_or_path: Union[str, Path], overrides: Sequence[str] = ()) -
     return cfg.validate(str(path))
 
 
+def check_key(key: str, what: str) -> tuple:
+    """(section, name) of a dotted `section.key`, or a ConfigError with a did-you-mean."""
+    parts = key.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{what}: expected section.key, e.g. model.num_layers")
+    section, name = parts
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in _sections():
+        raise ConfigError(f"{what}: unknown section {section!r}{_suggest(section, _sections())}")
+    names = [f.name for f in dataclasses.fields(typing.get_type_hints(Config)[known[section].name])]
+    if name not in names:
+        raise ConfigError(f"{what}: unknown key {key.strip()!r}{_suggest(name, names)}")
+    return section, name
+
+
 def apply_overrides(cfg: Config, overrides: Sequence[str], where: str = "config") -> Config:
     data = cfg.to_dict()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--override {item!r}: expected section.key=value, e.g. model.num_layers=4")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) != 2:
-            raise ConfigError(f"--override {item!r}: expected section.key=value, e.g. model.num_layers=4")
-        section, name = parts
-        if section not in data or not isinstance(data[section], dict):
-            raise ConfigError(
-                f"--override {item!r}: unknown section {section!r}{_suggest(section, _sections())}"
-            )
-        if name not in data[section]:
-            raise ConfigError(
-                f"--override {item!r}: unknown key {key!r}{_suggest(name, list(data[section]))}"
-            )
+        section, name = check_key(key, f"--override {item!r}")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -308,6 +339,8 @@ def _check(value: Any, hint: Any, where: str, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf would pass every range check below
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

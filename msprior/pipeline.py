@@ -251,11 +251,14 @@ def stage_train(p: Plan) -> str:
     if req.tune:
         from msprior.train.tune import tune as run_tune
 
+        from msprior.train.tune import sweep_exists
+
         p.echo(f"[tune] sweep {_sweep_file(req)} over {p.table}")
         result = run_tune(_sweep_file(req), p.table, p.name, num_samples=req.num_samples,
                           gpus_per_trial=req.gpus_per_trial, num_workers=req.num_workers, max_steps=req.max_steps,
                           val_every=req.val_every, batch_size=req.batch_size, overrides=list(req.overrides),
-                          tracking_uri=req.tracking_uri, storage_path=p.runs)
+                          tracking_uri=req.tracking_uri, storage_path=p.runs,
+                          resume=sweep_exists(storage.join(p.runs, p.name)))  # a preempted sweep goes on
         result = {**result, "tracking_uri": redact_uri(result.get("tracking_uri"))}
         storage.write_bytes(sweep_record, json.dumps(result, indent=1, default=str).encode())
         p.echo(f"[tune] done in {time.monotonic() - t0:.0f} s: best trial {result.get('best_trial')} "

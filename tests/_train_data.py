@@ -3,7 +3,9 @@
 Tokens follow a learnable process: per quantizer q, the next token is the previous one plus
 (q + 1) modulo V with probability `p`, else uniform noise. Marginals are ~uniform (unigram entropy
 ~ log V) while the conditional entropy is low, so a prior that learns anything beats the unigram.
-Conditioning columns (`tokens`, `features`) follow docs/ARCHITECTURE.md.
+Conditioning columns (`tokens`, `features`) follow docs/ARCHITECTURE.md. `sources_per_file` sources
+share one data file and `index.parquet` lists them (the table layout preprocess writes);
+`index=False` leaves the index out (a table written before the index existed).
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ import pyarrow.parquet as pq
 
 
 def write_synthetic_table(root, *, num_files=8, chunks_per_file=4, frames=64, quantizers=4, vocab=16,
-                          ratio=4, cond_vocab=8, features=3, p=0.9, seed=0) -> dict:
+                          ratio=4, cond_vocab=8, features=3, p=0.9, seed=0, sources_per_file=1,
+                          index=True) -> dict:
     root = Path(root)
     (root / "latents").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     clen = math.ceil(frames / ratio)
+    entries = {"source": [], "file": [], "chunks": [], "frames": []}
+    rows = None
     for f in range(num_files):
-        rows = {"source": [], "chunk": [], "start_s": [], "frames": [], "rave": [], "tokens": [], "features": []}
+        if f % sources_per_file == 0:
+            rows = {"source": [], "chunk": [], "start_s": [], "frames": [], "rave": [], "tokens": [], "features": []}
+        name = f"latents/{f // sources_per_file:08x}.parquet"
+        for k, v in (("source", f"dir/file_{f:02d}.wav"), ("file", name), ("chunks", chunks_per_file),
+                     ("frames", chunks_per_file * frames)):
+            entries[k].append(v)
         for c in range(chunks_per_file):
             x = np.empty((frames, quantizers), dtype=np.int64)
             x[0] = rng.integers(0, vocab, quantizers)
@@ -39,6 +49,8 @@ def write_synthetic_table(root, *, num_files=8, chunks_per_file=4, frames=64, qu
             rows["rave"].append(x.astype(np.int16).reshape(-1))
             rows["tokens"].append((x[::ratio, 0] % cond_vocab).astype(np.int16))
             rows["features"].append(rng.standard_normal((clen, features)).astype(np.float32).reshape(-1))
+        if (f + 1) % sources_per_file and f + 1 < num_files:
+            continue  # more sources go into this data file
         table = pa.table({
             "source": pa.array(rows["source"], pa.string()),
             "chunk": pa.array(rows["chunk"], pa.int32()),
@@ -48,7 +60,11 @@ def write_synthetic_table(root, *, num_files=8, chunks_per_file=4, frames=64, qu
             "tokens": pa.array(rows["tokens"], pa.list_(pa.int16())),
             "features": pa.array(rows["features"], pa.list_(pa.float32())),
         })
-        pq.write_table(table, root / "latents" / f"{f:08x}.parquet")
+        pq.write_table(table, root / name)
+    if index:
+        from msprior.data.table import INDEX_SCHEMA, write_index
+
+        write_index(str(root), pa.table(entries, schema=INDEX_SCHEMA))
     manifest = {
         "format_version": 1, "msprior_version": "0.1.0", "created": "2026-01-01T00:00:00Z",
         "rave": {"file": "rave.ts", "original_name": "synthetic.ts", "sha256": "0" * 64, "sr": 44100,

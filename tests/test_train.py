@@ -29,7 +29,7 @@ def _train(config, table, dirs, name, **kw):
 
 
 @pytest.mark.timeout(300)
-def test_decoder_only_learns_logs_and_resumes(ray_session, train_table, train_dirs):
+def test_decoder_only_learns_logs_and_resumes(ray_session, train_table, train_dirs, tmp_path):
     from msprior.train import tracking
 
     h = _val_entropy(train_table)
@@ -63,6 +63,16 @@ def test_decoder_only_learns_logs_and_resumes(ray_session, train_table, train_di
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "val_loss")]
     assert steps == [50, 100, 110, 120]
 
+    # --resume refuses another model config or another table, in one line, before starting anything
+    with pytest.raises(TrainError, match=r"model.dim=32.*48"):
+        _train("decoder_only", train_table, train_dirs, "dec", resume=True, overrides=TINY + ["model.dim=48"])
+    from tests._train_data import write_synthetic_table
+
+    other = str(tmp_path / "other")
+    write_synthetic_table(other, num_files=6)  # another corpus, same RAVE model
+    with pytest.raises(TrainError, match="another table"):
+        _train("decoder_only", other, train_dirs, "dec", resume=True, max_steps=130)
+
 
 @pytest.mark.timeout(240)
 def test_recurrent_learns(ray_session, train_table, train_dirs):
@@ -87,10 +97,17 @@ def test_encoder_decoder_trains_with_ema_and_pretrained_embedding(ray_session, t
 
 @pytest.mark.timeout(300)
 def test_worker_failure_restarts_from_last_checkpoint(ray_session, train_table, train_dirs, tmp_path):
+    """A worker process is SIGKILLed; the restarted group resumes from its checkpoint without reading
+    the table again (it is deleted before the kill)."""
+    import shutil
+
+    table = str(tmp_path / "table")
+    shutil.copytree(train_table, table)
     marker = str(tmp_path / "failed-once")
-    s = _train("decoder_only", train_table, train_dirs, "crash", max_steps=30, val_every=10,
-               fault_injection={"rank": 1, "step": 15, "marker": marker})
-    assert os.path.exists(marker)  # the failure did happen (once)
+    s = _train("decoder_only", table, train_dirs, "crash", max_steps=30, val_every=10,
+               fault_injection={"rank": 1, "step": 15, "marker": marker, "remove": table,
+                                "kill": True, "delay_s": 5})
+    assert os.path.exists(marker) and not os.path.exists(table)  # the failure did happen (once), table gone
     assert s["step"] == 30
     assert s["metrics"]["start_step"] == 10  # the restarted workers loaded the step-10 checkpoint
 

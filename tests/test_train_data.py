@@ -111,18 +111,118 @@ def test_resource_check_fails_fast_with_what_to_lower(ray_session):
     assert check_resources(1, 0.5, 0.0, trials=8, driver_cpus=0.01) >= 2  # several trials share the CPUs
 
 
-@pytest.mark.parametrize("inline_max_bytes", [1 << 30, 0], ids=["driver-read", "read_parquet"])
-def test_train_dataset_holds_exactly_the_train_files(ray_session, train_table, inline_max_bytes):
-    from msprior.train.data import train_dataset
+def test_table_is_read_through_its_index_only(tmp_path):
+    """Files the index does not list (a killed run's temp file, a stray shard) are never read."""
+    from tests._train_data import write_synthetic_table
 
-    table = open_table(train_table, 0.25, 0)
-    ds = train_dataset(table, inline_max_bytes=inline_max_bytes)
-    sources = set()
-    rows = 0
-    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        sources |= set(b["source"].to_pylist())
-        rows += b.num_rows
-    assert rows == 6 * 4 and sources == set(table.sources) - set(table.val_sources)
+    write_synthetic_table(tmp_path / "t", num_files=6, sources_per_file=3)  # 2 data files of 3 sources
+    (tmp_path / "t" / "latents" / ".tmp-0123-00000002.parquet").write_bytes(b"PAR1 half a file")
+    (tmp_path / "t" / "latents" / "stray.parquet").write_bytes(b"not parquet at all")
+    table = open_table(str(tmp_path / "t"), 0.34, 0)
+    assert table.files == ["latents/00000000.parquet", "latents/00000001.parquet"]
+    assert len(table.sources) == 6 and len(table.val_sources) == 2
+    val, train = read_split(table, val=True), read_split(table, val=False)
+    assert set(val["source"].to_pylist()) == set(table.val_sources) and val.num_rows == 2 * 4
+    assert train.num_rows == 4 * 4 and not set(train["source"].to_pylist()) & set(table.val_sources)
+
+
+def test_legacy_table_without_index_still_reads(tmp_path):
+    from tests._train_data import write_synthetic_table
+
+    write_synthetic_table(tmp_path / "t", num_files=4, index=False)
+    (tmp_path / "t" / "latents" / ".tmp-dead-00000009.parquet").write_bytes(b"half")  # a killed write
+    table = open_table(str(tmp_path / "t"), 0.25, 0)
+    assert len(table.files) == 4 and read_split(table, val=False).num_rows == 3 * 4
+    (tmp_path / "t" / "latents" / "broken.parquet").write_bytes(b"not parquet")  # listed, so read
+    with pytest.raises(DataError, match="broken.parquet: unreadable"):
+        open_table(str(tmp_path / "t"), 0.25, 0)
+
+
+def _edit_rows(path, column, value):
+    """Rewrite one Parquet file with `column`'s first value set to `value` (a hand-edited table)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    vals = t[column].to_pylist()
+    vals[0] = [value] + list(vals[0][1:])
+    pq.write_table(t.set_column(t.schema.get_field_index(column), column,
+                                pa.array(vals, t.schema.field(column).type)), path)
+
+
+@pytest.mark.parametrize("column,value,conditioning", [("rave", 16, "none"), ("rave", -1, "none"),
+                                                        ("tokens", 8, "tokens")])
+def test_out_of_range_tokens_are_refused_naming_the_file(ray_session, tmp_path, column, value, conditioning):
+    from tests._train_data import write_synthetic_table
+    from msprior.train.data import ReadSpec, load_table
+
+    write_synthetic_table(tmp_path / "t", num_files=4)  # vocab 16, 8 conditioning tokens
+    bad = tmp_path / "t" / "latents" / "00000002.parquet"
+    _edit_rows(str(bad), column, value)
+    table = open_table(str(tmp_path / "t"), 0.25, 0, conditioning)
+    with pytest.raises(DataError) as e:
+        load_table(table, ReadSpec.of(table, conditioning, 4))
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and f"column {column}" in msg and "[0, " in msg
+
+
+def test_table_in_the_object_store_and_multi_part_windows(ray_session, tmp_path, monkeypatch):
+    """Groups of files load in Ray tasks; windows over the groups match windows over one array."""
+    import ray
+
+    from msprior.train import data as D
+    from tests._train_data import write_synthetic_table
+
+    write_synthetic_table(tmp_path / "t", num_files=8, sources_per_file=2)
+    table = open_table(str(tmp_path / "t"), 0.25, 0, "tokens")
+    monkeypatch.setattr(D, "PART_FILES", 1)  # one load task per data file: 4 groups
+    data = D.load_table(table, D.ReadSpec.of(table, "tokens", 4))
+    assert data.train_chunks == 6 * 4 and data.val_chunks == 2 * 4
+    parts = ray.get(data.train)
+    assert len(parts) >= 3 and not parts[0].rave.flags.writeable  # zero-copy views of the object store
+    mine = D.worker_parts(data.train, 1, 2)
+    assert [p.num_chunks for p in mine] == [p.num_chunks for p in parts[1::2]]
+    assert np.array_equal(mine[0].rave, parts[1].rave)
+    sampler = D.WindowSampler(parts, 16, "tokens", 4, seed=0)
+    batch = sampler.sample(64)
+    assert batch["rave"].shape == (64, 17, 4) and batch["tokens"].shape == (64, 4)
+    assert np.array_equal(batch["tokens"], batch["rave"][:, :16:4, 0] % 8)  # aligned in every group
+    assert ((batch["rave"][:, 1:, 0] - batch["rave"][:, :-1, 0]) % 16 == 1).mean() > 0.8  # inside chunks
+    val = D.fixed_val_batches(data, 16, 3, 5, "tokens", 4, seed=0)
+    again = D.fixed_val_batches(data, 16, 3, 5, "tokens", 4, seed=0)
+    assert len(val) == 3 and all(np.array_equal(a["rave"], b["rave"]) for a, b in zip(val, again))
+
+
+def test_config_refuses_non_finite_and_negative_numbers():
+    from msprior.config import ConfigError
+
+    for bad in (".nan", ".inf", "-.inf", "nan", "inf"):
+        with pytest.raises(ConfigError, match="optim.lr must be a finite number"):
+            load_config("decoder_only", [f"optim.lr={bad}"])
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        load_config("decoder_only", ["optim.lr=-0.001"])
+    with pytest.raises(ConfigError, match="optim.lr_scaling must be one of"):
+        load_config("decoder_only", ["optim.lr_scaling=cubic"])
+
+
+def test_lr_rule_follows_the_number_of_workers():
+    from msprior.config import scaled_lr
+
+    optim = load_config("decoder_only", ["optim.lr=0.001"]).optim
+    assert scaled_lr(optim, 1) == 0.001 and scaled_lr(optim, 4) == pytest.approx(0.002)  # sqrt by default
+    optim.lr_scaling = "linear"
+    assert scaled_lr(optim, 4) == pytest.approx(0.004)
+    optim.lr_scaling = "none"
+    assert scaled_lr(optim, 64) == 0.001
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../up", "a/b", "a\\b", ".hidden", "", "x" * 200])
+def test_run_names_cannot_leave_the_storage_folder(train_table, tmp_path, name):
+    from msprior.train.run import TrainError, train
+
+    with pytest.raises(TrainError, match="--name"):
+        train("decoder_only", train_table, name, storage_path=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "up").exists()
 
 
 def test_codebooks_from_a_discrete_export(tmp_path):

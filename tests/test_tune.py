@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -61,3 +66,78 @@ def test_two_trial_sweep_nests_runs_and_names_the_best(ray_session, train_table,
     assert len(children) == 2
     assert {r.info.run_id for r in children} >= {s["best_run_id"]}
     assert all("val_loss" in r.data.metrics for r in children)
+
+
+@pytest.mark.parametrize("search,match", [
+    ({"model.num_layer": {"choice": [1, 2]}}, "unknown key 'model.num_layer' \\(did you mean 'num_layers'\\?\\)"),
+    ({"optim.lr": {"choice": [0.001, float("nan")]}}, "optim.lr must be a finite number"),
+    ({"optim.lr": {"loguniform": [-1.0, 0.01]}}, "optim.lr must be > 0"),
+    ({"data.val_fraction": [0.1, 0.2]}, "loads and splits the table once"),
+])
+def test_bad_search_fails_before_anything_starts(tmp_path, train_table, search, match):
+    from msprior.train import TrainError
+    from msprior.train.tune import tune
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({**SWEEP, "search": search}))
+    with pytest.raises(TrainError, match=match) as e:
+        tune(str(sweep), train_table, "sw", storage_path=str(tmp_path / "runs"), tracking_uri="sqlite:///x.db")
+    assert "\n" not in str(e.value) and str(sweep) in str(e.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_name_cannot_leave_the_storage_folder(tmp_path, train_table):
+    from msprior.train import TrainError
+    from msprior.train.tune import tune
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump(SWEEP))
+    for name in ("..", "../up", "a/b"):
+        with pytest.raises(TrainError, match="--name"):
+            tune(str(sweep), train_table, name, storage_path=str(tmp_path / "runs"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sweep_killed_with_sigkill_resumes_with_tuner_restore(ray_session, train_table, train_dirs, tmp_path):
+    """The sweep driver (a real `msprior tune` process) is SIGKILLed mid-sweep; `--resume` restores the
+    Tune state: trials with a checkpoint continue from it and each trial keeps its one MLflow run."""
+    from msprior.train import TrainError
+    from msprior.train.tune import tune
+
+    storage, uri = train_dirs
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({**SWEEP, "search": {"optim.lr": {"choice": [0.003, 0.01]}},
+                                     "scheduler": {"grace_period": 10},
+                                     "train": {"max_steps": 60, "val_every": 10, "batch_size": 8}}))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its state every second
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "msprior", "tune", "--sweep", str(sweep), "--db_path", train_table,
+                             "--name", "pre", "--storage_path", storage, "--tracking_uri", uri],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, ckpts = time.monotonic() + 300, []
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpts = glob.glob(os.path.join(storage, "pre-*", "checkpoint_*"))
+        if ckpts and glob.glob(os.path.join(storage, "pre", "experiment_state-*.json")):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None and ckpts, (tmp_path / "driver.log").read_text()[-3000:]
+    time.sleep(2)  # one more Tune state save with the trials running
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    had = {os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(storage, "pre-*", "checkpoint_*"))}
+
+    with pytest.raises(TrainError, match="--resume"):  # a plain re-run would start every trial again
+        tune(str(sweep), train_table, "pre", tracking_uri=uri, storage_path=storage, verbose=0)
+    s = tune(str(sweep), train_table, "pre", resume=True, tracking_uri=uri, storage_path=storage, verbose=0)
+    assert len(s["trials"]) == 2 and all(t["error"] is None and t["step"] == 60 for t in s["trials"]), s["trials"]
+    resumed = [t for t in s["trials"] if f"pre-{t['trial_id']}" in had]
+    assert resumed and all(t["start_step"] >= 10 for t in resumed), (had, s["trials"])
+
+    c = tracking.client(uri)
+    finished = [r for r in tracking.nested_runs(c, s["parent_run_id"]) if r.info.status == "FINISHED"]
+    assert len(finished) == 2  # each trial's MLflow run went on (no second run for a resumed trial)
+    exp = c.get_experiment_by_name("pre")
+    parents = c.search_runs([exp.experiment_id], filter_string="tags.`msprior.sweep` = 'pre'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -17,6 +17,7 @@ import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FILE = "run.json"
+REQUEST_FILE = "request.json"  # what a run was started with: a --resume must match it
 
 
 class RunNotFound(UserError):
@@ -51,10 +52,10 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> Dict[str, Any]:
     return torch.load(data, map_location=map_location, weights_only=True)
 
 
-def write_run_json(run_dir: str, info: Dict[str, Any]) -> str:
+def _write_json(run_dir: str, name: str, info: Dict[str, Any]) -> str:
     fs, p = _fs(run_dir)
     fs.makedirs(p, exist_ok=True)
-    path = p.rstrip("/") + "/" + RUN_FILE
+    path = p.rstrip("/") + "/" + name
     tmp = path + ".tmp"
     with fs.open(tmp, "w") as f:
         json.dump(info, f, indent=2)
@@ -62,13 +63,30 @@ def write_run_json(run_dir: str, info: Dict[str, Any]) -> str:
     return path
 
 
-def read_run_json(run_dir: str) -> Optional[Dict[str, Any]]:
+def _read_json(run_dir: str, name: str) -> Optional[Dict[str, Any]]:
     fs, p = _fs(run_dir)
-    path = p.rstrip("/") + "/" + RUN_FILE
+    path = p.rstrip("/") + "/" + name
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as f:
         return json.load(f)
+
+
+def write_run_json(run_dir: str, info: Dict[str, Any]) -> str:
+    return _write_json(run_dir, RUN_FILE, info)
+
+
+def read_run_json(run_dir: str) -> Optional[Dict[str, Any]]:
+    return _read_json(run_dir, RUN_FILE)
+
+
+def write_run_request(run_dir: str, record: Dict[str, Any]) -> str:
+    """`<run>/request.json`: {"config", "table": {rave_sha256, sources, chunks, frames}, "db_path"}."""
+    return _write_json(run_dir, REQUEST_FILE, record)
+
+
+def read_run_request(run_dir: str) -> Optional[Dict[str, Any]]:
+    return _read_json(run_dir, REQUEST_FILE)
 
 
 def resolve_run_dir(run_dir_or_mlflow_id: str, tracking_uri: Optional[str] = None) -> str:

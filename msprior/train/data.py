@@ -1,41 +1,42 @@
 """Training windows from a latent table (docs/ARCHITECTURE.md, "Latent table").
 
-The driver opens the table (manifest + Parquet shards), splits it by SOURCE FILE into train and
-validation (a deterministic hash, never by chunk) and hands Ray Train two Ray Data datasets; the
-train one is split across workers. Each worker pulls its shard once into flat numpy arrays
-(`Frames`) and then draws batches of random windows by vectorised fancy indexing: no per-sample
-Python in the hot path. A latent table is small next to the audio (16 int16 per frame at ~21 Hz:
-~5 MB per hour), so a shard fits comfortably in a worker's memory.
+The driver lists, splits (by SOURCE FILE, a deterministic hash, never by chunk) and sizes the table
+from its index alone (`index.parquet`: one row per source, naming the data file that holds it). Ray
+tasks then read the listed data files once, check them (schema, token ranges) and put each group's
+chunks into the object store as flat numpy arrays (`Frames`): a file not in the index is never
+read. Trials of a sweep and restarted worker groups share those arrays (zero-copy on a node) instead
+of reading the table again. Workers draw batches of random windows by vectorised fancy indexing: no
+per-sample Python in the hot path.
 """
 
 from __future__ import annotations
 
-from msprior.errors import UserError
 import hashlib
 import json
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from msprior.errors import UserError
+
 COLUMNS = ("source", "chunk", "frames", "rave", "tokens", "features")
+PART_BYTES = 64 << 20  # token bytes one load task reads (a few large files, or many small ones)
+# at most this many data files per load task: a table of one small file per source is read by a
+# few tasks of many threads (starting a Ray worker costs seconds; one small file ~5 ms)
+PART_FILES = 512
+READ_THREADS = 16  # concurrent file reads in one process (object storage latency, not CPU)
+LOAD_CPU = 0.25  # reads are I/O: a small CPU share so they never wait behind train workers
 
 
 class DataError(UserError):
     """A latent-table problem, phrased as a one-line message for the user."""
 
 
-# --- opening a table (driver side) --------------------------------------------------------------
-
-
-def _fs_and_path(db_path: str):
-    """(fsspec filesystem, path inside it) for a local dir or an s3:// prefix."""
-    from msprior import storage
-
-    return storage.filesystem(db_path)
+# --- opening a table (driver side: manifest + index, no data file is read) ----------------------
 
 
 def read_manifest(db_path: str) -> Dict:
@@ -47,16 +48,6 @@ def read_manifest(db_path: str) -> Dict:
         raise DataError(f"{db_path}: no manifest.json; run `msprior preprocess` first or check --db_path") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{db_path}/manifest.json: not valid JSON ({e})") from None
-
-
-def list_shards(db_path: str) -> Tuple[object, List[str], int]:
-    """(filesystem, shard paths, total bytes)."""
-    fs, root = _fs_and_path(db_path)
-    found = fs.glob(f"{root.rstrip('/')}/latents/*.parquet", detail=True)
-    shards = sorted(found)
-    if not shards:
-        raise DataError(f"{db_path}/latents: no .parquet shards; run `msprior preprocess` first")
-    return fs, shards, int(sum(found[p].get("size") or 0 for p in shards))
 
 
 def source_hash(source: str, seed: int) -> int:
@@ -79,101 +70,310 @@ def split_sources(sources: Sequence[str], val_fraction: float, seed: int) -> Lis
 
 @dataclass
 class Table:
-    """What the driver knows about a latent table before training."""
+    """What the driver knows about a latent table before training: manifest, index and split."""
 
     db_path: str
     manifest: Dict
-    shards: List[str]
-    filesystem: object
-    columns: List[str]
+    index: pa.Table  # msprior.data.table.INDEX_SCHEMA: source, file, chunks, frames
+    columns: List[str]  # the columns training reads
     sources: List[str]
     val_sources: List[str]
-    nbytes: int = 0  # Parquet bytes on storage
+
+    @property
+    def files(self) -> List[str]:
+        """Data files (relative to the table root) named by the index, sorted."""
+        return sorted(set(self.index["file"].to_pylist()))
+
+    @property
+    def nbytes(self) -> int:
+        """Token bytes of the table (int16 frames x quantizers), from the index alone."""
+        q = int(self.manifest.get("rave", {}).get("num_quantizers") or 1)
+        return int(pc.sum(self.index["frames"]).as_py() or 0) * q * 2
+
+    def identity(self) -> Dict:
+        """What makes two tables the same for a resume: the RAVE model and the indexed content."""
+        return {"rave_sha256": self.manifest.get("rave", {}).get("sha256"), "sources": len(self.sources),
+                "chunks": int(pc.sum(self.index["chunks"]).as_py() or 0),
+                "frames": int(pc.sum(self.index["frames"]).as_py() or 0)}
+
+
+def index_from_shards(db_path: str) -> pa.Table:
+    """The index of a table written before index.parquet existed (one shard per source under
+    latents/): the shards' `source` and `frames` columns, read READ_THREADS at a time.
+
+    To move into msprior/data/table.py (`read_index`'s fallback, which reads them one by one).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from msprior import storage
+    from msprior.data.table import INDEX_SCHEMA, LATENTS, list_shards
+
+    fs, _ = storage.pyarrow_filesystem(db_path)
+
+    def one(shard: str) -> pa.Table:
+        try:
+            t = pq.read_table(shard[len("s3://"):] if storage.is_s3(shard) else shard, columns=["source", "frames"],
+                              filesystem=fs)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"{shard}: unreadable ({str(e).splitlines()[0]}); re-run preprocess") from None
+        g = t.group_by("source").aggregate([("frames", "count"), ("frames", "sum")])
+        rel = LATENTS + "/" + shard.rsplit("/", 1)[-1]
+        return pa.table({"source": g["source"], "file": pa.array([rel] * g.num_rows, pa.string()),
+                         "chunks": g["frames_count"].cast(pa.int32()), "frames": g["frames_sum"].cast(pa.int64())},
+                        schema=INDEX_SCHEMA)
+
+    shards = list_shards(db_path)
+    if not shards:
+        return INDEX_SCHEMA.empty_table()
+    with ThreadPoolExecutor(min(READ_THREADS, len(shards))) as pool:
+        return pa.concat_tables(list(pool.map(one, shards))).sort_by("source")
+
+
+def read_table_index(db_path: str) -> pa.Table:
+    """The table's index, or a one-line error when the table holds nothing."""
+    from msprior import storage
+    from msprior.data.table import INDEX, read_index
+
+    try:
+        has_index = storage.exists(storage.join(db_path, INDEX))
+        index = read_index(db_path) if has_index else index_from_shards(db_path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{db_path}/index.parquet: unreadable ({str(e).splitlines()[0]}); re-run preprocess") from None
+    if index.num_rows == 0:
+        raise DataError(f"{db_path}/latents: no .parquet shards; run `msprior preprocess` first")
+    return index
 
 
 def open_table(db_path: str, val_fraction: float, seed: int, conditioning: str = "none") -> Table:
-    """Read the manifest and the `source` column (cheap: one column) and split by source file."""
-    import pyarrow.dataset as pads
-
+    """Read the manifest and the index (two small files) and split by source file."""
     manifest = read_manifest(db_path)
-    fs, shards, nbytes = list_shards(db_path)
-    from msprior import storage
-
-    dataset = pads.dataset(shards, filesystem=storage.pyarrow_filesystem(db_path)[0], format="parquet")
-    names = set(dataset.schema.names)
-    missing = {"source", "frames", "rave"} - names
-    if missing:
-        raise DataError(f"{db_path}/latents: shards lack column(s) {sorted(missing)}; re-run preprocess")
-    if conditioning != "none" and conditioning not in names:
+    if conditioning != "none" and not (manifest.get("conditioning") or {}):
         raise DataError(
-            f"{db_path}: config model.conditioning={conditioning!r} but the table has no {conditioning!r} "
-            "column; preprocess with conditioning or train a config without it"
+            f"{db_path}: config model.conditioning={conditioning!r} but the table has no conditioning; "
+            "preprocess with conditioning or train a config without it"
         )
+    index = read_table_index(db_path)
+    sources = sorted(index["source"].to_pylist())
     columns = ["source", "frames", "rave"] + ([conditioning] if conditioning != "none" else [])
-    sources = pc.unique(dataset.to_table(columns=["source"])["source"]).to_pylist()
-    return Table(
-        db_path=db_path,
-        manifest=manifest,
-        shards=shards,
-        filesystem=fs,
-        columns=columns,
-        sources=sorted(sources),
-        val_sources=split_sources(sources, val_fraction, seed),
-        nbytes=nbytes,
-    )
+    return Table(db_path=db_path, manifest=manifest, index=index, columns=columns, sources=sources,
+                 val_sources=split_sources(sources, val_fraction, seed))
 
 
-def _arrow_fs(table: "Table"):
-    """pyarrow's native filesystem for the table (its S3 client is the fastest for bulk reads)."""
+# --- reading and checking data files (inside load tasks, or in-process for small tables) --------
+
+
+@dataclass
+class ReadSpec:
+    """How to read, check and flatten a table's rows: travels to the load tasks."""
+
+    db_path: str
+    columns: List[str]
+    num_quantizers: int
+    vocab_size: int
+    conditioning: str = "none"
+    cond_ratio: int = 1
+    cond_features: int = 0
+    cond_vocab: int = 0
+    s3: object = None  # msprior.storage.S3Options read once on the driver
+
+    @classmethod
+    def of(cls, table: Table, conditioning: str = "none", cond_ratio: int = 1) -> "ReadSpec":
+        from msprior import storage
+
+        rave = table.manifest.get("rave", {})
+        cond = table.manifest.get("conditioning") or {}
+        return cls(db_path=table.db_path, columns=table.columns, num_quantizers=int(rave["num_quantizers"]),
+                   vocab_size=int(rave["vocab_size"]), conditioning=conditioning, cond_ratio=cond_ratio,
+                   cond_features=int((cond.get("features") or {}).get("size") or 0),
+                   cond_vocab=int((cond.get("tokens") or {}).get("vocab_size") or 0),
+                   s3=storage.S3Options.from_env() if storage.is_s3(table.db_path) else None)
+
+    def frames_kwargs(self) -> Dict:
+        return dict(num_quantizers=self.num_quantizers, conditioning=self.conditioning,
+                    cond_ratio=self.cond_ratio, cond_features=self.cond_features)
+
+
+def _value_range(column: pa.ChunkedArray) -> Tuple[Optional[int], Optional[int]]:
+    mm = pc.min_max(pc.list_flatten(column))
+    return mm["min"].as_py(), mm["max"].as_py()
+
+
+def check_rows(rows: pa.Table, spec: ReadSpec, where: str) -> None:
+    """Schema and token ranges of one data file's rows; a one-line DataError naming the file.
+
+    Out-of-range tokens would index the wrong embedding rows (or hit a device assert on GPU at a
+    random step): they are refused before any training starts.
+    """
+    missing = [c for c in spec.columns if c not in rows.column_names]
+    if missing:
+        raise DataError(f"{where}: no column(s) {missing}; re-run preprocess (or train a config without them)")
+    q = spec.num_quantizers
+    bad = pc.not_equal(pc.list_value_length(rows["rave"]), pc.multiply(rows["frames"].cast(pa.int64()), q))
+    if pc.any(bad).as_py():
+        raise DataError(f"{where}: a row's rave list is not frames x {q} quantizers long; re-run preprocess")
+    checks = [("rave", spec.vocab_size, "rave.vocab_size")]
+    if spec.conditioning == "tokens":
+        checks.append(("tokens", spec.cond_vocab, "conditioning.tokens.vocab_size"))
+    for col, vocab, key in checks:
+        lo, hi = _value_range(rows[col])
+        if lo is not None and (lo < 0 or hi >= vocab):
+            raise DataError(f"{where}: column {col} holds values in [{lo}, {hi}] but the manifest's {key} is "
+                            f"{vocab}: tokens must lie in [0, {vocab}); re-run preprocess with the table's RAVE model")
+    if spec.conditioning == "features" and rows.num_rows:
+        flat = pc.list_flatten(rows["features"])
+        if not pc.all(pc.is_finite(flat)).as_py():
+            raise DataError(f"{where}: column features holds NaN or inf values; re-run preprocess")
+
+
+def _read_file(spec: ReadSpec, fs, rel: str, wanted: pa.Array) -> pa.Table:
+    """One data file's rows of the `wanted` sources, checked; its footer and columns read once."""
+    import pyarrow.parquet as pq
+
     from msprior import storage
 
-    return storage.pyarrow_filesystem(table.db_path)[0]
+    path = storage.join(spec.db_path, rel)
+    try:
+        with fs.open_input_file(path[len("s3://"):] if storage.is_s3(path) else path) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if any(c not in names for c in spec.columns):  # say which, naming the file
+                check_rows(pa.table({n: pa.array([], pa.null()) for n in names}), spec, path)
+            rows = pf.read(columns=list(spec.columns))
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{path}: unreadable ({str(e).splitlines()[0]}); re-run preprocess") from None
+    rows = rows.filter(pc.is_in(rows["source"], value_set=wanted))  # only what the index lists
+    check_rows(rows, spec, path)
+    return rows
 
 
-INLINE_MAX_BYTES = 64 << 20  # tables up to this size are read by the driver in one go (below)
+def read_files(spec: ReadSpec, files: Sequence[str], sources: Sequence[str]) -> pa.Table:
+    """The rows of `sources` held by `files` (relative to the table root), each file read once and checked."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    from msprior import storage
 
-def train_dataset(table: Table, inline_max_bytes: int = INLINE_MAX_BYTES):
-    """The train split as a Ray Data dataset of chunk rows (Ray Train splits it across workers).
-
-    A small table (most latent tables: ~5 MB per hour of audio) is read by the driver with pyarrow
-    and handed to Ray Data as in-memory blocks: on a loaded 2-core machine `read_parquet` spent
-    6-35 s starting read tasks for 8 small files, `from_arrow` 0.05 s. Larger tables stream
-    through distributed `read_parquet` tasks.
-    """
-    import ray.data
-
-    if table.nbytes <= inline_max_bytes:
-        rows = read_split(table, val=False)
-        step = max(1, -(-rows.num_rows // 16))  # a few blocks so the split stays balanced
-        return ray.data.from_arrow([rows.slice(i, step) for i in range(0, rows.num_rows, step)])
-    ds = ray.data.read_parquet(
-        table.shards,
-        filesystem=_arrow_fs(table),
-        # Reads are I/O: a small CPU share so they never wait behind train workers (FIELD_NOTES).
-        num_cpus=0.25,
-    ).select_columns(table.columns)
-    if not table.val_sources:
-        return ds
-    val = pa.array(table.val_sources, type=pa.string())
-
-    def drop_val(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.invert(pc.is_in(batch["source"], value_set=val)))
-
-    return ds.map_batches(drop_val, batch_format="pyarrow", zero_copy_batch=True, num_cpus=0.25)
+    if not files:
+        raise DataError(f"{spec.db_path}: the index lists no data file for this split")
+    fs, _ = storage.pyarrow_filesystem(spec.db_path, spec.s3)
+    wanted = pa.array(sorted(set(sources)), pa.string())
+    with ThreadPoolExecutor(min(READ_THREADS, len(files))) as pool:
+        tables = list(pool.map(lambda rel: _read_file(spec, fs, rel, wanted), files))
+    return pa.concat_tables(tables).combine_chunks()
 
 
 def read_split(table: Table, val: bool = True) -> pa.Table:
-    """The validation (or train) rows read directly with pyarrow, in the calling process.
+    """The validation (or train) rows read in the calling process (small tables, export, benches)."""
+    chosen = set(table.val_sources)
+    rows = [r for r in table.index.to_pylist() if (r["source"] in chosen) == val]
+    cond = next((c for c in ("tokens", "features") if c in table.columns), "none")
+    spec = ReadSpec.of(table, cond)
+    if not rows:  # e.g. the validation split of a one-file table: no rows, the table's columns
+        return read_files(spec, table.files[:1], []).slice(0, 0)
+    return read_files(spec, sorted({r["file"] for r in rows}), [r["source"] for r in rows])
 
-    Validation is small (a few % of the files) and must be the same windows on every rank and
-    every run: the driver reads it once and ships it to the workers through the object store.
+
+# --- the table in the object store (driver side, shared by trials and restarts) -----------------
+
+
+def plan_parts(table: Table) -> List[List[str]]:
+    """Groups of data files, one per load task: ~PART_BYTES of tokens or PART_FILES files each."""
+    q = int(table.manifest["rave"]["num_quantizers"])
+    per_file: Dict[str, int] = {}
+    for f, n in zip(table.index["file"].to_pylist(), table.index["frames"].to_pylist()):
+        per_file[f] = per_file.get(f, 0) + int(n) * q * 2
+    parts, cur, size = [], [], 0
+    for f in sorted(per_file):
+        if cur and (size + per_file[f] > PART_BYTES or len(cur) >= PART_FILES):
+            parts.append(cur)
+            cur, size = [], 0
+        cur.append(f)
+        size += per_file[f]
+    return parts + ([cur] if cur else [])
+
+
+def _load_part(spec: ReadSpec, files: List[str], sources: List[str], val_sources: List[str]):
+    """(counts, train Frames or None, validation Frames or None) of one group of data files.
+
+    A table problem comes back as `counts["error"]` (one line), not as a task failure.
     """
-    import pyarrow.dataset as pads
+    try:
+        rows = read_files(spec, files, sources)
+    except UserError as e:
+        return {"error": str(e).splitlines()[0]}, None, None
+    is_val = pc.is_in(rows["source"], value_set=pa.array(val_sources, pa.string()))
+    out = []
+    for mask in (pc.invert(is_val), is_val):
+        part = rows.filter(mask)
+        out.append(frames_from_arrow(part, **spec.frames_kwargs()) if part.num_rows else None)
+    counts = {"train_chunks": out[0].num_chunks if out[0] else 0, "val_chunks": out[1].num_chunks if out[1] else 0}
+    return counts, out[0], out[1]
 
-    dataset = pads.dataset(table.shards, filesystem=_arrow_fs(table), format="parquet")
-    mask = pads.field("source").isin(table.val_sources)
-    return dataset.to_table(columns=table.columns, filter=mask if val else ~mask)
+
+@dataclass
+class TableData:
+    """A table loaded into the object store: what a training (or every trial of a sweep) is given.
+
+    Only object references travel (in `train_loop_config`, or a sweep's trial parameters); the
+    arrays stay in the object store, owned by the driver that loaded them, so a restarted worker
+    group reads them again from memory, not from storage.
+    """
+
+    table: Table
+    train: List[object] = field(default_factory=list)  # ObjectRef[Frames], one per non-empty group
+    val: List[object] = field(default_factory=list)  # ObjectRef[Frames] of the validation sources
+    train_chunks: int = 0
+    val_chunks: int = 0
+
+
+def load_table(table: Table, spec: ReadSpec) -> TableData:
+    """Read and check every indexed data file once, in Ray tasks; keep the arrays in the object store.
+
+    Raises the first DataError (naming the file) before any training starts.
+    """
+    import ray
+
+    from msprior.train import data as this  # a module-level function is what Ray pickles by reference
+
+    task = ray.remote(num_cpus=LOAD_CPU, num_returns=3, max_retries=3)(this._load_part)
+    by_file: Dict[str, List[str]] = {}
+    for s, f in zip(table.index["source"].to_pylist(), table.index["file"].to_pylist()):
+        by_file.setdefault(f, []).append(s)
+    val_set = set(table.val_sources)
+    refs = []
+    for files in plan_parts(table):
+        sources = [s for f in files for s in by_file[f]]
+        refs.append(task.remote(spec, files, sources, [s for s in sources if s in val_set]))
+    counts = ray.get([r[0] for r in refs])
+    errors = [c["error"] for c in counts if "error" in c]
+    if errors:
+        raise DataError(errors[0] + (f" (and {len(errors) - 1} more file group(s))" if len(errors) > 1 else ""))
+    data = TableData(table=table)
+    for c, (_, tr, va) in zip(counts, refs):
+        if c["train_chunks"]:
+            data.train.append(tr)
+            data.train_chunks += c["train_chunks"]
+        if c["val_chunks"]:
+            data.val.append(va)
+            data.val_chunks += c["val_chunks"]
+    if not data.train:
+        raise DataError(f"{table.db_path}: no training chunks after the validation split; add files or lower "
+                        "data.val_fraction")
+    return data
+
+
+def fixed_val_batches(data: TableData, seq_len: int, batches: int, batch_size: int, conditioning: str,
+                      cond_ratio: int, seed: int) -> List[Dict[str, np.ndarray]]:
+    """The validation windows, drawn once on the driver: the same for every rank, run and resume.
+
+    Without validation files (a one-file corpus) they come from the training files.
+    """
+    import ray
+
+    parts = ray.get(data.val or data.train)
+    sampler = WindowSampler(parts, seq_len, conditioning, cond_ratio, seed=seed)
+    return [sampler.sample(batch_size) for _ in range(batches)]
 
 
 # --- a worker's frames in memory ----------------------------------------------------------------
@@ -220,56 +420,82 @@ def frames_from_arrow(table: pa.Table, num_quantizers: int, conditioning: str = 
     return out
 
 
-def load_shard(iterator, **kw) -> Frames:
-    """Pull a Ray Data shard (DataIterator) into memory as `Frames`."""
-    tables = [t for t in iterator.iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
-    if not tables:
-        raise DataError("this worker's shard of the latent table is empty: use fewer workers or more data")
-    return frames_from_arrow(pa.concat_tables(tables).combine_chunks(), **kw)
+def worker_parts(refs: Sequence[object], rank: int, world: int) -> List[Frames]:
+    """This worker's groups of training chunks, zero-copy from the object store.
+
+    With at least one group per worker each rank samples its own groups (a node only pulls the
+    groups of its workers); otherwise every rank samples all of them (shared memory on a node).
+    """
+    import ray
+
+    mine = list(refs)[rank::world] if len(refs) >= world else list(refs)
+    return ray.get(mine)
 
 
 class WindowSampler:
     """Random windows of `seq_len + 1` frames inside chunks, drawn as whole batches.
 
-    With conditioning, window starts are multiples of the ratio r, so that decoder frame t of the
-    window sees conditioning frames 0 .. t // r of the window (docs/ARCHITECTURE.md).
+    `frames` is one `Frames` or a list of them (groups of chunks, e.g. read-only arrays shared
+    through the object store): windows are drawn uniformly over all admissible starts of all
+    groups, never across a chunk boundary. With conditioning, window starts are multiples of the
+    ratio r, so that decoder frame t of the window sees conditioning frames 0 .. t // r of the
+    window (docs/ARCHITECTURE.md).
     """
 
-    def __init__(self, frames: Frames, seq_len: int, conditioning: str = "none", cond_ratio: int = 1,
-                 seed: int = 0):
-        self.f = frames
+    def __init__(self, frames: Union[Frames, Sequence[Frames]], seq_len: int, conditioning: str = "none",
+                 cond_ratio: int = 1, seed: int = 0):
+        self.parts = [frames] if isinstance(frames, Frames) else list(frames)
         self.seq_len = seq_len
         self.conditioning = conditioning
         self.step = cond_ratio if conditioning != "none" else 1  # window start granularity
+        lengths = np.concatenate([p.lengths for p in self.parts])
         # number of admissible starts per chunk: s in {0, step, ...} with s + seq_len + 1 <= T
-        room = frames.lengths - (seq_len + 1)
+        room = lengths - (seq_len + 1)
         self.num_starts = np.where(room >= 0, room // self.step + 1, 0)
         total = self.num_starts.sum()
         if total == 0:
             raise DataError(
-                f"no chunk holds seq_len + 1 = {seq_len + 1} frames (longest: {frames.lengths.max()}); "
+                f"no chunk holds seq_len + 1 = {seq_len + 1} frames (longest: {lengths.max()}); "
                 "lower model.seq_len or preprocess with longer chunks"
             )
         self.cum = np.cumsum(self.num_starts)  # windows are drawn uniformly over all admissible starts
         self.total = int(total)
+        # global chunk -> (group, first frame of the chunk inside its group's arrays)
+        self.group = np.repeat(np.arange(len(self.parts)), [p.num_chunks for p in self.parts])
+        self.starts = np.concatenate([p.starts for p in self.parts])
+        if conditioning != "none":
+            self.cond_starts = np.concatenate([p.cond_starts for p in self.parts])
         self.rng = np.random.default_rng(seed)
         self.offsets = np.arange(seq_len + 1)
         self.cond_len = math.ceil(seq_len / cond_ratio)
         self.cond_offsets = np.arange(self.cond_len)
+
+    def _gather(self, attr: str, group: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """parts[group[i]].<attr>[rows[i]] for every window i (one fancy index per group used)."""
+        if len(self.parts) == 1:
+            return getattr(self.parts[0], attr)[rows]
+        first = getattr(self.parts[0], attr)
+        out = np.empty(rows.shape + first.shape[1:], first.dtype)
+        for g in np.unique(group):
+            sel = group == g
+            out[sel] = getattr(self.parts[g], attr)[rows[sel]]
+        return out
 
     def sample(self, batch_size: int) -> Dict[str, np.ndarray]:
         k = self.rng.integers(0, self.total, size=batch_size)
         chunk = np.searchsorted(self.cum, k, side="right")
         first = k - (self.cum[chunk] - self.num_starts[chunk])
         start = first * self.step  # frame offset inside the chunk
-        rows = (self.f.starts[chunk] + start)[:, None] + self.offsets  # [B, T+1]
-        batch = {"rave": self.f.rave[rows].astype(np.int64)}  # [B, T+1, Q]
+        group = self.group[chunk]
+        rows = (self.starts[chunk] + start)[:, None] + self.offsets  # [B, T+1]
+        batch = {"rave": self._gather("rave", group, rows).astype(np.int64)}  # [B, T+1, Q]
         if self.conditioning != "none":
-            crows = (self.f.cond_starts[chunk] + start // self.step)[:, None] + self.cond_offsets
+            crows = (self.cond_starts[chunk] + start // self.step)[:, None] + self.cond_offsets
+            cond = self._gather("cond", group, crows)
             if self.conditioning == "tokens":
-                batch["tokens"] = self.f.cond[crows].astype(np.int64)  # [B, ceil(T/r)]
+                batch["tokens"] = cond.astype(np.int64)  # [B, ceil(T/r)]
             else:
-                batch["features"] = self.f.cond[crows]  # [B, ceil(T/r), F] float32
+                batch["features"] = cond  # [B, ceil(T/r), F] float32
         return batch
 
 

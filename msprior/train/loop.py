@@ -1,14 +1,16 @@
 """The training function run by every Ray Train worker: a plain function over a plain dict.
 
 It knows the model only through `build_prior(model_cfg, facts)`, `prior.loss(batch)` and
-`prior.logits(batch)`. Ray appears at the edges: the dataset shard in, `ray.train.report` (metrics +
-checkpoint) out, `ray.train.get_checkpoint()` to resume. Only rank 0 logs to MLflow and sends
-progress lines to the driver.
+`prior.logits(batch)`. Ray appears at the edges: the table's arrays in (object references, read
+zero-copy from the object store), `ray.train.report` (metrics + checkpoint) out,
+`ray.train.get_checkpoint()` to resume. Only rank 0 logs to MLflow and sends progress lines to the
+driver.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -21,9 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from msprior.config import Config
+from msprior.config import Config, scaled_lr
 from msprior.train.checkpoint import CHECKPOINT_FILE, save_checkpoint
-from msprior.train.data import Frames, WindowSampler, load_shard
+from msprior.train.data import WindowSampler, worker_parts
 from msprior.train.schedule import make_optimizer, make_scheduler
 
 TOPK = (1, 3, 5, 10)
@@ -96,13 +98,28 @@ def _no_buffer_sync() -> Dict[str, bool]:
 
 
 def _maybe_fail(fault: Optional[Dict], rank: int, step: int) -> None:
-    """Test hook: raise once on `fault["rank"]` at `fault["step"]` (a marker file makes it once)."""
+    """Test hook: raise once on `fault["rank"]` at `fault["step"]` (a marker file makes it once).
+
+    `fault["remove"]` (a folder, e.g. the latent table) is deleted first: the restarted workers
+    must then go on from the object store alone. `fault["kill"]`: SIGKILL the worker process
+    instead of raising.
+    """
     if fault and rank == fault["rank"] and step == fault["step"] and not os.path.exists(fault["marker"]):
         open(fault["marker"], "w").close()
+        if fault.get("remove"):
+            shutil.rmtree(fault["remove"])
+        if fault.get("kill"):  # the worker process dies as in an OOM kill or a lost node
+            import signal
+
+            # Ray Train's controller collects reports every few seconds: a checkpoint reported
+            # just before a death can be lost (the restart then starts from the one before)
+            time.sleep(fault.get("delay_s", 0))
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure on rank {rank} at step {step} (test hook)")
 
 
 def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -125,8 +142,9 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
     facts = DatasetFacts.from_manifest(manifest)
     prior = build_prior(cfg.model, facts, codebooks=loop_cfg.get("codebooks")).to(device)
     ema = copy.deepcopy(prior).requires_grad_(False) if cfg.train.ema > 0 else None
-    optimizer = make_optimizer([p for p in prior.parameters() if p.requires_grad], cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim)
+    optim_cfg = dataclasses.replace(cfg.optim, lr=scaled_lr(cfg.optim, world))  # the global batch grows with W
+    optimizer = make_optimizer([p for p in prior.parameters() if p.requires_grad], optim_cfg)
+    scheduler = make_scheduler(optimizer, optim_cfg)
 
     step, best, bad = 0, math.inf, 0
     ckpt = ray.train.get_checkpoint()
@@ -147,18 +165,16 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
         module = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync())
 
-    # Data: this worker's shard of the train split, the whole validation split (fixed windows).
+    # Data: this worker's groups of training chunks (object store, zero-copy); the validation
+    # windows the driver drew once, split across ranks (the same set for any number of workers).
     kw = shard_kwargs(cfg, manifest)
-    local_bs = max(1, cfg.train.batch_size // world)
-    train_frames = load_shard(ray.train.get_dataset_shard("train"), **kw)
+    local_bs = cfg.train.batch_size  # per worker: the global batch is world x batch_size
+    parts = worker_parts(loop_cfg["train_parts"], rank, world)
     # seeded by (seed, rank, step): a resumed run draws fresh windows, each rank its own
-    sampler = WindowSampler(train_frames, cfg.model.seq_len, kw["conditioning"], kw["cond_ratio"],
+    sampler = WindowSampler(parts, cfg.model.seq_len, kw["conditioning"], kw["cond_ratio"],
                             seed=np.random.SeedSequence([cfg.train.seed, rank, step]).generate_state(1)[0])
-    val_frames: Frames = loop_cfg.get("val_frames") or train_frames  # no split: validate on train windows
-    val_sampler = WindowSampler(val_frames, cfg.model.seq_len, kw["conditioning"], kw["cond_ratio"],
-                                seed=np.random.SeedSequence([cfg.data.seed, 1000 + rank]).generate_state(1)[0])
-    val_batches = [to_device(val_sampler.sample(local_bs), device)
-                   for _ in range(max(1, math.ceil(cfg.train.val_batches / world)))]
+    val_batches = [to_device({k: v.copy() for k, v in b.items()}, device)  # own (writable) copies
+                   for b in ray.get(loop_cfg["val_batches"])[rank::world]]
 
     client = tracking.client(loop_cfg["tracking_uri"]) if rank == 0 and loop_cfg.get("mlflow_run_id") else None
     run_id = loop_cfg.get("mlflow_run_id")

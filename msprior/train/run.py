@@ -1,22 +1,26 @@
 """`train(...)`: one training run on Ray Train, from the driver's side.
 
-Resolves the config, opens the latent table, checks the cluster can hold the request (fail fast,
-never a silent resource deadlock), creates or continues the MLflow run, runs a `TorchTrainer` over
-`loop.train_loop_per_worker`, prints progress lines sent by rank 0, and writes `run.json`.
+Steps (one function each): resolve the request (config, name, resume checks), load the latent
+table into the object store once (through its index; checked before training), check the cluster
+can hold the request (fail fast, never a silent resource deadlock), create or continue the MLflow
+run, run a `TorchTrainer` over `loop.train_loop_per_worker`, print the progress lines rank 0 sends,
+and write `run.json`. A sweep loads the table once and hands the same `TableData` to every trial.
 """
 
 from __future__ import annotations
 
-from msprior.errors import UserError
 import math
 import os
 import re
 import sys
 import threading
 import time
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence, Union
 
 from msprior import console
+from msprior.errors import UserError
+
 from msprior.config import Config, load_config
 from msprior.redact import redact_uri
 from msprior.runtime import ensure_ray
@@ -63,6 +67,17 @@ def check_resources(num_workers: int, cpus_per_worker: float, gpus_per_worker: f
 
 
 # --- paths --------------------------------------------------------------------------------------
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
+
+
+def check_name(name: str, flag: str = "--name") -> str:
+    """A run (or sweep) name is one folder under the storage path: no separators, no '..'."""
+    if not name or not NAME_RE.fullmatch(name) or ".." in name:
+        raise TrainError(f"{flag} {name!r}: use letters, digits and . _ - (one folder name, not starting "
+                         "with '.' or containing '..' or '/')")
+    return name
 
 
 def _storage(storage_path: Optional[str]) -> str:
@@ -184,17 +199,63 @@ class Progress:
             pass
 
 
-# --- the run ------------------------------------------------------------------------------------
+# --- the request -------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainRequest:
+    """One training as asked; `train(config, db_path, name, **fields)` builds it.
+
+    `experiment` / `parent_run_id` / `tune_report` / `data` are for sweeps (nested MLflow runs, Tune
+    reports, the table loaded once by the sweep driver); `fault_injection` = {"rank", "step",
+    "marker"} raises once inside a worker (tests only).
+    """
+
+    config: Union[str, Config, Dict] = "decoder_only"
+    db_path: str = ""
+    name: str = ""
+    overrides: Sequence[str] = ()
+    pretrained_embedding: Optional[str] = None
+    num_workers: int = 1
+    gpu: bool = False
+    batch_size: Optional[int] = None  # windows per worker per step (train.batch_size)
+    max_steps: Optional[int] = None
+    val_every: Optional[int] = None
+    resume: bool = False
+    tracking_uri: Optional[str] = None
+    storage_path: Optional[str] = None
+    cpus_per_worker: float = DEFAULT_CPUS_PER_WORKER
+    gpus_per_worker: Optional[float] = None
+    max_failures: int = 3
+    progress: bool = True
+    experiment: Optional[str] = None
+    parent_run_id: Optional[str] = None
+    tune_report: bool = False
+    fault_injection: Optional[Dict[str, Any]] = None
+    data: Any = None  # msprior.train.data.TableData, already loaded (a sweep's); else loaded here
+
+    @property
+    def gpus(self) -> float:
+        return (self.gpus_per_worker if self.gpus_per_worker is not None else 1.0) if self.gpu else 0.0
+
+
+@dataclass
+class Plan:
+    """What the driver resolved before starting anything on Ray."""
+
+    cfg: Config
+    table: Any  # msprior.train.data.Table
+    storage: str
+    run_dir: str
+    codebooks: Any = None
+    tracking: Dict[str, Any] = field(default_factory=dict)  # uri, client, run_id
 
 
 def _user_cause(e: BaseException) -> Optional[BaseException]:
     """The one-line user error (DataError, TrainError, ConfigError) behind a failed worker group."""
-    from msprior.config import ConfigError
-    from msprior.train.data import DataError
-
     for exc in (getattr(e, "worker_failures", None) or {}).values():
         for candidate in (exc, getattr(exc, "cause", None)):
-            if isinstance(candidate, (DataError, TrainError, ConfigError)):
+            if isinstance(candidate, UserError):
                 return candidate
     return None
 
@@ -224,187 +285,273 @@ def _check_table_vs_config(cfg: Config, manifest: Dict, db_path: str) -> None:
                              f"{cond.get('ratio')}")
 
 
-def train(
-    config: Union[str, Config, Dict] = "decoder_only",
-    db_path: str = "",
-    name: str = "",
-    *,
-    overrides: Sequence[str] = (),
-    pretrained_embedding: Optional[str] = None,
-    num_workers: int = 1,
-    gpu: bool = False,
-    batch_size: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    val_every: Optional[int] = None,
-    resume: bool = False,
-    tracking_uri: Optional[str] = None,
-    storage_path: Optional[str] = None,
-    cpus_per_worker: float = DEFAULT_CPUS_PER_WORKER,
-    gpus_per_worker: Optional[float] = None,
-    max_failures: int = 3,
-    progress: bool = True,
-    experiment: Optional[str] = None,
-    parent_run_id: Optional[str] = None,
-    tune_report: bool = False,
-    fault_injection: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
-    """Train a prior; returns the run summary (the content of run.json plus the final metrics).
+def _check_codebooks(codebooks, manifest: Dict, path: str) -> None:
+    q, v = manifest["rave"]["num_quantizers"], manifest["rave"]["vocab_size"]
+    if codebooks.shape[0] != q or codebooks.shape[1] != v:
+        raise TrainError(f"--pretrained_embedding {path}: {codebooks.shape[0]} codebooks of {codebooks.shape[1]} "
+                         f"entries, the table has {q} quantizers x {v}: use the RAVE model that encoded the table")
 
-    `experiment` / `parent_run_id` / `tune_report` are for sweeps (nested MLflow runs, Tune reports);
-    `fault_injection` = {"rank", "step", "marker"} raises once inside a worker (tests only).
-    """
+
+# --- step 1: resolve the request (no Ray yet) ---------------------------------------------------
+
+
+def _run_dir_state(req: TrainRequest, storage: str, run_dir: str) -> None:
+    exists = _has_checkpoints(run_dir)
+    if exists and not req.resume:
+        raise TrainError(f"run {req.name!r} already has checkpoints in {storage}: pass --resume to continue it "
+                         "or choose another --name")
+    if req.resume and not exists:
+        raise TrainError(f"--resume: run {req.name!r} has no checkpoint in {storage} (check --name / --storage_path)")
+
+
+def plan(req: TrainRequest) -> Plan:
+    """Config, table (manifest + index), run folder and resume checks: every fast failure first."""
+    from msprior import storage as st
+    from msprior.train.data import open_table
+
+    check_name(req.name)
+    if not req.db_path and req.data is None:
+        raise TrainError("--db_path: give the latent table written by `msprior preprocess`")
+    if req.num_workers < 1:
+        raise TrainError(f"--num_workers {req.num_workers}: must be >= 1")
+    overrides, codebooks = list(req.overrides), None
+    if req.pretrained_embedding:
+        codebooks = read_codebooks(req.pretrained_embedding)
+        overrides.append(f"model.pretrained_embedding_dim={int(codebooks.shape[2])}")
+    cfg = resolve_config(req.config, overrides, batch_size=req.batch_size, max_steps=req.max_steps,
+                         val_every=req.val_every)
+    if req.data is not None:
+        table = req.data.table
+    else:
+        table = open_table(st.absolute(req.db_path), cfg.data.val_fraction, cfg.data.seed, cfg.model.conditioning)
+    _check_table_vs_config(cfg, table.manifest, table.db_path)
+    if codebooks is not None:
+        _check_codebooks(codebooks, table.manifest, req.pretrained_embedding)
+    storage = _storage(req.storage_path)
+    run_dir = _join(storage, req.name)
+    _run_dir_state(req, storage, run_dir)
+    if req.resume:
+        check_resume(req.name, run_dir, cfg, table)
+    return Plan(cfg=cfg, table=table, storage=storage, run_dir=run_dir, codebooks=codebooks)
+
+
+# --- resume: the same config and the same table -------------------------------------------------
+
+RESUME_SECTIONS = ("model", "data")  # what a checkpoint's weights and split depend on
+
+
+def _request_record(cfg: Config, table) -> Dict[str, Any]:
+    return {"config": cfg.to_dict(), "table": table.identity(), "db_path": table.db_path}
+
+
+def check_resume(name: str, run_dir: str, cfg: Config, table) -> None:
+    """Refuse (one line) to resume a run with another model/data config or another table."""
+    from msprior.train.checkpoint import read_run_request
+
+    old = read_run_request(run_dir)
+    if old is None:  # a run started before the request was recorded: nothing to compare
+        return
+    new = _request_record(cfg, table)
+    for section in RESUME_SECTIONS:
+        was, now = old["config"].get(section) or {}, new["config"][section]
+        for key in sorted(now):
+            if key in was and was[key] != now[key]:
+                raise TrainError(f"--resume {name}: the run was trained with {section}.{key}={was[key]!r}, the "
+                                 f"request gives {now[key]!r}: resume with the same config or choose another --name")
+    for key, now in new["table"].items():
+        was = old["table"].get(key)
+        if was is not None and was != now:
+            raise TrainError(f"--resume {name}: the run was trained on another table ({key} {was} there, {now} in "
+                             f"{table.db_path}): resume with its table ({old.get('db_path')}) or choose another --name")
+
+
+# --- step 2: the table in the object store, the fixed validation windows -----------------------
+
+
+def load_data(p: Plan):
+    """Read and check the table once (Ray tasks); returns `TableData` (object references only)."""
+    from msprior.train.data import ReadSpec, load_table
+
+    m = p.cfg.model
+    return load_table(p.table, ReadSpec.of(p.table, m.conditioning, m.cond_ratio))
+
+
+def validation_windows(p: Plan, data):
+    """`train.val_batches` batches of `train.batch_size` windows, drawn once here, put in the object store."""
     import ray
-    import ray.data
+
+    from msprior.train.data import fixed_val_batches
+
+    m, t = p.cfg.model, p.cfg.train
+    batches = fixed_val_batches(data, m.seq_len, t.val_batches, t.batch_size, m.conditioning, m.cond_ratio,
+                                seed=p.cfg.data.seed)
+    return ray.put(batches)
+
+
+# --- step 3: MLflow -----------------------------------------------------------------------------
+
+
+def start_tracking(req: TrainRequest, p: Plan, data) -> None:
+    """Create the MLflow run (or continue it on --resume); fills `p.tracking`."""
+    from msprior.config import scaled_lr
+    from msprior.train import tracking
+
+    uri = tracking.default_tracking_uri(req.tracking_uri)
+    client = tracking.client(uri)
+    exp_name = req.experiment or req.name
+    run_id = tracking.find_run(client, exp_name, p.run_dir)
+    if run_id and req.resume:
+        client.update_run(run_id, status="RUNNING")
+    else:
+        if run_id and client.get_run(run_id).info.status == "RUNNING":  # a start killed before its checkpoint
+            client.set_terminated(run_id, status="KILLED")
+        cfg, manifest, t = p.cfg, p.table.manifest, p.table
+        rave = manifest.get("rave", {})
+        params = {**cfg.flat(), "data.db_path": t.db_path, "data.num_quantizers": rave.get("num_quantizers"),
+                  "data.vocab_size": rave.get("vocab_size"), "data.continuous": rave.get("continuous"),
+                  "data.rave_sha256": rave.get("sha256"), "data.train_files": len(t.sources) - len(t.val_sources),
+                  "data.val_files": len(t.val_sources), "data.train_chunks": data.train_chunks,
+                  "train.num_workers": req.num_workers, "train.gpu": req.gpu,
+                  "train.global_batch": cfg.train.batch_size * req.num_workers,
+                  "optim.lr_effective": scaled_lr(cfg.optim, req.num_workers)}
+        tags = {tracking.RUN_DIR_TAG: p.run_dir, "msprior.config": cfg.name,
+                "msprior.rave_sha256": str(rave.get("sha256")), "msprior.continuous": str(rave.get("continuous"))}
+        run_id = tracking.start_run(client, exp_name, req.name, params, tags, parent_run_id=req.parent_run_id)
+        tracking.log_dict(client, run_id, cfg.to_dict(), "config.yaml")
+        tracking.log_dict(client, run_id, manifest, "manifest.json")
+    p.tracking = {"uri": uri, "client": client, "run_id": run_id}
+
+
+# --- step 4: the trainer ------------------------------------------------------------------------
+
+
+def make_trainer(req: TrainRequest, p: Plan, data, val_ref, printer):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from msprior.train import tracking
-    from msprior.train.checkpoint import write_run_json
-    from msprior.train.data import open_table
+    from msprior import storage as st
     from msprior.train.loop import train_loop_per_worker
 
-    if not name or "/" in name:
-        raise TrainError(f"--name {name!r}: give a run name without '/'")
-    if not db_path:
-        raise TrainError("--db_path: give the latent table written by `msprior preprocess`")
-    from msprior import storage
+    loop_cfg = {
+        "config": p.cfg.to_dict(),
+        "manifest": p.table.manifest,
+        "codebooks": p.codebooks,
+        "train_parts": list(data.train),  # object references: workers read the arrays from the object store
+        "val_batches": val_ref,
+        "tracking_uri": p.tracking["uri"],
+        "mlflow_run_id": p.tracking["run_id"],
+        "progress": printer.queue if printer else None,
+        "fault": req.fault_injection,
+    }
+    callbacks = []
+    if req.tune_report:
+        from ray.tune.integration.ray_train import TuneReportCallback
 
-    db_path = storage.absolute(db_path)
-    if num_workers < 1:
-        raise TrainError(f"--num_workers {num_workers}: must be >= 1")
-    codebooks = None
-    if pretrained_embedding:
-        codebooks = read_codebooks(pretrained_embedding)
-        overrides = list(overrides) + [f"model.pretrained_embedding_dim={int(codebooks.shape[2])}"]
-    cfg = resolve_config(config, overrides, batch_size=batch_size, max_steps=max_steps, val_every=val_every)
-    if cfg.train.batch_size < num_workers:
-        raise TrainError(f"--batch_size {cfg.train.batch_size} is the global batch: give at least one window "
-                         f"per worker (>= --num_workers {num_workers})")
+        callbacks.append(TuneReportCallback())
+    resources = {"CPU": req.cpus_per_worker, **({"GPU": req.gpus} if req.gpu else {})}
+    # Ray Train takes a pyarrow filesystem + a path inside it (S3 settings from our environment)
+    st_fs, st_path = st.pyarrow_filesystem(p.storage) if st.is_s3(p.storage) else (None, p.storage)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=req.num_workers, use_gpu=req.gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=req.name,
+            storage_path=st_path,
+            storage_filesystem=st_fs,
+            failure_config=FailureConfig(max_failures=req.max_failures),
+            # keeps the best (lowest val_loss) checkpoint; Ray always keeps the latest too
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            callbacks=callbacks,
+        ),
+    )
 
-    table = open_table(db_path, cfg.data.val_fraction, cfg.data.seed, cfg.model.conditioning)
-    _check_table_vs_config(cfg, table.manifest, db_path)
-    if codebooks is not None:
-        q, v = table.manifest["rave"]["num_quantizers"], table.manifest["rave"]["vocab_size"]
-        if codebooks.shape[0] != q or codebooks.shape[1] != v:
-            raise TrainError(f"--pretrained_embedding {pretrained_embedding}: {codebooks.shape[0]} codebooks of "
-                             f"{codebooks.shape[1]} entries, the table has {q} quantizers x {v}: use the "
-                             "RAVE model that encoded the table")
 
-    started_ray = ensure_ray(log_to_driver=not progress)
+# --- step 5: fit and record ---------------------------------------------------------------------
+
+
+def fit(trainer, p: Plan, printer):
+    client, run_id = p.tracking["client"], p.tracking["run_id"]
+    t0 = time.perf_counter()
     try:
-        gpw = (gpus_per_worker if gpus_per_worker is not None else 1.0) if gpu else 0.0
-        check_resources(num_workers, cpus_per_worker, gpw)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        result = trainer.fit()
+    except BaseException as e:
+        client.set_terminated(run_id, status="FAILED")
+        cause = _user_cause(e)
+        if cause is not None:  # a worker hit a user error (e.g. a shard too small): say it in one line
+            raise TrainError(str(cause).splitlines()[0]) from None
+        raise
+    finally:
+        if printer:
+            printer.close()
+    return result, time.perf_counter() - t0
 
-        storage = _storage(storage_path)
-        run_dir = _join(storage, name)
-        exists = _has_checkpoints(run_dir)
-        if exists and not resume:
-            raise TrainError(f"run {name!r} already has checkpoints in {storage}: pass --resume to continue it "
-                             "or choose another --name")
-        if resume and not exists:
-            raise TrainError(f"--resume: run {name!r} has no checkpoint in {storage} (check --name / --storage_path)")
 
-        # MLflow: one run per training; a resumed run continues the same MLflow run.
-        uri = tracking.default_tracking_uri(tracking_uri)
-        client = tracking.client(uri)
-        exp_name = experiment or name
-        run_id = tracking.find_run(client, exp_name, run_dir) if resume else None
-        if run_id:
-            client.update_run(run_id, status="RUNNING")
-        else:
-            rave = table.manifest.get("rave", {})
-            params = {**cfg.flat(), "data.db_path": db_path, "data.num_quantizers": rave.get("num_quantizers"),
-                      "data.vocab_size": rave.get("vocab_size"), "data.continuous": rave.get("continuous"),
-                      "data.rave_sha256": rave.get("sha256"), "data.train_files": len(table.sources) - len(table.val_sources),
-                      "data.val_files": len(table.val_sources), "train.num_workers": num_workers,
-                      "train.gpu": gpu}
-            tags = {tracking.RUN_DIR_TAG: run_dir, "msprior.config": cfg.name,
-                    "msprior.rave_sha256": str(rave.get("sha256")), "msprior.continuous": str(rave.get("continuous"))}
-            run_id = tracking.start_run(client, exp_name, name, params, tags, parent_run_id=parent_run_id)
-            tracking.log_dict(client, run_id, cfg.to_dict(), "config.yaml")
-            tracking.log_dict(client, run_id, table.manifest, "manifest.json")
+def finish(req: TrainRequest, p: Plan, result, wall: float) -> Dict[str, Any]:
+    """run.json, the MLflow run's last artifacts and status; returns the run summary."""
+    from msprior.train import tracking
+    from msprior.train.checkpoint import write_run_json
 
-        from msprior.train.data import frames_from_arrow, read_split, train_dataset
-        from msprior.train.loop import shard_kwargs
+    client, run_id = p.tracking["client"], p.tracking["run_id"]
+    metrics = dict(result.metrics or {})
+    best = min(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf), default=None)
+    info = {
+        "name": req.name,
+        "best_checkpoint": _ckpt_uri(best[0]) if best else _ckpt_uri(result.checkpoint),
+        "last_checkpoint": _ckpt_uri(result.checkpoint),
+        "best_val_loss": metrics.get("best_val_loss"),
+        "step": metrics.get("step"),
+        "mlflow_run_id": run_id,
+        "tracking_uri": redact_uri(p.tracking["uri"]),  # run.json travels; a password must not
+        "db_path": p.table.db_path,
+    }
+    write_run_json(p.run_dir, info)
+    client.set_tag(run_id, "msprior.best_checkpoint", str(info["best_checkpoint"]))
+    client.log_metric(run_id, "train_wall_s", wall)
+    tracking.log_loss_curve(client, run_id)
+    tracking.log_dict(client, run_id, info, "run.json")
+    client.set_terminated(run_id, status="FINISHED")
+    if req.progress:
+        best_txt = f"{info['best_val_loss']:.4f}" if info["best_val_loss"] is not None else "n/a"
+        console.echo(f"[{req.name}] done: step {info['step']}, best val {best_txt}, "
+                     f"{wall:.0f}s; run dir {p.run_dir}; MLflow run {run_id}")
+    return {**info, "run_dir": p.run_dir, "metrics": metrics, "wall_s": wall}
 
-        datasets = {"train": train_dataset(table)}
-        val_frames = frames_from_arrow(read_split(table, val=True), **shard_kwargs(cfg, table.manifest)) \
-            if table.val_sources else None
-        printer = Progress(name) if progress else None
-        loop_cfg = {
-            "config": cfg.to_dict(),
-            "manifest": table.manifest,
-            "codebooks": codebooks,
-            "val_frames": val_frames,
-            "tracking_uri": uri,
-            "mlflow_run_id": run_id,
-            "progress": printer.queue if printer else None,
-            "fault": fault_injection,
-        }
-        callbacks = []
-        if tune_report:
-            from ray.tune.integration.ray_train import TuneReportCallback
 
-            callbacks.append(TuneReportCallback())
-        resources = {"CPU": cpus_per_worker, **({"GPU": gpw} if gpu else {})}
-        from msprior import storage as _st
+# --- the run ------------------------------------------------------------------------------------
 
-        # Ray Train takes a pyarrow filesystem + a path inside it (S3 settings from our environment)
-        st_fs, st_path = _st.pyarrow_filesystem(storage) if _st.is_s3(storage) else (None, storage)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_cfg,
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu, resources_per_worker=resources),
-            run_config=RunConfig(
-                name=name,
-                storage_path=st_path,
-                storage_filesystem=st_fs,
-                failure_config=FailureConfig(max_failures=max_failures),
-                # keeps the best (lowest val_loss) checkpoint; Ray always keeps the latest too
-                checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
-                                                   checkpoint_score_order="min"),
-                callbacks=callbacks,
-            ),
-            datasets=datasets,
-        )
-        t0 = time.perf_counter()
-        try:
-            result = trainer.fit()
-        except BaseException as e:
-            client.set_terminated(run_id, status="FAILED")
-            cause = _user_cause(e)
-            if cause is not None:  # a worker hit a user error (e.g. a shard too small): say it in one line
-                raise TrainError(str(cause).splitlines()[0]) from None
-            raise
-        finally:
-            if printer:
-                printer.close()
-        wall = time.perf_counter() - t0
 
-        metrics = dict(result.metrics or {})
-        best = min(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf), default=None)
-        info = {
-            "name": name,
-            "best_checkpoint": _ckpt_uri(best[0]) if best else _ckpt_uri(result.checkpoint),
-            "last_checkpoint": _ckpt_uri(result.checkpoint),
-            "best_val_loss": metrics.get("best_val_loss"),
-            "step": metrics.get("step"),
-            "mlflow_run_id": run_id,
-            "tracking_uri": redact_uri(uri),
-            "db_path": db_path,
-        }
-        write_run_json(run_dir, info)
-        client.set_tag(run_id, "msprior.best_checkpoint", str(info["best_checkpoint"]))
-        client.log_metric(run_id, "train_wall_s", wall)
-        tracking.log_loss_curve(client, run_id)
-        tracking.log_dict(client, run_id, info, "run.json")
-        client.set_terminated(run_id, status="FINISHED")
-        if progress:
-            best_txt = f"{info['best_val_loss']:.4f}" if info["best_val_loss"] is not None else "n/a"
-            console.echo(f"[{name}] done: step {info['step']}, best val {best_txt}, "
-                         f"{wall:.0f}s; run dir {run_dir}; MLflow run {run_id}")
-        return {**info, "run_dir": run_dir, "metrics": metrics, "wall_s": wall}
+def train(config: Union[str, Config, Dict] = "decoder_only", db_path: str = "", name: str = "",
+          **kw: Any) -> Dict[str, Any]:
+    """Train a prior; returns the run summary (the content of run.json plus the final metrics).
+
+    Keyword arguments are the fields of `TrainRequest`.
+    """
+    known = {f.name for f in fields(TrainRequest)}
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise TypeError(f"train() got unexpected keyword argument(s) {unknown}")
+    return run_training(TrainRequest(config=config, db_path=db_path, name=name, **kw))
+
+
+def run_training(req: TrainRequest) -> Dict[str, Any]:
+    import ray
+
+    from msprior.train.checkpoint import write_run_request
+
+    p = plan(req)
+    started_ray = ensure_ray(log_to_driver=not req.progress)
+    try:
+        check_resources(req.num_workers, req.cpus_per_worker, req.gpus)
+        data = req.data if req.data is not None else load_data(p)
+        val_ref = validation_windows(p, data)
+        write_run_request(p.run_dir, _request_record(p.cfg, p.table))
+        start_tracking(req, p, data)
+        printer = Progress(req.name) if req.progress else None
+        trainer = make_trainer(req, p, data, val_ref, printer)
+        result, wall = fit(trainer, p, printer)
+        return finish(req, p, result, wall)
     finally:
         if started_ray:
             ray.shutdown()

@@ -39,12 +39,12 @@ def _param_value(v: Any) -> str:
     return s[:6000]
 
 
-def find_run(c, experiment: str, run_dir: str) -> Optional[str]:
-    """The latest MLflow run of this run directory (to continue it on --resume)."""
+def find_run(c, experiment: str, run_dir: str, tag: str = RUN_DIR_TAG) -> Optional[str]:
+    """The latest MLflow run of this run (or sweep) directory, to continue it on --resume."""
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{run_dir}'",
                          order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
 

@@ -4,6 +4,12 @@ Train V2 pattern: each Tune trial is a small driver function that calls `msprior
 whose `TorchTrainer` reports to Tune through `TuneReportCallback`. Every trial is an MLflow run
 nested under the sweep's parent run; the parent records the best trial and its checkpoint.
 
+The sweep driver checks the search keys, then opens, splits and checks the latent table ONCE and
+hands every trial the same arrays (object references: `msprior.train.data.TableData`), so trials
+neither re-read the table nor copy it (the search may not change what is loaded: `data.*`,
+`model.conditioning`, `model.cond_ratio`). A preempted sweep continues with `--resume`
+(`Tuner.restore`): finished trials are kept, unfinished ones continue from their own checkpoints.
+
 Sweep file (YAML):
 
     base: decoder_only            # config name or path
@@ -14,25 +20,36 @@ Sweep file (YAML):
     scheduler: {grace_period: 2, reduction_factor: 2}   # ASHA, in validations
     num_samples: 8
     resources: {num_workers: 1, cpus_per_worker: 0.5, gpus_per_trial: 0}
-    train: {max_steps: 20000, val_every: 1000, batch_size: 64}
+    train: {max_steps: 20000, val_every: 1000, batch_size: 64}   # batch_size: per worker
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
 from msprior.redact import redact_uri
 from msprior.runtime import ensure_ray
-from msprior.train.run import DEFAULT_CPUS_PER_WORKER, TrainError, _storage, check_resources
+from msprior.train.run import DEFAULT_CPUS_PER_WORKER, TrainError, _has_checkpoints, _join, _storage, check_name, \
+    check_resources
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
 SAMPLERS = ("choice", "uniform", "loguniform", "randint", "quniform")
 SWEEP_KEYS = {"base", "overrides", "search", "scheduler", "num_samples", "resources", "train"}
+LOADED_ONCE = ("model.conditioning", "model.cond_ratio")  # with data.*: what the shared table depends on
+SWEEP_DIR_TAG = "msprior.sweep_dir"
+
+
+def _absolute(path: str) -> str:
+    from msprior import storage as st
+
+    return st.absolute(path)  # trials run in their own working directories
 
 
 def load_sweep(path: str) -> Dict[str, Any]:
@@ -54,6 +71,39 @@ def load_sweep(path: str) -> Dict[str, Any]:
     return sweep
 
 
+def _values(spec: Any) -> List[Any]:
+    """The values of a search spec worth checking: every choice, or a range's bounds."""
+    if isinstance(spec, list):
+        return list(spec)
+    if isinstance(spec, dict):
+        (kind, args), = spec.items()
+        if kind == "choice":
+            return list(args)
+        if not isinstance(args, list) or len(args) < 2:
+            return [args]  # refused below as not a number
+        return [args[0], args[1] - 1] if kind == "randint" else [args[0], args[1]]
+    return [spec]
+
+
+def check_search(path: str, base_cfg, search: Dict[str, Any]) -> None:
+    """Every search key exists (did-you-mean) and every value it can take passes config validation."""
+    from msprior.config import ConfigError, apply_overrides, check_key
+
+    for key, spec in (search or {}).items():
+        try:
+            section, _ = check_key(key, f"{path}: search.{key}")
+        except ConfigError as e:
+            raise TrainError(str(e)) from None
+        if section == "data" or key in LOADED_ONCE:
+            raise TrainError(f"{path}: search.{key}: the sweep loads and splits the table once for all trials; "
+                             "set it in overrides instead")
+        for value in _values(spec):
+            try:
+                apply_overrides(base_cfg, [f"{key}={json.dumps(value)}"], where=f"{path}: search.{key}={value!r}")
+            except ConfigError as e:
+                raise TrainError(str(e).splitlines()[0]) from None
+
+
 def search_space(search: Dict[str, Any]) -> Dict[str, Any]:
     from ray import tune
 
@@ -72,132 +122,239 @@ def search_space(search: Dict[str, Any]) -> Dict[str, Any]:
     return space
 
 
-def _trial(space: Dict[str, Any], *, base: str, overrides: Sequence[str], db_path: str, sweep_name: str,
+def _trial(space: Dict[str, Any], *, base: str, overrides: Sequence[str], data, sweep_name: str,
            train_kw: Dict[str, Any], parent_run_id: str, storage: str) -> None:
-    """One Tune trial: a driver function that runs one Ray Train training and returns."""
+    """One Tune trial: a driver function that runs one Ray Train training and returns.
+
+    `data` is the sweep's table in the object store. A trial restored with its sweep continues
+    from its own checkpoints (the run folder `<storage>/<sweep>-<trial id>`).
+    """
     from ray import tune
 
     from msprior.train.run import train
 
-    trial_id = tune.get_context().get_trial_id()
-    trial_overrides = list(overrides) + [f"{k}={v}" for k, v in space.items()]
-    train(base, db_path, f"{sweep_name}-{trial_id}", overrides=trial_overrides, experiment=sweep_name,
-          parent_run_id=parent_run_id, tune_report=True, progress=False, storage_path=storage, **train_kw)
+    name = f"{sweep_name}-{tune.get_context().get_trial_id()}"
+    trial_overrides = list(overrides) + [f"{k}={json.dumps(v)}" for k, v in space.items()]
+    train(base, data.table.db_path, name, overrides=trial_overrides, experiment=sweep_name, data=data,
+          parent_run_id=parent_run_id, tune_report=True, progress=False, storage_path=storage,
+          resume=_has_checkpoints(_join(storage, name)), **train_kw)
 
 
-def tune(
-    sweep: str,
-    db_path: str,
-    name: str,
-    *,
-    num_samples: Optional[int] = None,
-    gpus_per_trial: Optional[float] = None,
-    num_workers: Optional[int] = None,
-    max_steps: Optional[int] = None,
-    val_every: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    overrides: Sequence[str] = (),
-    tracking_uri: Optional[str] = None,
-    storage_path: Optional[str] = None,
-    verbose: int = 1,
-) -> Dict[str, Any]:
-    """Run the sweep; returns {"best_trial", "best_config", "best_val_loss", "best_checkpoint",
-    "best_run_dir", "parent_run_id", "trials": [...]}."""
-    import ray
+# --- the request and its plan -------------------------------------------------------------------
+
+
+@dataclass
+class SweepRequest:
+    """One sweep as asked; `tune(sweep, db_path, name, **fields)` builds it. Flags win over the file."""
+
+    sweep: str
+    db_path: str
+    name: str
+    num_samples: Optional[int] = None
+    gpus_per_trial: Optional[float] = None
+    num_workers: Optional[int] = None
+    max_steps: Optional[int] = None
+    val_every: Optional[int] = None
+    batch_size: Optional[int] = None  # windows per worker per step
+    overrides: Sequence[str] = ()
+    tracking_uri: Optional[str] = None
+    storage_path: Optional[str] = None
+    verbose: int = 1
+    resume: bool = False  # continue a preempted sweep of this name (Tune's own state + trial checkpoints)
+
+
+@dataclass
+class SweepPlan:
+    req: SweepRequest
+    spec: Dict[str, Any]
+    base: str
+    base_cfg: Any
+    overrides: List[str]
+    n: int
+    workers: int
+    gpt: float
+    cpw: float
+    steps: int
+    every: int
+    bs: Optional[int]
+    storage: str
+    sweep_dir: str
+    parent: Optional[str] = None
+    tracking: Dict[str, Any] = field(default_factory=dict)
+
+
+def plan_sweep(req: SweepRequest) -> SweepPlan:
+    """Everything that can be refused before Ray starts: file, name, keys, values, resume state."""
+    from msprior.train.run import resolve_config
+
+    check_name(req.name)
+    spec = load_sweep(req.sweep)
+    res, tr = spec.get("resources") or {}, spec.get("train") or {}
+    base = spec.get("base", "decoder_only")
+    p = SweepPlan(
+        req=req, spec=spec, base=base, base_cfg=None,
+        overrides=list(spec.get("overrides") or []) + list(req.overrides),
+        n=int(req.num_samples or spec.get("num_samples", 4)),
+        workers=int(req.num_workers or res.get("num_workers", 1)),
+        gpt=float(req.gpus_per_trial if req.gpus_per_trial is not None else res.get("gpus_per_trial", 0) or 0),
+        cpw=float(res.get("cpus_per_worker", DEFAULT_CPUS_PER_WORKER)),
+        steps=int(req.max_steps or tr.get("max_steps", 20000)),
+        every=int(req.val_every or tr.get("val_every", 1000)),
+        bs=req.batch_size or tr.get("batch_size"),
+        storage=_storage(req.storage_path), sweep_dir="")
+    p.sweep_dir = _join(p.storage, req.name)
+    # a bad base config / override / search key fails here, not late inside every trial
+    p.base_cfg = resolve_config(base, p.overrides, batch_size=p.bs, max_steps=p.steps, val_every=p.every)
+    check_search(req.sweep, p.base_cfg, spec.get("search") or {})
+    started = sweep_exists(p.sweep_dir)
+    if started and not req.resume:
+        raise TrainError(f"sweep {req.name!r} already exists in {p.storage}: pass --resume to continue it or "
+                         "choose another --name")
+    if req.resume and not started:
+        raise TrainError(f"--resume: no sweep {req.name!r} in {p.storage} (check --name / --storage_path)")
+    return p
+
+
+def sweep_exists(sweep_dir: str) -> bool:
+    """Whether Tune saved a sweep's state there (what `--resume` continues)."""
+    from msprior import storage as st
+
+    return st.exists(st.join(sweep_dir, "tuner.pkl"))
+
+
+# --- steps --------------------------------------------------------------------------------------
+
+
+def load_shared(p: SweepPlan):
+    """Open, split and check the table once; its arrays go to the object store for every trial."""
+    from msprior import storage as st
+    from msprior.train.data import ReadSpec, open_table
+    from msprior.train.run import _check_table_vs_config
+
+    cfg = p.base_cfg
+    table = open_table(st.absolute(p.req.db_path), cfg.data.val_fraction, cfg.data.seed, cfg.model.conditioning)
+    _check_table_vs_config(cfg, table.manifest, table.db_path)
+    return table, ReadSpec.of(table, cfg.model.conditioning, cfg.model.cond_ratio)
+
+
+def start_parent(p: SweepPlan) -> None:
+    """The sweep's MLflow parent run (continued on --resume)."""
+    from msprior.train import tracking
+
+    uri = tracking.default_tracking_uri(p.req.tracking_uri)
+    client = tracking.client(uri)
+    parent = tracking.find_run(client, p.req.name, p.sweep_dir, tag=SWEEP_DIR_TAG) if p.req.resume else None
+    if parent:
+        client.update_run(parent, status="RUNNING")
+    else:
+        parent = tracking.start_run(
+            client, p.req.name, f"{p.req.name}-sweep",
+            params={"sweep.file": os.path.basename(p.req.sweep), "sweep.base": p.base, "sweep.num_samples": p.n,
+                    "sweep.num_workers": p.workers, "sweep.gpus_per_trial": p.gpt, "sweep.max_steps": p.steps,
+                    "sweep.val_every": p.every, "sweep.search": p.spec.get("search") or {}},
+            tags={"msprior.sweep": p.req.name, SWEEP_DIR_TAG: p.sweep_dir})
+    p.parent, p.tracking = parent, {"uri": uri, "client": client}
+
+
+def make_tuner(p: SweepPlan, data, concurrent: int):
+    """A new Tuner, or the preempted one restored from its folder (`--resume`)."""
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
 
+    sched = p.spec.get("scheduler") or {}
+    # Tune iterations = validations; one more than a trial reports, so a trial that is not stopped
+    # early ends by itself (writing its run.json) instead of being stopped at max_t
+    max_t = max(1, math.ceil(p.steps / p.every)) + 1
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                              grace_period=min(max_t, int(sched.get("grace_period", 1))),
+                              reduction_factor=float(sched.get("reduction_factor", 2)))
+    train_kw = dict(num_workers=p.workers, gpu=p.gpt > 0, gpus_per_worker=p.gpt / p.workers if p.gpt else None,
+                    cpus_per_worker=p.cpw, max_steps=p.steps, val_every=p.every, batch_size=p.bs,
+                    tracking_uri=p.tracking["uri"])
+    trainable = rtune.with_resources(rtune.with_parameters(
+        _trial, base=p.base, overrides=p.overrides, data=data, sweep_name=p.req.name, train_kw=train_kw,
+        parent_run_id=p.parent, storage=p.storage), {"CPU": TRIAL_DRIVER_CPU})
+    space = search_space(p.spec.get("search") or {})
+    if p.req.resume:
+        return rtune.Tuner.restore(p.sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=space)
+    return rtune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=rtune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, num_samples=p.n,
+                                     max_concurrent_trials=concurrent),
+        run_config=rtune.RunConfig(name=p.req.name, storage_path=p.storage, verbose=p.req.verbose),
+    )
+
+
+def summarise(p: SweepPlan, grid) -> Dict[str, Any]:
+    """Best trial -> parent run params/tags, sweep.json; returns the sweep summary."""
+    from mlflow.entities import Param
+
     from msprior.train import tracking
     from msprior.train.checkpoint import read_run_json
-    from msprior.train.run import resolve_config
 
-    from msprior import storage as _storage_paths
+    client, parent, name, uri = p.tracking["client"], p.parent, p.req.name, p.tracking["uri"]
+    db_path = _absolute(p.req.db_path)
+    trials = [_trial_summary(r, name, p.storage, db_path, uri, client) for r in grid]
+    ok = [t for t in trials if t["val_loss"] is not None]
+    if not ok:
+        client.set_terminated(parent, status="FAILED")
+        first = next((t["error"] for t in trials if t["error"]), "none")
+        last_line = [ln for ln in str(first).splitlines() if ln.strip()][-1:] or ["none"]
+        raise TrainError(f"sweep {name}: no trial reported a validation; first error: {last_line[0].strip()}")
+    best = min(ok, key=lambda t: t["val_loss"])
+    run_dir = best["run_dir"]
+    info = read_run_json(run_dir) or {}
+    client.log_batch(parent, params=[Param(f"best.{k}", tracking._param_value(v)) for k, v in best["config"].items()])
+    client.log_metric(parent, "best_val_loss", best["val_loss"])
+    client.set_tag(parent, "msprior.best_trial", best["trial_id"])
+    client.set_tag(parent, "msprior.best_run_dir", run_dir)
+    if info.get("best_checkpoint"):
+        client.set_tag(parent, "msprior.best_checkpoint", info["best_checkpoint"])
+    if info.get("mlflow_run_id"):
+        client.set_tag(parent, "msprior.best_run_id", info["mlflow_run_id"])
+    summary = {"name": name, "best_trial": best["trial_id"], "best_config": best["config"],
+               "best_val_loss": best["val_loss"], "best_checkpoint": info.get("best_checkpoint"),
+               "best_run_dir": run_dir, "run_dir": run_dir, "best_run_id": info.get("mlflow_run_id"),
+               "parent_run_id": parent, "tracking_uri": redact_uri(uri), "trials": trials}
+    tracking.log_dict(client, parent, summary, "sweep.json")
+    client.set_terminated(parent, status="FINISHED")
+    return summary
 
-    db_path = _storage_paths.absolute(db_path)  # trials run in their own working directories
-    spec = load_sweep(sweep)
-    base = spec.get("base", "decoder_only")
-    res = spec.get("resources") or {}
-    tr = spec.get("train") or {}
-    n = int(num_samples or spec.get("num_samples", 4))
-    workers = int(num_workers or res.get("num_workers", 1))
-    gpt = float(gpus_per_trial if gpus_per_trial is not None else res.get("gpus_per_trial", 0) or 0)
-    cpw = float(res.get("cpus_per_worker", DEFAULT_CPUS_PER_WORKER))
-    steps = int(max_steps or tr.get("max_steps", 20000))
-    every = int(val_every or tr.get("val_every", 1000))
-    bs = batch_size or tr.get("batch_size")
-    all_overrides = list(spec.get("overrides") or []) + list(overrides)
-    # fail on a bad base config / override before starting anything
-    resolve_config(base, all_overrides, batch_size=bs, max_steps=steps, val_every=every)
-    space = search_space(spec.get("search") or {})
 
-    started_ray = ensure_ray(log_to_driver=verbose > 1)
+def tune(sweep: str, db_path: str, name: str, **kw: Any) -> Dict[str, Any]:
+    """Run (or, with resume=True, continue) the sweep; keyword arguments are `SweepRequest`'s fields.
+
+    Returns {"best_trial", "best_config", "best_val_loss", "best_checkpoint", "best_run_dir",
+    "parent_run_id", "trials": [...]}."""
+    known = {f.name for f in fields(SweepRequest)}
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise TypeError(f"tune() got unexpected keyword argument(s) {unknown}")
+    return run_sweep(SweepRequest(sweep=sweep, db_path=db_path, name=name, **kw))
+
+
+def run_sweep(req: SweepRequest) -> Dict[str, Any]:
+    import ray
+
+    from msprior.train.data import load_table
+
+    p = plan_sweep(req)
+    table, spec = load_shared(p)
+    started_ray = ensure_ray(log_to_driver=req.verbose > 1)
     try:
-        concurrent = check_resources(workers, cpw, gpt / workers if gpt else 0.0, trials=n,
+        concurrent = check_resources(p.workers, p.cpw, p.gpt / p.workers if p.gpt else 0.0, trials=p.n,
                                      driver_cpus=TRIAL_DRIVER_CPU, what="each sweep trial")
-        storage = _storage(storage_path)
-        uri = tracking.default_tracking_uri(tracking_uri)
-        client = tracking.client(uri)
-        parent = tracking.start_run(
-            client, name, f"{name}-sweep",
-            params={"sweep.file": os.path.basename(sweep), "sweep.base": base, "sweep.num_samples": n,
-                    "sweep.num_workers": workers, "sweep.gpus_per_trial": gpt, "sweep.max_steps": steps,
-                    "sweep.val_every": every, "sweep.search": spec.get("search") or {}},
-            tags={"msprior.sweep": name})
-        sched = spec.get("scheduler") or {}
-        # Tune iterations = validations; one more than a trial reports, so a trial that is not stopped
-        # early ends by itself (writing its run.json) instead of being stopped at max_t
-        max_t = max(1, math.ceil(steps / every)) + 1
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                  grace_period=min(max_t, int(sched.get("grace_period", 1))),
-                                  reduction_factor=float(sched.get("reduction_factor", 2)))
-        train_kw = dict(num_workers=workers, gpu=gpt > 0, gpus_per_worker=gpt / workers if gpt else None,
-                        cpus_per_worker=cpw, max_steps=steps, val_every=every, batch_size=bs,
-                        tracking_uri=uri)
-        trainable = rtune.with_parameters(
-            _trial, base=base, overrides=all_overrides, db_path=db_path, sweep_name=name, train_kw=train_kw,
-            parent_run_id=parent, storage=storage)
-        tuner = rtune.Tuner(
-            rtune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU}),
-            param_space=space,
-            tune_config=rtune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, num_samples=n,
-                                         max_concurrent_trials=concurrent),
-            run_config=rtune.RunConfig(name=name, storage_path=storage, verbose=verbose),
-        )
+        data = load_table(table, spec)  # once, for every trial (and every restart of one)
+        start_parent(p)
+        tuner = make_tuner(p, data, concurrent)
         try:
             grid = tuner.fit()
         except BaseException:
-            client.set_terminated(parent, status="FAILED")
+            p.tracking["client"].set_terminated(p.parent, status="FAILED")
             raise
-
-        trials = []
-        for r in grid:
-            trials.append(_trial_summary(r, name, storage, db_path, uri, client))
-        ok = [t for t in trials if t["val_loss"] is not None]
-        if not ok:
-            client.set_terminated(parent, status="FAILED")
-            first = next((t["error"] for t in trials if t["error"]), "none")
-            last_line = [ln for ln in str(first).splitlines() if ln.strip()][-1:] or ["none"]
-            raise TrainError(f"sweep {name}: no trial reported a validation; first error: {last_line[0].strip()}")
-        best = min(ok, key=lambda t: t["val_loss"])
-        run_dir = best["run_dir"]
-        info = read_run_json(run_dir) or {}
-        from mlflow.entities import Param
-
-        client.log_batch(parent, params=[Param(f"best.{k}", tracking._param_value(v)) for k, v in best["config"].items()])
-        client.log_metric(parent, "best_val_loss", best["val_loss"])
-        client.set_tag(parent, "msprior.best_trial", best["trial_id"])
-        client.set_tag(parent, "msprior.best_run_dir", run_dir)
-        if info.get("best_checkpoint"):
-            client.set_tag(parent, "msprior.best_checkpoint", info["best_checkpoint"])
-        if info.get("mlflow_run_id"):
-            client.set_tag(parent, "msprior.best_run_id", info["mlflow_run_id"])
-        summary = {"name": name, "best_trial": best["trial_id"], "best_config": best["config"],
-                   "best_val_loss": best["val_loss"], "best_checkpoint": info.get("best_checkpoint"),
-                   "best_run_dir": run_dir, "run_dir": run_dir, "best_run_id": info.get("mlflow_run_id"), "parent_run_id": parent,
-                   "tracking_uri": redact_uri(uri), "trials": trials}
-        tracking.log_dict(client, parent, summary, "sweep.json")
-        client.set_terminated(parent, status="FINISHED")
-        return summary
+        return summarise(p, grid)
     finally:
         if started_ray:
             ray.shutdown()
@@ -217,7 +374,8 @@ def _trial_summary(result, sweep_name: str, storage: str, db_path: str, uri: str
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id")
     out = {"trial_id": trial_id, "config": result.config, "error": str(result.error) if result.error else None,
-           "val_loss": metrics.get("best_val_loss"), "step": metrics.get("step"), "run_dir": None}
+           "val_loss": metrics.get("best_val_loss"), "step": metrics.get("step"),
+           "start_step": metrics.get("start_step"), "run_dir": None}
     if not trial_id or out["val_loss"] is None:
         return out
     run_dir = out["run_dir"] = st.join(storage, f"{sweep_name}-{trial_id}")
