@@ -97,7 +97,8 @@ def decode_rows(item: dict, s: Settings) -> List[dict]:
 class Encoder:
     """Ray Data actor: loads the RAVE export once, turns audio chunks into int16 token rows."""
 
-    def __init__(self, rave_ref: list, resolution: int, threads: int, gpu: bool):
+    def __init__(self, rave_ref: list, resolution: int, threads: int, gpu: bool,
+                 latent_bins: Optional[Tuple[list, list]] = None):
         import ray
         import torch
 
@@ -114,6 +115,7 @@ class Encoder:
         self.device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
         self.rave.to(self.device)
         self.resolution = resolution
+        self.loc, self.scale = latent_bins or (None, None)  # continuous: the fitted affine
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import torch
@@ -123,6 +125,7 @@ class Encoder:
         errors = [str(e) for e in batch["error"]]
         rave: List[np.ndarray] = [np.zeros(0, np.int16)] * n
         frames = np.zeros(n, np.int32)
+        outside = np.zeros(n, np.int64)  # latents outside the fitted range (continuous)
         by_len: Dict[int, List[int]] = defaultdict(list)
         for i in range(n):
             if not errors[i]:
@@ -130,18 +133,19 @@ class Encoder:
         for length, idx in by_len.items():  # equal lengths stack into one encode call
             try:
                 x = torch.from_numpy(np.stack([np.asarray(audio[i], np.float32) for i in idx]))
-                tok = self.rave.tokens(x, self.resolution)  # [B, Q, T]
+                tok, out = self.rave.encode_tokens(x, self.resolution, self.loc, self.scale)  # [B, Q, T], [B]
                 tok = tok.transpose(1, 2).to(torch.int16).numpy()  # frame-major [B, T, Q]
                 for j, i in enumerate(idx):
                     rave[i] = tok[j].ravel()
                     frames[i] = tok.shape[1]
+                    outside[i] = int(out[j])
             except Exception as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 for i in idx:
                     errors[i] = f"RAVE encode failed: {msg[:200]}"
         seconds = np.array([len(a) for a in audio], np.float64) / self.rave.sr
         out = {k: batch[k] for k in ("source", "chunk", "n_chunks", "start_s", "tokens", "features")}
-        out.update(error=np.array(errors, dtype=object), frames=frames, seconds=seconds,
+        out.update(error=np.array(errors, dtype=object), frames=frames, seconds=seconds, out_of_range=outside,
                    rave=_object_array(rave))
         return out
 
@@ -270,10 +274,11 @@ def _conditioning_tokens(out_path, old, pending, audio_root, sr, ratio, conditio
 
 def _encode_pending(pending, settings: Settings, out_path: str, rave_bytes: bytes, resolution: int,
                     batch_size: int, num_workers: int, gpu: bool, threads: int, cpus_per_worker: float,
-                    cpus_per_read: float, progress: bool):
+                    cpus_per_read: float, progress: bool, latent_bins=None):
     """Run the Ray Data pipeline over the pending files, writing one shard per complete file.
 
-    Returns (files written, seconds of audio, frames, {source: reason} of failed files).
+    Returns (files written, seconds of audio, frames, {source: reason} of failed files, latents
+    outside the fitted range in the written files).
     """
     import ray
 
@@ -290,7 +295,8 @@ def _encode_pending(pending, settings: Settings, out_path: str, rave_bytes: byte
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
     ds = ds.flat_map(decode_rows, fn_kwargs={"s": settings}, num_cpus=cpus_per_read)
     ds = ds.map_batches(Encoder, fn_constructor_kwargs={
-        "rave_ref": [ray.put(rave_bytes)], "resolution": resolution, "threads": threads, "gpu": gpu},
+        "rave_ref": [ray.put(rave_bytes)], "resolution": resolution, "threads": threads, "gpu": gpu,
+        "latent_bins": latent_bins},
         compute=ray.data.ActorPoolStrategy(size=num_workers), batch_size=batch_size,
         batch_format="numpy", num_cpus=cpus_per_worker, num_gpus=num_gpus)
     conditioning = bool(settings.condition_ratio)
@@ -298,6 +304,7 @@ def _encode_pending(pending, settings: Settings, out_path: str, rave_bytes: byte
     rows: Dict[str, List[dict]] = defaultdict(list)
     bad: Dict[str, str] = {}
     written, seconds, frames = 0, 0.0, 0
+    outside: Dict[str, int] = defaultdict(int)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         files, secs = 0, 0.0
         for i in range(len(batch["source"])):
@@ -305,11 +312,13 @@ def _encode_pending(pending, settings: Settings, out_path: str, rave_bytes: byte
             if err:  # the file is skipped whole: drop any chunks already here
                 bad.setdefault(src, err)
                 rows.pop(src, None)
+                outside.pop(src, None)
                 continue
             if src in bad:
                 continue
             rows[src].append({k: batch[k][i] for k in
                               ("source", "chunk", "start_s", "frames", "rave", "tokens", "features")})
+            outside[src] += int(batch["out_of_range"][i])
             secs += float(batch["seconds"][i])
             frames += int(batch["frames"][i])
             if len(rows[src]) == int(batch["n_chunks"][i]):  # the whole file is here: write its shard
@@ -320,7 +329,29 @@ def _encode_pending(pending, settings: Settings, out_path: str, rave_bytes: byte
         seconds += secs
         bar.update(secs, files)
     bar.close()
-    return written, seconds, frames, bad
+    return written, seconds, frames, bad, sum(outside.values())
+
+
+def _fit_latent_bins(model, pending, audio_root: str, s3, max_files: int = 8) -> Tuple[list, list]:
+    """Per-dimension (loc, scale) of a continuous RAVE's latents on the first 30 s of a few files."""
+    import torch
+
+    fs, _ = storage.filesystem(audio_root, s3)
+    step = max(1, len(pending) // max_files)
+    clips = []
+    for _, path, _ in pending[::step]:
+        try:
+            with fs.open(path, "rb") as f:
+                x, _, _ = audio_mod.decode(f.read(), model.sr, max_seconds=30.0)
+        except Exception:  # the file is reported by the encode stage
+            continue
+        if len(x) >= model.ratio:
+            clips.append(torch.from_numpy(x))
+        if len(clips) >= max_files:
+            break
+    if not clips:  # nothing decodable: the run will report why; latents taken as standard
+        return [0.0] * model.latent_size, [1.0] * model.latent_size
+    return model.fit_bins(clips)
 
 
 def _nothing_encoded(audio: str, out_path: str, skipped: List[dict]) -> PreprocessError:
@@ -381,7 +412,8 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
                  "sha256": rave_sha, "sr": sr, "ratio": ratio,
                  "latent_size": model.latent_size, "num_quantizers": model.num_quantizers,
                  "vocab_size": model.vocab_size(resolution), "continuous": not model.discrete,
-                 "resolution": None if model.discrete else resolution},
+                 "resolution": None if model.discrete else resolution,
+                 "latent_loc": None, "latent_scale": None},
         "chunk": {"num_secs": float(num_secs), "frames": chunk_frames, "min_frames": int(min_frames)},
         "conditioning": {"ratio": int(condition_ratio)} if condition_ratio else None,
         "counts": {},
@@ -400,6 +432,13 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
     _, root = storage.filesystem(audio_root, s3)
     pending = [(rel, f"{root}/{rel}", size) for rel, size in files if tbl.shard_name(rel) not in done]
 
+    if not model.discrete:  # the latent bins' affine: fitted once, kept by a resumed table
+        old_rave = (old or {}).get("rave") or {}
+        if old_rave.get("latent_loc") is not None:
+            bins = old_rave["latent_loc"], old_rave["latent_scale"]
+        else:
+            bins = _fit_latent_bins(model, pending, audio_root, s3)
+        manifest["rave"]["latent_loc"], manifest["rave"]["latent_scale"] = bins
     centroids = scale = None
     if condition_ratio:
         centroids, scale = _conditioning_tokens(out_path, old, pending, audio_root, sr, ratio,
@@ -407,15 +446,16 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
     settings = Settings(audio_root=audio_root, sr=sr, ratio=ratio, chunk_samples=chunk_frames * ratio,
                         min_frames=min_frames, condition_ratio=condition_ratio, centroids=centroids,
                         scale=scale, s3=s3)
-    written, seconds, frames, bad, ray_init_s = 0, 0.0, 0, {}, 0.0
+    written, seconds, frames, bad, ray_init_s, outside = 0, 0.0, 0, {}, 0.0, 0
     if pending:
         t = time.monotonic()  # timed apart: start-up is not throughput
         if ensure_ray():
             ray_init_s = time.monotonic() - t
         threads = threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
-        written, seconds, frames, bad = _encode_pending(
+        bins = None if model.discrete else (manifest["rave"]["latent_loc"], manifest["rave"]["latent_scale"])
+        written, seconds, frames, bad, outside = _encode_pending(
             pending, settings, out_path, rave_bytes, resolution, batch_size, num_workers, gpu, threads,
-            cpus_per_worker, cpus_per_read, progress)
+            cpus_per_worker, cpus_per_read, progress, latent_bins=bins)
     skipped = ([{"source": s, "reason": "not an audio file extension (ignored)"} for s in ignored]
                + [{"source": s, "reason": r} for s, r in sorted(bad.items())])
 
@@ -431,6 +471,10 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
     frames_total = int(pc_sum(table["frames"]))
     manifest["counts"] = {"files_ok": counts["files_ok"], "files_skipped": len(bad), "files_ignored": len(ignored),
                           "chunks": len(table), "frames": frames_total, "seconds": frames_total * ratio / sr}
+    if not model.discrete:  # latents clamped into an edge bin: counted over every run of the table
+        n_out = int(((old or {}).get("counts") or {}).get("latents_out_of_range", 0)) + outside
+        manifest["counts"]["latents_out_of_range"] = n_out
+        manifest["counts"]["latents_out_of_range_fraction"] = n_out / max(1, frames_total * model.latent_size)
     if condition_ratio:
         names = feat.feature_names()
         f = np.concatenate([np.asarray(x, np.float32) for x in table["features"].to_numpy(zero_copy_only=False)])
@@ -452,7 +496,8 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
                "files_ignored": len(ignored), "files_already_done": len(files) - len(pending),
                "hours": seconds / 3600.0, "frames": frames, "seconds_audio": seconds,
                "wall_s": wall, "ray_init_s": ray_init_s, "realtime": seconds / wall if wall > 0 else 0.0,
-               "table_chunks": len(table), "table_frames": frames_total}
+               "table_chunks": len(table), "table_frames": frames_total, "latents_out_of_range": outside,
+               "latents_out_of_range_fraction": outside / max(1, frames * model.latent_size)}
     echo(f"preprocess: encoded {written} files, skipped {len(bad)}"
          + (f" (see {storage.join(out_path, tbl.REPORT)})" if bad else "")
          + (f", {summary['files_already_done']} already in the table" if summary["files_already_done"] else "")
