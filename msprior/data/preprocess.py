@@ -436,6 +436,9 @@ def preprocess(audio: str, out_path: str, rave: str, num_secs: float = 16.0, res
         old_rave = (old or {}).get("rave") or {}
         if old_rave.get("latent_loc") is not None:
             bins = old_rave["latent_loc"], old_rave["latent_scale"]
+        elif old is not None:  # binned without a fitted affine: new tokens would not match its own
+            raise PreprocessError(f"--out_path {out_path} holds a table binned without rave.latent_loc "
+                                  "(an older msprior); use a new --out_path")
         else:
             bins = _fit_latent_bins(model, pending, audio_root, s3)
         manifest["rave"]["latent_loc"], manifest["rave"]["latent_scale"] = bins
