@@ -96,6 +96,8 @@ class Settings:
     gpu: bool = False
     target_bytes: int = 192 << 20
     row_group_bytes: int = 64 << 20
+    latent_loc: Optional[Tuple[float, ...]] = None  # continuous RAVE: the latent bins' fitted affine
+    latent_scale: Optional[Tuple[float, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,13 @@ class Encoder:
             self._encode(items, chunks, errors)
         return _rows_table(files, chunks, errors)
 
+    def _tokens(self, x):
+        """Tokens [B, Q, T]; for a continuous RAVE also the latents outside the fitted range, per item."""
+        if self.rave.discrete:
+            return self.rave.tokens(x, self.s.resolution)
+        tok, outside = self.rave.encode_tokens(x, self.s.resolution, self.s.latent_loc, self.s.latent_scale)
+        return tok, {"latents_out_of_range": outside.numpy()}
+
     def _encode(self, items: List[Tuple[str, int]], chunks, errors, x=None) -> None:
         """Encode one bucket of equal-length chunks; a transient failure (GPU out of memory) is
         retried with half the batch, a permanent one fails the files involved."""
@@ -239,7 +248,7 @@ class Encoder:
             for src, i in items:  # the stacked copy is the only one now
                 chunks[src][i]["audio"] = None
         try:
-            out = self.rave.tokens(x, self.s.resolution)
+            out = self._tokens(x)
         except Exception as e:
             transient = storage.is_transient(e)
             if transient and len(items) > 1:  # e.g. GPU out of memory: half the batch, then retry
@@ -252,7 +261,7 @@ class Encoder:
             try:
                 if not transient:
                     raise
-                out = storage.retry(lambda: self.rave.tokens(x, self.s.resolution), deadline_s=20)
+                out = storage.retry(lambda: self._tokens(x), deadline_s=20)
             except Exception as e2:
                 msg = str(e2).strip().splitlines()[-1] if str(e2).strip() else type(e2).__name__
                 for src, _ in items:
@@ -550,6 +559,51 @@ def _fit_conditioning(files, audio_root, sr, ratio, cond_ratio, k, s3, max_files
     return feat.fit_tokens(np.concatenate(sample), k)
 
 
+def _fit_latent_bins(rave_bytes: bytes, files, audio_root: str, sr: int, s3, max_files: int = 8):
+    """(in a Ray task) per-dimension (loc, scale) of a continuous RAVE's latents over the first 30 s
+    of a few files; (None, None) when none of them decodes (the run reports why)."""
+    import torch
+
+    from msprior.rave import load_rave
+
+    with tempfile.NamedTemporaryFile(suffix=".ts") as f:
+        f.write(rave_bytes)
+        f.flush()
+        model = load_rave(f.name)
+    s = Settings(audio_root=audio_root, out_path="", run_id="", sr=sr, ratio=model.ratio, chunk_samples=1,
+                 min_frames=1, resolution=2, batch_size=1, condition_ratio=0, centroids=None, scale=None, s3=s3)
+    clips = []
+    for _, path, _ in files:
+        try:
+            with _local_file(path, s) as local:
+                x = np.concatenate(list(_first_seconds(audio_mod.stream(local, sr), 30 * sr)))
+        except Exception:
+            continue
+        if len(x) >= model.ratio:
+            clips.append(torch.from_numpy(x))
+        if len(clips) >= max_files:
+            break
+    return model.fit_bins(clips) if clips else (None, None)
+
+
+def _first_seconds(blocks, n: int):
+    got = 0
+    for block in blocks:
+        yield block[: n - got]
+        got += len(block)
+        if got >= n:
+            return
+
+
+def _latent_bins(req: PreprocessRequest, rave: RaveInfo, corpus, s3) -> Dict:
+    """The manifest's `rave.latent_loc/latent_scale`: fitted on a sample, or standard latents."""
+    audio_root, files, _ = corpus
+    sample = files[:: max(1, len(files) // 8)][:16]
+    loc, scale = _remote(_fit_latent_bins, rave.data, sample, audio_root, rave.facts["sr"], s3, num_cpus=1.0)
+    q = rave.facts["latent_size"]
+    return {"latent_loc": loc or [0.0] * q, "latent_scale": scale or [1.0] * q}
+
+
 def _save_npy(path: str, a: np.ndarray, s3) -> str:
     import hashlib
 
@@ -588,9 +642,13 @@ def _intent(req: PreprocessRequest, rave: RaveInfo, corpus, s3, run_id: str, ray
         cond = {"ratio": int(req.condition_ratio), "features": {"names": names, "size": len(names)},
                 "tokens": {"vocab_size": int(len(centroids)), "centroids": tbl.CENTROIDS, "sha256": sha,
                            "scale": [float(v) for v in scale]}}
+    facts = dict(rave.facts)
+    if facts.get("continuous"):  # the latent bins' affine, fitted once and kept by every resume
+        ray_up()
+        facts.update(_latent_bins(req, rave, corpus, s3))
     storage.write_bytes(storage.join(out, tbl.RAVE_FILE), rave.data, s3)
     intent = {"format_version": tbl.FORMAT_VERSION, "msprior_version": __version__, "created": _now(),
-              "run_id": run_id, "audio": req.audio, "request": want, "rave": rave.facts,
+              "run_id": run_id, "audio": req.audio, "request": want, "rave": facts,
               "chunk": {"num_secs": float(req.num_secs), "frames": max(1, round(req.num_secs * sr / ratio)),
                         "min_frames": int(req.min_frames)},
               "conditioning": cond}
@@ -778,6 +836,10 @@ def _report(req, intent, corpus, entries, returns, pending) -> Dict:
     return {"created": intent["created"], "audio": req.audio, "skipped": skipped, "counts": counts}
 
 
+def _tuple(v) -> Optional[Tuple[float, ...]]:
+    return tuple(float(x) for x in v) if v is not None else None
+
+
 def _manifest(intent: Dict, entries: List[Dict], report: Dict) -> Dict:
     frames = sum(f for e in entries for _, _, f in e.get("sources", []))
     chunks = sum(c for e in entries for _, c, _ in e.get("sources", []))
@@ -788,6 +850,9 @@ def _manifest(intent: Dict, entries: List[Dict], report: Dict) -> Dict:
     for e in entries:  # per-task counters (e.g. latents outside the quantiser's range) sum up here
         for k, v in (e.get("counters") or {}).items():
             counts[k] = counts.get(k, 0) + v
+    if rave.get("continuous"):  # latents clamped into an edge bin, over every run of the table
+        n = counts.setdefault("latents_out_of_range", 0)
+        counts["latents_out_of_range_fraction"] = n / max(1, frames * rave["latent_size"])
     cond = None
     if intent.get("conditioning"):
         mean, std = tbl.mean_std(tbl.merge_moments([e.get("features") for e in entries]))
@@ -842,7 +907,8 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
                      condition_ratio=req.condition_ratio, centroids=centroids, scale=scale, s3=s3,
                      threads=req.threads_per_worker or max(1, (os.cpu_count() or 1) // req.num_workers),
                      gpu=req.gpu, target_bytes=int(req.target_file_mb * 2**20),
-                     decode_threads=req.decode_threads)
+                     decode_threads=req.decode_threads, latent_loc=_tuple(intent["rave"].get("latent_loc")),
+                     latent_scale=_tuple(intent["rave"].get("latent_scale")))
         returns = []
         if pending:
             ray_up()

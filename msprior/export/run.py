@@ -152,7 +152,8 @@ def build_scripted(loaded: LoadedRun, batch_size: int = 1, continuous: Optional[
         p.requires_grad_(False)
     module = ScriptedPrior(prior, ratio=int(rave["ratio"]), sr=int(rave["sr"]), batch_size=batch_size,
                            continuous=continuous, resolution=resolution, conditioning=cond,
-                           cond_channels=cond_channels, cond_vocab=facts.cond_vocab)
+                           cond_channels=cond_channels, cond_vocab=facts.cond_vocab,
+                           latent_loc=rave.get("latent_loc"), latent_scale=rave.get("latent_scale"))
     scripted = torch.jit.script(module.eval())
     _self_test(scripted, batch_size)
     return scripted

@@ -75,6 +75,8 @@ class ScriptedPrior(nn.Module):
         cond_vocab: int = 0,
         listen: bool = False,
         temperature: float = 1.0,
+        latent_loc: Optional[List[float]] = None,
+        latent_scale: Optional[List[float]] = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -87,6 +89,10 @@ class ScriptedPrior(nn.Module):
         self.batch_size = batch_size
         self.continuous = continuous
         self.resolution = resolution if continuous else prior.vocab_size
+        # continuous: the per-dimension affine the latent table was binned with ([Q], manifest)
+        q0 = prior.num_quantizers
+        self.register_buffer("latent_loc", torch.tensor(latent_loc if latent_loc is not None else [0.0] * q0))
+        self.register_buffer("latent_scale", torch.tensor(latent_scale if latent_scale is not None else [1.0] * q0))
         self.cond_tokens = conditioning == "tokens"
         self.cond_channels = cond_channels
         self.cond_vocab = max(cond_vocab, 1)
@@ -191,7 +197,7 @@ class ScriptedPrior(nn.Module):
     def _tokens(self, z: Tensor) -> Tensor:
         """Input latent channels [B, n, Q] -> int64 tokens."""
         if self.continuous:
-            return quantize(z, self.resolution)
+            return quantize(z, self.resolution, self.latent_loc, self.latent_scale)
         return z.round().clamp(0, self.vocab_size - 1).long()
 
     def _listen(self, tokens: Tensor, cond: Tensor) -> Tensor:
@@ -237,7 +243,8 @@ class ScriptedPrior(nn.Module):
         else:
             tokens, perplexity = self._generate(cond)
             if self.continuous:
-                latents = dequantize(tokens, self.resolution, torch.rand(tokens.shape, device=x.device))
+                latents = dequantize(tokens, self.resolution, torch.rand(tokens.shape, device=x.device),
+                                     loc=self.latent_loc, scale=self.latent_scale)
             else:
                 latents = tokens.float()
             latents = latents.transpose(1, 2)
