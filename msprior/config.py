@@ -110,6 +110,8 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay of the weights used for validation/export; 0 = off
     log_every: int = 50  # steps between metric logs
     seed: int = 0
+    compile: str = "auto"  # torch.compile the training step: auto (on CUDA only), true, false
+
 
     def validate(self, where: str) -> None:
         for key in ("batch_size", "max_steps", "val_every", "val_batches", "log_every"):
@@ -117,6 +119,7 @@ class TrainConfig:
                 raise ConfigError(f"{where}: train.{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"{where}: train.ema must be in [0, 1), got {self.ema}")
+        _choice(where, "train.compile", self.compile, ("auto", "true", "false"))
 
 
 @dataclass
@@ -343,6 +346,8 @@ def _check(value: Any, hint: Any, where: str, key: str) -> Any:
             raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, bool):  # YAML reads true/false as booleans: choices spell them as words
+            return "true" if value else "false"
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
         return value

@@ -163,25 +163,28 @@ def check_model(path: str, seconds: float = 60.0, n_vec: int = 4096, seed: int =
     r["listen_perplexity_finite"] = bool(np.isfinite(yout[:, q]).all() and (yout[:, q] >= 1.0 - 1e-4).all())
 
     # reset restores the initial state: the same buffers after a reset give the same outputs
-    def scenario() -> List[np.ndarray]:
+    def scenario(h: Host) -> List[np.ndarray]:
         outs = []
         torch.manual_seed(seed)  # continuous exports dither inside the bin with torch.rand
-        host.set("temperature", "0.000000")
-        host.set("listen", "true")
+        h.set("temperature", "0.000000")
+        h.set("listen", "true")
         for buf in (xa, xb):
-            outs.append(host.perform(buf, batch))
-        host.set("listen", "false")
-        outs.append(host.perform(xb, batch))
+            outs.append(h.perform(buf, batch))
+        h.set("listen", "false")
+        outs.append(h.perform(xb, batch))
         return outs
 
     xa, xb = _signal(rng, m, batch, n_vec), _signal(rng, m, batch, n_vec)
     host.set("reset", "true")
     state0 = host.state_numel()
-    first = scenario()
+    first = scenario(host)
     host.perform(_signal(rng, m, batch, n_vec), batch)  # more history, then reset
     r["reset_code"] = host.set("reset", "1.000000")
-    again = scenario()
+    again = scenario(host)
     r["reset_restores"] = all(np.array_equal(a, b) for a, b in zip(first, again))
+    # set_sample_rate's warm-up runs the model: it must leave a fresh stream, as a load without it
+    r["warm_up_keeps_state"] = all(np.array_equal(a, b) for a, b in zip(first, scenario(Host(path))))
+    r["first_buffers_ms"] = first_buffers(path, n_vec, int(m.sr))
 
     # batch: fewer streams than the export's batch size; the exact output length is checked by perform
     r["batch1_shape"] = list(host.perform(_signal(rng, m, 1, n_vec), 1).shape)
@@ -210,6 +213,27 @@ def check_model(path: str, seconds: float = 60.0, n_vec: int = 4096, seed: int =
                    "ms_per_buffer_median": 1000 * float(np.median(times)),
                    "ms_per_buffer_max": 1000 * float(np.max(times))}
     return r
+
+
+def first_buffers(path: str, n_vec: int, sr: int, count: int = 10) -> Dict[str, List[float]]:
+    """Wall ms of the first `count` generate-mode buffers after a load (with `set_sample_rate`, as
+    nn~ calls it on load) and after a reset: TorchScript's warm-up must not land in them. Recorded,
+    not asserted (no timing assertions in tests); bench/realtime.py reports them against a buffer."""
+    host = Host(path)
+    host.model.set_sample_rate(sr)
+    rng = np.random.default_rng(0)
+    out: Dict[str, List[float]] = {}
+    for phase in ("load", "reset"):
+        if phase == "reset":
+            host.set("reset", "true")
+        times = []
+        for _ in range(count):
+            x = _signal(rng, host.model, 1, n_vec)
+            t0 = time.perf_counter()
+            host.perform(x, 1)
+            times.append(1000 * (time.perf_counter() - t0))
+        out[phase] = times
+    return out
 
 
 def main(argv: List[str]) -> int:

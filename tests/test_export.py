@@ -86,6 +86,8 @@ def test_nn_host_drives_every_export(exported, tmp_path):
         assert r["set_sample_rate"] == 0
         assert r["listen_passthrough"] and r["listen_perplexity_finite"], key
         assert r["reset_code"] == 0 and r["reset_restores"], key
+        assert r["set_sample_rate"] == 0 and r["warm_up_keeps_state"], key
+        assert all(len(v) == 10 for v in r["first_buffers_ms"].values()), key
         assert r["batch1_shape"] == [Q + 1, 4096] and r["batchN_shape"] == [BATCH * (Q + 1), 4096]
         st = r["stream"]
         assert st["seconds"] >= 60.0 and st["frames"] > 100 * 16  # far beyond the 16-frame KV window
@@ -159,7 +161,7 @@ def test_int8_validation_cross_entropy(exported):
     """Dynamic int8 Linear weights barely move the teacher-forced cross-entropy (nats)."""
     import copy
 
-    from msprior.export.run import Int8SkipPredictor
+    from msprior.model import Int8SkipPredictor
 
     prior = load_trained(exported["decoder_only"][0]).prior
     batch = synthetic_batch(16, 17, "none", torch.Generator().manual_seed(7))

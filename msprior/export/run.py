@@ -23,7 +23,7 @@ from msprior.config import Config
 from msprior.storage import sha256_file  # noqa: F401  (re-exported for the CLI and registry)
 from msprior.export.metadata import METADATA_FILE, read_metadata  # noqa: F401 (re-export)
 from msprior.export.scripted import ScriptedPrior
-from msprior.model import DatasetFacts, Prior, build_prior
+from msprior.model import DatasetFacts, Int8SkipPredictor, Prior, build_prior
 from msprior.redact import redact_uri
 
 QUANTIZE_CHOICES = ("int8",)
@@ -62,62 +62,23 @@ def load_trained(run: str, checkpoint: str = "best", tracking_uri: Optional[str]
     return LoadedRun(prior.eval(), config, state["manifest"], state)
 
 
-class Int8SkipPredictor(nn.Module):
-    """The prior's SkipPredictor with its output projection [Q, D, V] split into Q Linear heads,
-    so that dynamic int8 covers it too (at 16 x 512 x 1024 it is the largest weight read per
-    frame). Same weights, same `norm` / `step_logits` interface as `Prior.predict` uses."""
-
-    def __init__(self, predictor: nn.Module):
-        super().__init__()
-        self.num_quantizers = predictor.num_quantizers
-        self.norm = predictor.norm
-        self.which = predictor.which
-        self.film = predictor.film
-        self.hidden = predictor.hidden
-        heads = []
-        for q in range(self.num_quantizers):
-            head = nn.Linear(predictor.out_w.shape[1], predictor.out_w.shape[2])
-            with torch.no_grad():
-                head.weight.copy_(predictor.out_w[q].T)
-                head.bias.copy_(predictor.out_b[q])
-            heads.append(head)
-        self.heads = nn.ModuleList(heads)
-
-    def forward(self, h: torch.Tensor, target_emb: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits [B, T, Q, V] (validation cross-entropy of the int8 model)."""
-        previous = target_emb.cumsum(dim=2) - target_emb
-        gamma, beta = self.film(previous + self.which).chunk(2, dim=-1)
-        z = torch.nn.functional.gelu(self.hidden(self.norm(h).unsqueeze(2) * (1 + gamma) + beta))
-        logits = []
-        for i, head in enumerate(self.heads):
-            logits.append(head(z[:, :, i]))
-        return torch.stack(logits, dim=2)
-
-    def step_logits(self, h_norm: torch.Tensor, previous: torch.Tensor, q: int) -> torch.Tensor:
-        gamma, beta = self.film(previous + self.which[q]).chunk(2, dim=-1)
-        z = torch.nn.functional.gelu(self.hidden(h_norm * (1 + gamma) + beta))
-        out = z
-        for i, head in enumerate(self.heads):  # TorchScript cannot index a ModuleList by a variable
-            if i == q:
-                out = head(z)
-        return out
-
-
 def quantize_int8(prior: Prior) -> Prior:
     """Dynamic int8 weights for the Linear layers (activations stay float), on a copy.
 
     `torch.ao.quantization.quantize_dynamic` is deprecated in favour of torchao, but its modules
     script and load in libtorch 2.5 (nn~ 1.6); torchao's tensor subclasses do not script. The
-    predictor's output projection becomes Q Linear heads first (Int8SkipPredictor).
+    predictor's output projection becomes Q Linear heads first (Int8SkipPredictor). The FiLM
+    tables are precomputed in float first; `film` itself stays float (streaming reads its rows).
     """
     import warnings
 
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
     prior = copy.deepcopy(prior).eval()
+    prior.prepare_stream()
     prior.predictor = Int8SkipPredictor(prior.predictor)
     names = {name: default_dynamic_qconfig for name, m in prior.named_modules()
-             if isinstance(m, nn.Linear)}
+             if isinstance(m, nn.Linear) and name != "predictor.film"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice of torch.ao.quantization
         return quantize_dynamic(prior, names, dtype=torch.qint8, inplace=True)

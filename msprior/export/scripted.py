@@ -18,8 +18,6 @@ attribute through untouched, while its own bool parser (`std::boolalpha`) reads 
 as false. The setters here understand "true"/"false", "1"/"0", "on"/"off" and Pd's "1.000000".
 """
 
-from __future__ import annotations
-
 from typing import List, Optional, Tuple
 
 import torch
@@ -61,7 +59,25 @@ def _is_decimal(v: str) -> bool:
     return digits > 0 and dots <= 1
 
 
+@torch.jit.interface
+class StreamingPrior(nn.Module):
+    """The prior's streaming methods. ScriptedPrior holds its prior through this interface so that
+    TorchScript calls them (prim::CallMethod) instead of inlining them into every caller: each
+    then has ONE profiled executor, which `warm_up` prepares before the first audio buffer."""
+
+    def init_stream(self, batch_size: int) -> None:
+        pass
+
+    def stream_context(self, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        pass
+
+    def predict(self, h: Tensor, temperature: float, given: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        pass
+
+
 class ScriptedPrior(nn.Module):
+    prior: StreamingPrior
+
     def __init__(
         self,
         prior: Prior,
@@ -81,7 +97,11 @@ class ScriptedPrior(nn.Module):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.prior = prior.eval()
+        prior = prior.eval()
+        if prior.film_rows.numel() == 0:  # int8 exports come prepared (from float weights)
+            prior.prepare_stream()
+        # scripted on its own: a module typed by an interface must be a ScriptModule already
+        self.prior = torch.jit.script(prior)
         self.num_quantizers = prior.num_quantizers
         self.vocab_size = prior.vocab_size
         self.ratio = ratio
@@ -173,8 +193,30 @@ class ScriptedPrior(nn.Module):
 
     @torch.jit.export
     def set_sample_rate(self, sample_rate: int) -> int:
-        """nn~ may announce its rate on load; the model is defined per RAVE frame, so any is fine."""
-        return 0 if sample_rate > 0 else -1
+        """nn~ calls this once on load, on the loading thread, before any audio. The model is defined
+        per RAVE frame, so any rate is fine; the call warms TorchScript up (`warm_up`)."""
+        if sample_rate <= 0:
+            return -1
+        self.warm_up()
+        return 0
+
+    @torch.jit.export
+    def warm_up(self) -> None:
+        """Run the streaming methods on zeros until TorchScript has profiled and optimised them (it
+        does so on their first two calls, ~150-350 ms each at the default size: more than a 4096-
+        sample buffer lasts), in both modes and at both batch sizes, then start a fresh stream.
+        Attribute values are kept; the random generator advances."""
+        listen, temperature = self.listen, self.temperature
+        self.temperature = 1.0
+        in_ch = int(self.forward_params[0])
+        for _ in range(3):
+            for mode in [False, True]:
+                self.listen = mode
+                self.forward(torch.zeros(1, in_ch, 2, device=self.last.device))
+                if self.batch_size > 1:
+                    self.forward(torch.zeros(self.batch_size, in_ch, 2, device=self.last.device))
+        self.listen, self.temperature = listen, temperature
+        self.reset_stream()
 
     @torch.jit.export
     def reset_stream(self) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -93,66 +93,82 @@ def alibi_mask(q_pos: Tensor, k_pos: Tensor, window: int, slopes: Tensor) -> Ten
     return bias.masked_fill(~visible.unsqueeze(0), float("-inf"))
 
 
-class Attention(nn.Module):
-    """Multi-head attention with ALiBi and a streaming KV cache of the last `window` keys."""
+class Keys(NamedTuple):
+    """What every attention of a stack shares for one call: built once per call, not per layer."""
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, window: int, dropout: float):
+    bias: Tensor  # [H, n_q, n_k] additive ALiBi bias, -inf where a key is not visible
+    slots: Tensor  # streaming: ring slots the newest keys are written to (empty in training)
+    one: bool  # streaming: one new query and one new key (write the key first, then attend the ring)
+
+
+def ring_positions(cache_pos: Tensor, k_pos: Tensor, one: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Streaming: (absolute positions of the keys the new queries attend, ring slots of the new
+    keys, the updated ring of positions).
+
+    The cache is a ring: position p lives in slot p % window. With one new key it is written first
+    and the queries attend the ring; with several, the earlier queries may still need the keys that
+    the newer ones overwrite, so they attend the old ring followed by the new keys. (The positions
+    are updated out of place: TorchScript's optimiser mis-ordered an in-place update here.)
+    """
+    window = cache_pos.numel()
+    m = min(k_pos.numel(), window)
+    newest = k_pos[k_pos.numel() - m :]
+    slots = torch.remainder(newest, window)
+    updated = cache_pos.index_copy(0, slots, newest)
+    if one:
+        return updated, slots, updated
+    return torch.cat([cache_pos, k_pos]), slots, updated
+
+
+class Attention(nn.Module):
+    """Multi-head attention; in streaming mode a KV cache of the last `window` keys. The mask
+    (ALiBi bias, visibility) and the ring slots come from the stack (`Keys`)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, dropout: float):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
-        self.window = window
         self.dropout = dropout
         self.q = nn.Linear(dim, num_heads * head_dim, bias=False)
         self.kv = nn.Linear(dim, 2 * num_heads * head_dim, bias=False)
         self.out = nn.Linear(num_heads * head_dim, dim, bias=False)
-        self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
         # streaming state: keys/values of the last `window` positions [B, H, window, Dh]
         self.register_buffer("k_cache", torch.zeros(0), persistent=False)
         self.register_buffer("v_cache", torch.zeros(0), persistent=False)
-        # absolute positions of the cached keys; -1 marks a slot not yet filled (masked)
-        self.register_buffer("pos_cache", torch.zeros(0, dtype=torch.long), persistent=False)
 
-    def init_stream(self, batch_size: int) -> None:
-        # dtype/device from a buffer, not q.weight: an int8-quantised Linear has no weight tensor
-        shape = (batch_size, self.num_heads, self.window, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.slopes.dtype, device=self.slopes.device)
-        self.v_cache = torch.zeros(shape, dtype=self.slopes.dtype, device=self.slopes.device)
-        self.pos_cache = torch.full((self.window,), -1, dtype=torch.long, device=self.slopes.device)
+    def init_stream(self, batch_size: int, window: int, like: Tensor) -> None:
+        # dtype/device from a float buffer, not q.weight: an int8-quantised Linear has no weight tensor
+        shape = (batch_size, self.num_heads, window, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        # a clone, not a second identical torch.zeros: TorchScript's CSE would make both one tensor
+        self.v_cache = self.k_cache.clone()
 
     def _heads(self, x: Tensor) -> Tensor:  # [B, n, H*Dh] -> [B, H, n, Dh]
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: Tensor, q_pos: Tensor, mem: Tensor, k_pos: Tensor, stream: bool) -> Tensor:
-        """x [B, n, D] queries at positions q_pos [n]; mem [B, m, D] new keys at k_pos [m].
-
-        In streaming mode the queries also see the cached keys, and the cache keeps the last
-        `window` keys.
-        """
+    def forward(self, x: Tensor, mem: Tensor, bias: Tensor, slots: Tensor, one: bool, stream: bool) -> Tensor:
+        """x [B, n, D] queries; mem [B, m, D] the new keys; bias [H, n, k] over the keys attended
+        (streaming: the ring then the new keys, or the ring after writing the one new key);
+        slots: ring slots of the newest keys (see ring_positions)."""
         q = self._heads(self.q(x))
-        k, v = self._kv(mem)
-        if stream:
-            # The cache is a ring: position p lives in slot p % window. Masks use absolute
-            # positions, so the order of the slots does not matter to attention.
-            m = min(k.shape[2], self.window)
-            slots = torch.remainder(k_pos[k_pos.numel() - m :], self.window)
-            if k.shape[2] == 1 and x.shape[1] == 1:  # one frame (realtime generation): write it, attend the ring
-                self.k_cache.index_copy_(2, slots, k)
-                self.v_cache.index_copy_(2, slots, v)
-                self.pos_cache.index_copy_(0, slots, k_pos)
-                k, v, k_pos = self.k_cache, self.v_cache, self.pos_cache
-            else:  # several: earlier queries may still need the keys that new ones overwrite
-                k_all = torch.cat([self.k_cache, k], dim=2)
-                v_all = torch.cat([self.v_cache, v], dim=2)
-                pos_all = torch.cat([self.pos_cache, k_pos])
-                if m > 0:
-                    self.k_cache.index_copy_(2, slots, k[:, :, k.shape[2] - m :])
-                    self.v_cache.index_copy_(2, slots, v[:, :, v.shape[2] - m :])
-                    self.pos_cache.index_copy_(0, slots, k_pos[k_pos.numel() - m :])
-                k, v, k_pos = k_all, v_all, pos_all
-        bias = alibi_mask(q_pos, k_pos, self.window, self.slopes).to(q.dtype)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=self.dropout if self.training else 0.0
-        )
+        k_new, v_new = self._kv(mem)
+        k, v = k_new, v_new
+        if stream and one:  # write the new key first, then attend the ring
+            self.k_cache.index_copy_(2, slots, k_new)
+            self.v_cache.index_copy_(2, slots, v_new)
+            k, v = self.k_cache, self.v_cache
+        elif stream:  # attend the old ring followed by the new keys, then write the newest
+            k = torch.cat([self.k_cache, k_new], dim=2)
+            v = torch.cat([self.v_cache, v_new], dim=2)
+        # SDPA with an additive bias (fused memory-efficient kernel on CUDA). FlexAttention with the
+        # same ALiBi score_mod and a causal block mask was measured no faster here under
+        # torch.compile (short windows, 32-wide heads: attention is ~0.1% of the FLOPs).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).unsqueeze(0),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        m = slots.numel()
+        if stream and not one and m > 0:
+            self.k_cache.index_copy_(2, slots, k_new[:, :, k_new.shape[2] - m :])
+            self.v_cache.index_copy_(2, slots, v_new[:, :, v_new.shape[2] - m :])
         return self.out(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
     def _kv(self, mem: Tensor) -> Tuple[Tensor, Tensor]:
@@ -174,50 +190,75 @@ class FeedForward(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-norm block: causal self-attention, optional cross-attention, feed-forward."""
 
-    def __init__(self, cfg: ModelConfig, window: int, cross_window: int):
+    def __init__(self, cfg: ModelConfig, cross: bool):
         super().__init__()
         self.norm_self = nn.LayerNorm(cfg.dim)
-        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.head_dim, window, cfg.dropout)
+        self.self_attn = Attention(cfg.dim, cfg.num_heads, cfg.head_dim, cfg.dropout)
         self.norm_cross = None
         self.cross_attn = None
-        if cross_window > 0:
+        if cross:
             self.norm_cross = nn.LayerNorm(cfg.dim)
-            self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.head_dim, cross_window, cfg.dropout)
+            self.cross_attn = Attention(cfg.dim, cfg.num_heads, cfg.head_dim, cfg.dropout)
         self.norm_ff = nn.LayerNorm(cfg.dim)
         self.ff = FeedForward(cfg.dim, cfg.ff_mult, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def init_stream(self, batch_size: int) -> None:
-        self.self_attn.init_stream(batch_size)
+    def init_stream(self, batch_size: int, window: int, cross_window: int, like: Tensor) -> None:
+        self.self_attn.init_stream(batch_size, window, like)
         if self.cross_attn is not None:
-            self.cross_attn.init_stream(batch_size)
+            self.cross_attn.init_stream(batch_size, cross_window, like)
 
-    def forward(
-        self, x: Tensor, pos: Tensor, mem: Optional[Tensor], mem_pos: Tensor, q_mem_pos: Tensor, stream: bool
-    ) -> Tensor:
+    def forward(self, x: Tensor, mem: Optional[Tensor], self_keys: Keys, cross_keys: Keys, stream: bool) -> Tensor:
         h = self.norm_self(x)
-        x = x + self.drop(self.self_attn(h, pos, h, pos, stream))
+        x = x + self.drop(self.self_attn(h, h, self_keys.bias, self_keys.slots, self_keys.one, stream))
         if self.cross_attn is not None and self.norm_cross is not None and mem is not None:
-            x = x + self.drop(self.cross_attn(self.norm_cross(x), q_mem_pos, mem, mem_pos, stream))
+            x = x + self.drop(self.cross_attn(self.norm_cross(x), mem, cross_keys.bias, cross_keys.slots, cross_keys.one, stream))
         return x + self.ff(self.norm_ff(x))
 
 
 class TransformerStack(nn.Module):
-    """The decoder (with cross-attention when conditioned) or the conditioning encoder."""
+    """The decoder (with cross-attention when conditioned) or the conditioning encoder.
+
+    Self-attention is causal within a sliding window of `window` positions, cross-attention within
+    `cross_window` conditioning frames. Every layer sees the same keys' positions, so the stack
+    keeps them (one ring of positions per attention kind) and builds each mask once per call.
+    """
 
     def __init__(self, cfg: ModelConfig, num_layers: int, window: int, cross_window: int):
         super().__init__()
-        self.layers = nn.ModuleList([TransformerLayer(cfg, window, cross_window) for _ in range(num_layers)])
+        self.window = window
+        self.cross_window = cross_window
+        self.layers = nn.ModuleList([TransformerLayer(cfg, cross_window > 0) for _ in range(num_layers)])
+        self.register_buffer("slopes", alibi_slopes(cfg.num_heads), persistent=False)
+        # streaming: absolute positions of the cached keys; -1 marks a slot not yet filled (masked)
+        self.register_buffer("self_pos_cache", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("cross_pos_cache", torch.zeros(0, dtype=torch.long), persistent=False)
 
     def init_stream(self, batch_size: int) -> None:
         for layer in self.layers:
-            layer.init_stream(batch_size)
+            layer.init_stream(batch_size, self.window, self.cross_window, self.slopes)
+        self.self_pos_cache = torch.full((self.window,), -1, dtype=torch.long, device=self.slopes.device)
+        self.cross_pos_cache = torch.full((self.cross_window,), -1, dtype=torch.long, device=self.slopes.device)
 
     def forward(
         self, x: Tensor, pos: Tensor, mem: Optional[Tensor], mem_pos: Tensor, q_mem_pos: Tensor, stream: bool
     ) -> Tensor:
+        """x [B, n, D] at positions pos [n]; mem [B, m, D] new conditioning frames at mem_pos [m],
+        seen from decoder frame t as conditioning frame q_mem_pos[t]."""
+        one = x.shape[1] == 1
+        k_pos, slots = pos, pos[:0]
+        if stream:
+            k_pos, slots, self.self_pos_cache = ring_positions(self.self_pos_cache, pos, one)
+        self_keys = Keys(alibi_mask(pos, k_pos, self.window, self.slopes), slots, one)
+        cross_keys = self_keys
+        if mem is not None and self.cross_window > 0:
+            one_mem = one and mem.shape[1] == 1
+            m_pos, m_slots = mem_pos, mem_pos[:0]
+            if stream:
+                m_pos, m_slots, self.cross_pos_cache = ring_positions(self.cross_pos_cache, mem_pos, one_mem)
+            cross_keys = Keys(alibi_mask(q_mem_pos, m_pos, self.cross_window, self.slopes), m_slots, one_mem)
         for layer in self.layers:
-            x = layer(x, pos, mem, mem_pos, q_mem_pos, stream)
+            x = layer(x, mem, self_keys, cross_keys, stream)
         return x
 
 
@@ -275,11 +316,24 @@ class MultivariateEmbedding(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         return self.proj(self.table(tokens + self.offsets))
 
+    def qfirst(self, tokens: Tensor) -> Tensor:
+        """tokens [Q, ...] (quantizer-major) -> embeddings [Q, ..., D]."""
+        offsets = self.offsets.view([-1] + [1] * (tokens.dim() - 1))
+        return self.proj(self.table(tokens + offsets))
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Embeddings of flat table rows (row = q * V + token)."""
+        return self.proj(self.table(index))
+
 
 class SkipPredictor(nn.Module):
     """Predicts a whole frame in one step: quantizer q's logits come from the context h
     modulated (FiLM) by the summed embeddings of quantizers < q of the same frame (teacher-forced
-    in training, sampled one after the other at inference)."""
+    in training, sampled one after the other at inference).
+
+    FiLM is linear in the summed embeddings, so streaming (`Prior.prepare_stream`) precomputes it
+    per (quantizer, token): a sampling step then adds one gathered row instead of running `film`.
+    """
 
     def __init__(self, dim: int, num_quantizers: int, vocab_size: int, dropout: float):
         super().__init__()
@@ -294,17 +348,68 @@ class SkipPredictor(nn.Module):
 
     def forward(self, h: Tensor, target_emb: Tensor) -> Tensor:
         """h [B, T, D], target_emb [B, T, Q, D] (per-quantizer embeddings) -> logits [B, T, Q, V]."""
-        previous = target_emb.cumsum(dim=2) - target_emb  # sum over quantizers < q
-        gamma, beta = self.film(previous + self.which).chunk(2, dim=-1)
-        z = self.norm(h).unsqueeze(2) * (1 + gamma) + beta
-        z = self.drop(F.gelu(self.hidden(z)))
-        return torch.einsum("btqd,qdv->btqv", z, self.out_w) + self.out_b
+        return self.qfirst(h, target_emb.permute(2, 0, 1, 3)).permute(1, 2, 0, 3)
 
-    def step_logits(self, h_norm: Tensor, previous: Tensor, q: int) -> Tensor:
-        """Logits [B, V] of quantizer q for one frame: h_norm [B, D], previous [B, D]."""
-        gamma, beta = self.film(previous + self.which[q]).chunk(2, dim=-1)
-        z = F.gelu(self.hidden(h_norm * (1 + gamma) + beta))
-        return z @ self.out_w[q] + self.out_b[q]
+    def _modulated(self, h: Tensor, target_emb: Tensor) -> Tensor:
+        """The hidden features z [Q, B, T, D] fed to each quantizer's output projection."""
+        previous = target_emb.cumsum(dim=0) - target_emb  # sum over quantizers < q
+        gamma, beta = self.film(previous + self.which.unsqueeze(1).unsqueeze(1)).chunk(2, dim=-1)
+        z = self.norm(h).unsqueeze(0) * (1 + gamma) + beta
+        return self.drop(F.gelu(self.hidden(z)))
+
+    def qfirst(self, h: Tensor, target_emb: Tensor) -> Tensor:
+        """h [B, T, D], target_emb [Q, B, T, D] -> logits [Q, B, T, V]: quantizer-major, so the Q
+        output projections are one batched matmul with no transposed copy of its large output."""
+        z = self._modulated(h, target_emb)
+        q, b, t, d = z.shape
+        return torch.baddbmm(self.out_b.unsqueeze(1), z.reshape(q, b * t, d), self.out_w).view(q, b, t, -1)
+
+    def step_logits(self, h_norm: Tensor, film: Tensor, q: int) -> Tensor:
+        """Logits [B, V] of quantizer q for one frame: h_norm [B, D], film [B, 2D] = FiLM(previous)."""
+        gamma, beta = film.chunk(2, dim=-1)
+        z = F.gelu(self.hidden(torch.addcmul(beta, h_norm, 1 + gamma)))
+        return torch.addmm(self.out_b[q], z, self.out_w[q])
+
+
+class Int8SkipPredictor(nn.Module):
+    """SkipPredictor with its output projection [Q, D, V] split into Q Linear heads, so that dynamic
+    int8 (export --quantize int8) covers it too: at 16 x 512 x 1024 it is the largest weight read
+    per frame. Same weights and math; `film` stays float (streaming reads its precomputed rows)."""
+
+    def __init__(self, predictor: SkipPredictor):
+        super().__init__()
+        self.num_quantizers = predictor.num_quantizers
+        self.norm = predictor.norm
+        self.which = predictor.which
+        self.film = predictor.film
+        self.hidden = predictor.hidden
+        self.drop = predictor.drop
+        heads = []
+        for q in range(self.num_quantizers):
+            head = nn.Linear(predictor.out_w.shape[1], predictor.out_w.shape[2])
+            with torch.no_grad():
+                head.weight.copy_(predictor.out_w[q].T)
+                head.bias.copy_(predictor.out_b[q])
+            heads.append(head)
+        self.heads = nn.ModuleList(heads)
+
+    @torch.jit.unused
+    def forward(self, h, target_emb):  # unannotated: TorchScript types an unused stub as Tensors
+        return self.qfirst(h, target_emb.permute(2, 0, 1, 3)).permute(1, 2, 0, 3)
+
+    def qfirst(self, h: Tensor, target_emb: Tensor) -> Tensor:
+        """Teacher-forced logits [Q, B, T, V] (validation cross-entropy of the int8 model; eager only)."""
+        z = SkipPredictor._modulated(self, h, target_emb)  # type: ignore[arg-type]
+        return torch.stack([head(z[i]) for i, head in enumerate(self.heads)], dim=0)
+
+    def step_logits(self, h_norm: Tensor, film: Tensor, q: int) -> Tensor:
+        gamma, beta = film.chunk(2, dim=-1)
+        z = F.gelu(self.hidden(torch.addcmul(beta, h_norm, 1 + gamma)))
+        out = z
+        for i, head in enumerate(self.heads):  # TorchScript cannot index a ModuleList by a variable
+            if i == q:
+                out = head(z)
+        return out
 
 
 # --- conditioning ------------------------------------------------------------------------------
@@ -340,11 +445,24 @@ class FeatureInput(nn.Module):
 # --- the prior ---------------------------------------------------------------------------------
 
 
+def sample_categorical(logp: Tensor, temperature: float) -> Tensor:
+    """One token per row of log-probabilities logp [B, V] at `temperature` -> [B, 1] int64.
+
+    Inverse-CDF sampling (the distribution of torch.multinomial, a few times cheaper for one draw
+    on one CPU thread): the first token whose cumulative probability exceeds a uniform draw.
+    """
+    cdf = torch.softmax(logp / temperature, dim=-1).cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[1] - 1)
+
+
+
 class Prior(nn.Module):
     def __init__(self, cfg: ModelConfig, facts: DatasetFacts, codebooks: Optional[Tensor] = None):
         super().__init__()
         self.num_quantizers = facts.num_quantizers
         self.vocab_size = facts.vocab_size
+        self.family = cfg.family
         self.seq_len = cfg.seq_len
         self.conditioned = cfg.conditioning != "none"
         self.cond_ratio = max(cfg.cond_ratio, 1)
@@ -386,6 +504,9 @@ class Prior(nn.Module):
         # streaming positions: decoder frames and conditioning frames seen so far
         self.register_buffer("pos", torch.zeros(1, dtype=torch.long), persistent=False)
         self.register_buffer("cond_pos", torch.zeros(1, dtype=torch.long), persistent=False)
+        # prepare_stream: the predictor's FiLM per (quantizer, token) [Q*V, 2D] and per quantizer [Q, 2D]
+        self.register_buffer("film_rows", torch.zeros(0, 2 * cfg.dim), persistent=False)
+        self.register_buffer("film_which", torch.zeros(0, 2 * cfg.dim), persistent=False)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -409,12 +530,16 @@ class Prior(nn.Module):
     def context(self, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
         """x [B, T, Q] tokens; cond [B, Tc] tokens or [B, Tc, F] features at the conditioning rate,
         frame j covering decoder frames j*r .. j*r + r - 1. Returns h [B, T, D]."""
+        return self._context(self.embedding(x).sum(dim=2), cond)
+
+    def _context(self, x_emb: Tensor, cond: Optional[Tensor]) -> Tensor:
+        """h [B, T, D] from the frames' summed embeddings x_emb [B, T, D]."""
         if self.conditioned and cond is None:
             raise ValueError("this prior is conditioned: pass the conditioning stream")
-        pos = torch.arange(x.shape[1], device=x.device)
-        mem_pos = torch.arange(cond.shape[1], device=x.device) if cond is not None else pos[:0]
+        pos = torch.arange(x_emb.shape[1], device=x_emb.device)
+        mem_pos = torch.arange(cond.shape[1], device=x_emb.device) if cond is not None else pos[:0]
         mem = self._encode_cond(cond, mem_pos, False)
-        h = self.drop(self.embedding(x).sum(dim=2))
+        h = self.drop(x_emb)
         h = self.decoder(h, pos, mem, mem_pos, torch.div(pos, self.cond_ratio, rounding_mode="floor"), False)
         return self.norm(h)
 
@@ -427,17 +552,21 @@ class Prior(nn.Module):
             return batch["features"]
         raise ValueError("this prior is conditioned: the batch needs a 'tokens' or 'features' column")
 
+    def _qfirst_logits(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        """Teacher-forced logits [Q, B, T, V] of frames 1..T given frames 0..T-1 of batch['rave'],
+        and their targets [Q, B, T]. One embedding lookup serves inputs and targets (they overlap)."""
+        rave = batch["rave"].long().permute(2, 0, 1)  # [Q, B, T + 1]
+        emb = self.embedding.qfirst(rave)  # [Q, B, T + 1, D]
+        h = self._context(emb[:, :, :-1].sum(dim=0), self._cond(batch))
+        return self.predictor.qfirst(h, emb[:, :, 1:]), rave[:, :, 1:]
+
     def logits(self, batch: Dict[str, Tensor]) -> Tensor:
         """Teacher-forced logits [B, T, Q, V] of frames 1..T given frames 0..T-1 of batch['rave']."""
-        rave = batch["rave"].long()
-        x, y = rave[:, :-1], rave[:, 1:]
-        h = self.context(x, self._cond(batch))
-        return self.predictor(h, self.embedding(y))
+        return self._qfirst_logits(batch)[0].permute(1, 2, 0, 3)
 
     def loss(self, batch: Dict[str, Tensor]) -> Tensor:
         """Mean cross-entropy (nats) over every predicted token of the batch."""
-        logits = self.logits(batch)
-        target = batch["rave"][:, 1:].long()
+        logits, target = self._qfirst_logits(batch)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
 
     # -- sampling ------------------------------------------------------------------------------
@@ -451,21 +580,51 @@ class Prior(nn.Module):
         mean negative log-likelihood of the frame's tokens.
         """
         h_norm = self.predictor.norm(h)
-        previous = torch.zeros_like(h)
-        nll = torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
-        tokens: List[Tensor] = []
+        film = torch.zeros(h.shape[0], 2 * h.shape[1], dtype=h.dtype, device=h.device)  # FiLM of tokens < q
+        tokens: List[Tensor] = []  # [B, 1] each
+        picked: List[Tensor] = []  # their log-probabilities [B, 1]
         for q in range(self.num_quantizers):
-            logp = torch.log_softmax(self.predictor.step_logits(h_norm, previous, q).float(), dim=-1)
+            logits = self.predictor.step_logits(h_norm, film + self._film_which(q), q)
+            logp = torch.log_softmax(logits.float(), dim=-1)
             if given is not None:
-                tok = given[:, q].long()
+                tok = given[:, q : q + 1].long()
             elif temperature <= 0.0:
-                tok = logp.argmax(dim=-1)
+                tok = logp.argmax(dim=-1, keepdim=True)
             else:
-                tok = torch.multinomial(torch.softmax(logp / temperature, dim=-1), 1).squeeze(1)
-            nll = nll - logp.gather(1, tok.unsqueeze(1)).squeeze(1).to(nll.dtype)
-            previous = previous + self.embedding.proj(self.embedding.table(tok + q * self.vocab_size))
+                tok = sample_categorical(logp, temperature)
+            picked.append(logp.gather(1, tok))
+            film = film + self._film_rows(tok.view(-1) + q * self.vocab_size)
             tokens.append(tok)
-        return torch.stack(tokens, dim=1), torch.exp(nll / self.num_quantizers)
+        nll = -torch.cat(picked, dim=1).sum(dim=1)
+        return torch.cat(tokens, dim=1), torch.exp(nll / self.num_quantizers)
+
+    def _film_which(self, q: int) -> Tensor:
+        """FiLM of "predicting quantizer q" (with the film bias) [2D]: precomputed when prepared."""
+        if self.film_which.numel() > 0:
+            return self.film_which[q]
+        return self.predictor.film(self.predictor.which[q])
+
+    def _film_rows(self, index: Tensor) -> Tensor:
+        """FiLM contribution (no bias) of embedding-table rows `index` [B] -> [B, 2D]."""
+        if self.film_rows.numel() > 0:
+            return self.film_rows.index_select(0, index)
+        return F.linear(self.embedding.rows(index), self.predictor.film.weight)
+
+    @torch.jit.unused
+    def prepare_stream(self) -> None:
+        """Precompute the predictor's FiLM per (quantizer, token) and per quantizer, so that each
+        sampling step is a row gather (export / realtime). Call again after the weights change;
+        `drop_stream_tables` forgets them (training)."""
+        film = self.predictor.film
+        with torch.no_grad():
+            rows = self.embedding.rows(torch.arange(self.num_quantizers * self.vocab_size, device=self.pos.device))
+            self.film_rows = F.linear(rows, film.weight)  # [Q*V, 2D]
+            self.film_which = film(self.predictor.which)  # [Q, 2D]
+
+    @torch.jit.unused
+    def drop_stream_tables(self) -> None:
+        self.film_rows = self.film_rows[:0]
+        self.film_which = self.film_which[:0]
 
     @torch.jit.ignore
     def sample(self, context: Tensor, cond: Optional[Tensor] = None, temperature: float = 1.0) -> Tuple[Tensor, Tensor]:

@@ -89,6 +89,52 @@ def evaluate(model: torch.nn.Module, batches: List[Dict[str, torch.Tensor]], aut
     return out
 
 
+class CompiledLoss:
+    """`module(batch)` through torch.compile when `train.compile` asks for it, falling back to eager
+    with one printed line when it cannot compile (no C compiler / Triton, an unsupported Python, a
+    model the compiler rejects). Compilation is lazy, so the fallback also covers the first call's
+    forward and backward. `auto` compiles on CUDA, except the GRU family: there the cuDNN GRU is a
+    graph break and the compiled step measured slower than eager (bench/gpu.py)."""
+
+    def __init__(self, module: torch.nn.Module, prior: torch.nn.Module, mode: str, device: torch.device):
+        self.eager = module
+        self.fn: Any = module
+        self.pending = False  # the first compiled call has not succeeded yet
+        self.prior = prior
+        auto = device.type == "cuda" and getattr(prior, "family", "") != "gru"
+        if mode == "true" or (mode == "auto" and auto):
+            try:
+                self.fn = torch.compile(module)
+                self.pending = True
+            except Exception as e:  # noqa: BLE001  any failure means: train eagerly
+                self._fallback(e)
+
+    def _fallback(self, e: BaseException) -> None:
+        print(f"msprior: torch.compile unavailable ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+              "training eagerly (train.compile=false silences this)", flush=True)
+        self.fn, self.pending = self.eager, False
+
+    def forward_backward(self, batch: Dict[str, torch.Tensor], autocast) -> torch.Tensor:
+        """loss.backward() of one batch; returns the (detached) loss, without a host sync."""
+        if self.pending:
+            try:
+                loss = self._run(self.fn, batch, autocast)
+                self.pending = False
+                return loss
+            except Exception as e:  # noqa: BLE001
+                self._fallback(e)
+                for p in self.prior.parameters():
+                    p.grad = None
+        return self._run(self.fn, batch, autocast)
+
+    @staticmethod
+    def _run(fn, batch, autocast) -> torch.Tensor:
+        with autocast():
+            loss = fn(batch)
+        loss.backward()
+        return loss.detach()
+
+
 def _no_buffer_sync() -> Dict[str, bool]:
     """DDP kwargs that skip the per-forward buffer sync (`broadcast_buffers` is deprecated in newer torch)."""
     import inspect
@@ -143,7 +189,9 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
     prior = build_prior(cfg.model, facts, codebooks=loop_cfg.get("codebooks")).to(device)
     ema = copy.deepcopy(prior).requires_grad_(False) if cfg.train.ema > 0 else None
     optim_cfg = dataclasses.replace(cfg.optim, lr=scaled_lr(cfg.optim, world))  # the global batch grows with W
-    optimizer = make_optimizer([p for p in prior.parameters() if p.requires_grad], optim_cfg)
+    # fused AdamW on CUDA: one kernel for all parameters, and no host sync in the step
+    optimizer = make_optimizer([p for p in prior.parameters() if p.requires_grad], optim_cfg,
+                               fused=device.type == "cuda")
     scheduler = make_scheduler(optimizer, optim_cfg)
 
     step, best, bad = 0, math.inf, 0
@@ -164,6 +212,7 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
         # Streaming caches are non-persistent buffers: nothing to sync at each forward.
         module = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync())
+    step_fn = CompiledLoss(module, prior, cfg.train.compile, device)
 
     # Data: this worker's groups of training chunks (object store, zero-copy); the validation
     # windows the driver drew once, split across ranks (the same set for any number of workers).
@@ -198,11 +247,9 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
     module.train()
     while not stop:
         batch = to_device(sampler.sample(local_bs), device)
-        with autocast():
-            loss = module(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip > 0:
+        loss = step_fn.forward_backward(batch, autocast)
+        if cfg.optim.grad_clip > 0:  # computed on the device: no host sync
             torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -210,7 +257,7 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, raw_params, 1.0 - cfg.train.ema)
         step += 1
-        loss_sum += loss.detach()
+        loss_sum += loss  # stays on the device; read (.item()) at log intervals only
         loss_n += 1
         _maybe_fail(fault, rank, step)
 

@@ -16,8 +16,10 @@ def lr_factor(step: int, warmup_steps: int, warmup_start: float, decay: float) -
     return decay ** (step - warmup_steps)
 
 
-def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+def make_optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW; `fused` (CUDA) updates every parameter in one kernel."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                             fused=fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
