@@ -237,7 +237,7 @@ def _sweep_file(req: PipelineRequest) -> str:
 
 def stage_train(p: Plan) -> str:
     """Train (or sweep); returns the run directory to export."""
-    from msprior.train.checkpoint import read_run_json
+    from msprior.checkpoint import read_run_json
 
     req = p.req
     sweep_record = storage.join(p.runs, f"{p.name}.sweep.json")  # which trial won, for re-runs

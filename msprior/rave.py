@@ -6,7 +6,7 @@ Facts read off RAVE's own exports (acids-rave 2.3, tests/fixtures/rave): `encode
 indices as floats, one channel per quantizer, and hold `encoder.rvq.layers.N._codebook.embed`.
 Continuous (variational) exports SAMPLE their latent inside `encode` (mean + std * noise, then the
 PCA kept at export): msprior seeds that noise per item, and quantises the latents into `resolution`
-bins after a per-dimension affine fitted on the corpus (msprior.model.quantize).
+bins after a per-dimension affine fitted on the corpus (msprior.latent_bins).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ class RaveError(UserError):
 
 
 # continuous latents <-> tokens: the one definition shared with export (same resolution at both ends)
-from msprior.model import quantize as bins  # noqa: E402
-from msprior.model.quantize import dequantize as dequantize_normal  # noqa: E402,F401 (re-export)
-from msprior.model.quantize import quantize as quantize_normal  # noqa: E402,F401 (re-export)
+from msprior import latent_bins as bins  # noqa: E402
+from msprior.latent_bins import dequantize as dequantize_normal  # noqa: E402,F401 (re-export)
+from msprior.latent_bins import quantize as quantize_normal  # noqa: E402,F401 (re-export)
 from msprior.storage import sha256_file  # noqa: E402,F401 (re-export)
 
 

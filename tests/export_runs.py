@@ -14,7 +14,7 @@ import torch
 
 from msprior.config import load_config
 from msprior.model import DatasetFacts, build_prior
-from msprior.train.checkpoint import save_checkpoint, write_run_json
+from msprior.checkpoint import save_checkpoint, write_run_json
 
 Q, V = 4, 16  # quantizers, vocabulary (discrete) / resolution (continuous)
 RATIO, SR = 1024, 44100

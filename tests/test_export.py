@@ -17,7 +17,7 @@ import torch
 
 from export_runs import Q, RATIO, V, make_run, save_decoder, synthetic_batch, window
 from msprior.export.run import ExportError, export_run, load_trained, quantize_int8, read_metadata
-from msprior.model.quantize import dequantize, quantize
+from msprior.latent_bins import dequantize, quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = [  # (config, continuous RAVE)
@@ -201,7 +201,7 @@ def test_int8_effect_on_the_runs_validation_split(exported, tmp_path):
     """`--quantize int8` reports fp32 vs int8 validation CE on the run's latent table."""
     from export_runs import manifest
     from msprior.cli import main
-    from msprior.train.checkpoint import read_run_json, write_run_json
+    from msprior.checkpoint import read_run_json, write_run_json
 
     run = exported["decoder_only"][0]
     db = _latent_table(tmp_path / "table", manifest())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from msprior.model import quantize as bins
+from msprior import latent_bins as bins
 from tests.data_helpers import reference_audio
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -81,7 +81,7 @@ def test_missing_name_alias_version_are_one_line_errors(store, tmp_path):
 def test_cli_export_from_mlflow_run_id_registers_with_preview_and_pulls(store, tmp_path):
     """`msprior export --run <mlflow run id>` (tag msprior.run_dir), preview WAV, then `msprior pull`."""
     from msprior.cli import main
-    from msprior.train.checkpoint import read_run_json, write_run_json
+    from msprior.checkpoint import read_run_json, write_run_json
     from msprior.train.tracking import RUN_DIR_TAG, client, experiment_id
 
     root, uri = store
@@ -118,7 +118,7 @@ def test_cli_export_from_mlflow_run_id_registers_with_preview_and_pulls(store, t
 def _export_for(root, tag: str, val_loss: float, rave_sha: str = "ab" * 32, db_path=None) -> str:
     """An export whose metadata names this RAVE sha256 and latent table (db_path)."""
     from msprior.export.run import read_metadata
-    from msprior.train.checkpoint import read_run_json, write_run_json
+    from msprior.checkpoint import read_run_json, write_run_json
 
     run = make_run(str(root / tag), "decoder_only", steps=3, val_loss=val_loss, name=tag)
     ckpt_file = root / tag / tag / "checkpoints" / "best" / "checkpoint.pt"

@@ -79,7 +79,7 @@ def test_schedule_warmup_then_decay():
 
 def test_checkpoint_round_trip_weights_only(tmp_path, train_table):
     from msprior.model import DatasetFacts, build_prior
-    from msprior.train.checkpoint import load_checkpoint, save_checkpoint
+    from msprior.checkpoint import load_checkpoint, save_checkpoint
     from msprior.train.schedule import make_optimizer, make_scheduler
 
     cfg = load_config("decoder_only", TINY)

@@ -44,7 +44,7 @@ class LoadedRun:
 def load_trained(run: str, checkpoint: str = "best", tracking_uri: Optional[str] = None) -> LoadedRun:
     """The prior of a run directory / MLflow run id (`checkpoint` = best | last), or of one
     checkpoint directory or checkpoint.pt file."""
-    from msprior.train import checkpoint as ckpt
+    from msprior import checkpoint as ckpt
 
     if checkpoint not in ("best", "last"):
         raise ExportError(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}")

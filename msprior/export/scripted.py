@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from msprior.model.prior import Prior
-from msprior.model.quantize import dequantize, quantize
+from msprior.latent_bins import dequantize, quantize
 
 # nn~ attribute type ids
 TYPE_BOOL, TYPE_INT, TYPE_FLOAT, TYPE_STR = 0, 1, 2, 3

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from msprior.config import Config, scaled_lr
-from msprior.train.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from msprior.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from msprior.train.data import WindowSampler, worker_parts
 from msprior.train.schedule import make_optimizer, make_scheduler
 

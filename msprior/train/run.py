@@ -346,7 +346,7 @@ def _request_record(cfg: Config, table) -> Dict[str, Any]:
 
 def check_resume(name: str, run_dir: str, cfg: Config, table) -> None:
     """Refuse (one line) to resume a run with another model/data config or another table."""
-    from msprior.train.checkpoint import read_run_request
+    from msprior.checkpoint import read_run_request
 
     old = read_run_request(run_dir)
     if old is None:  # a run started before the request was recorded: nothing to compare
@@ -491,7 +491,7 @@ def fit(trainer, p: Plan, printer):
 def finish(req: TrainRequest, p: Plan, result, wall: float) -> Dict[str, Any]:
     """run.json, the MLflow run's last artifacts and status; returns the run summary."""
     from msprior.train import tracking
-    from msprior.train.checkpoint import write_run_json
+    from msprior.checkpoint import write_run_json
 
     client, run_id = p.tracking["client"], p.tracking["run_id"]
     metrics = dict(result.metrics or {})
@@ -538,7 +538,7 @@ def train(config: Union[str, Config, Dict] = "decoder_only", db_path: str = "", 
 def run_training(req: TrainRequest) -> Dict[str, Any]:
     import ray
 
-    from msprior.train.checkpoint import write_run_request
+    from msprior.checkpoint import write_run_request
 
     p = plan(req)
     started_ray = ensure_ray(log_to_driver=not req.progress)

@@ -292,7 +292,7 @@ def summarise(p: SweepPlan, grid) -> Dict[str, Any]:
     from mlflow.entities import Param
 
     from msprior.train import tracking
-    from msprior.train.checkpoint import read_run_json
+    from msprior.checkpoint import read_run_json
 
     client, parent, name, uri = p.tracking["client"], p.parent, p.req.name, p.tracking["uri"]
     db_path = _absolute(p.req.db_path)
@@ -369,7 +369,7 @@ def _trial_summary(result, sweep_name: str, storage: str, db_path: str, uri: str
     """
     from msprior import storage as st
     from msprior.train import tracking
-    from msprior.train.checkpoint import read_run_json, write_run_json
+    from msprior.checkpoint import read_run_json, write_run_json
 
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id")
