@@ -27,6 +27,7 @@ import time
 import uuid
 from collections import defaultdict
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -97,6 +98,7 @@ class Settings:
     target_bytes: int = 192 << 20
     row_group_bytes: int = 64 << 20
     latent_loc: Optional[Tuple[float, ...]] = None  # continuous RAVE: the latent bins' fitted affine
+    progress: object = None  # a ray.util.queue.Queue the encoders report (files, seconds of audio) to
     latent_scale: Optional[Tuple[float, ...]] = None
 
 
@@ -226,7 +228,18 @@ class Encoder:
                 errors[ev[1]] = (ev[2], ev[3])
         for items in buckets.values():
             self._encode(items, chunks, errors)
+        self._report(files, chunks)
         return _rows_table(files, chunks, errors)
+
+    def _report(self, files, chunks) -> None:
+        """(files, seconds of audio) done, for the driver's progress line; never fails the batch."""
+        if self.s.progress is None:
+            return
+        frames = sum(c.get("frames", 0) for per in chunks.values() for c in per.values())
+        try:
+            self.s.progress.put_nowait((len(files), frames * self.s.ratio / self.s.sr))
+        except Exception:
+            pass
 
     def _tokens(self, x):
         """Tokens [B, Q, T]; for a continuous RAVE also the latents outside the fitted range, per item."""
@@ -789,21 +802,50 @@ def _drop_duplicates(entries: List[Dict], s: Settings) -> List[Dict]:
 
 
 class _Progress(threading.Thread):
-    """A line every ~10 s: data files committed so far (the ledger's size), elapsed time."""
+    """One live line: files and hours encoded, x realtime, ETA. On a terminal it is rewritten in
+    place twice a second; in a log, a new line every ~10 s. The encoders report to a Ray queue."""
 
-    def __init__(self, out: str, s3, echo):
+    def __init__(self, total_files: int):
+        from ray.util.queue import Queue
+
         super().__init__(daemon=True)
-        self.out, self.s3, self.echo, self.stop = out, s3, echo, threading.Event()
-        self.t0 = time.monotonic()
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.total, self.files, self.seconds = total_files, 0, 0.0
+        self.stop, self.t0 = threading.Event(), time.monotonic()
+        self.out = console.out()
+        self.tty = getattr(self.out, "isatty", lambda: False)()
 
     def run(self) -> None:
-        while not self.stop.wait(10.0):
-            try:
-                n = len(storage.list_files(storage.join(self.out, tbl.LEDGER), self.s3))
-                self.echo(f"preprocess: running {time.monotonic() - self.t0:.0f} s, {n} data files committed "
-                          "(one per --target_file_mb of rows)")
-            except Exception:
-                pass
+        while not self.stop.wait(0.5 if self.tty else 10.0):
+            self._drain()
+            self._print(end="" if self.tty else "\n")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(timeout=2)
+        self._drain()
+        if self.tty and self.files:
+            self._print(end="\n")
+        try:
+            self.queue.shutdown()
+        except Exception:
+            pass
+
+    def _drain(self) -> None:
+        try:
+            for files, seconds in self.queue.get_nowait_batch(self.queue.qsize()):
+                self.files, self.seconds = self.files + files, self.seconds + seconds
+        except Exception:
+            pass
+
+    def _print(self, end: str) -> None:
+        el = time.monotonic() - self.t0
+        eta = el / self.files * (self.total - self.files) if self.files else float("nan")
+        eta_txt = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta == eta else "--"
+        line = (f"preprocess: {self.files}/{self.total} files, {self.seconds / 3600:.2f} h of audio, "
+                f"{self.seconds / max(el, 1e-9):.1f}x realtime, ETA {eta_txt}")
+        self.out.write(("\r" + line if self.tty else line) + end)
+        self.out.flush()
 
 
 # --- driver: finish from the ledger (nothing re-reads the table) -----------------------------------
@@ -912,14 +954,15 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
         returns = []
         if pending:
             ray_up()
-            progress = _Progress(req.out_path, s3, echo) if req.progress else None
+            progress = _Progress(len(pending)) if req.progress else None
             if progress:
+                s = dataclasses.replace(s, progress=progress.queue)
                 progress.start()
             try:
                 returns = _encode_pending(pending, s, req, rave)
             finally:
                 if progress:
-                    progress.stop.set()
+                    progress.close()
         lease.check()
         entries = _drop_duplicates(tbl.read_ledger(req.out_path, s3), s)
         report, manifest = _finish(req, intent, corpus, entries, returns, pending, s3)
