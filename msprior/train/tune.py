@@ -288,7 +288,7 @@ def make_tuner(p: SweepPlan, data, concurrent: int):
     )
 
 
-def _sweep_progress(name: str, trials: int):
+def _sweep_progress(name: str, total: int):
     """A Tune callback (it runs on the driver): one console line whenever a trial reports or ends,
     at most every ~10 s: trials done and running, best validation so far, elapsed time and ETA."""
     import time
@@ -301,26 +301,26 @@ def _sweep_progress(name: str, trials: int):
         def __init__(self):
             self.t0, self.last, self.best, self.done = time.monotonic(), 0.0, None, set()
 
-        def on_trial_result(self, iteration, trials_, trial, result, **info):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
             loss = result.get("val_loss")
             if loss is not None and (self.best is None or loss < self.best[0]):
                 self.best = (float(loss), trial.trial_id)
-            self._line(trials_, force=False)
+            self._line(trials, force=False)
 
-        def on_trial_complete(self, iteration, trials_, trial, **info):
+        def on_trial_complete(self, iteration, trials, trial, **info):
             self.done.add(trial.trial_id)
-            self._line(trials_, force=True)
+            self._line(trials, force=True)
 
-        def _line(self, trials_, force: bool) -> None:
+        def _line(self, trials, force: bool) -> None:
             now = time.monotonic()
             if not force and now - self.last < 10.0:
                 return
             self.last, el = now, now - self.t0
             n = len(self.done)
-            running = sum(1 for t in trials_ if t.status == "RUNNING")
-            eta = f"{int(el / n * (trials - n) // 60)}m" if n else "--"
+            running = sum(1 for t in trials if t.status == "RUNNING")
+            eta = f"{int(el / n * (total - n) // 60)}m" if n else "--"
             best = f"best val {self.best[0]:.4f} ({self.best[1]})" if self.best else "no validation yet"
-            console.echo(f"[{name}] trials {n}/{trials} done, {running} running | {best} | "
+            console.echo(f"[{name}] trials {n}/{total} done, {running} running | {best} | "
                          f"{el:.0f} s, ETA {eta}")
 
     return SweepProgress()
