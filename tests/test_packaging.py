@@ -1,13 +1,27 @@
-"""The package as a user gets it: shipped configs found from any folder."""
+"""The package as a user gets it: shipped configs found from any folder, and the wheel installed
+WITHOUT constraints.txt into a fresh venv.
+
+`make` installs from the lock; a user who adds msprior to their own environment (or a cluster image
+on another base) gets whatever pyproject.toml's bounds resolve to. These tests build the wheel, make a
+fresh venv with torch preinstalled (as a GPU user brings their own), install the wheel with pip and
+with uv, and run the CLI and one import of each stage from a folder outside the repository, so the
+code and the shipped configs come from the installed wheel, not from the checkout.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCH = os.environ.get("MSPRIOR_TORCH", "torch==2.13.0")  # the on-disk CPU wheel (pip's find-links)
+STAGES = "import msprior.data, msprior.train, msprior.export, msprior.registry, msprior.pipeline"
 
 
 def test_shipped_names_and_repository_paths_resolve_from_any_folder(tmp_path, monkeypatch):
@@ -36,6 +50,62 @@ def run(cmd, cwd, timeout=900, env=None):
                        env={**os.environ, **(env or {})})
     assert p.returncode == 0, f"{' '.join(map(str, cmd))} exited {p.returncode}:\n{(p.stdout + p.stderr)[-3000:]}"
     return p.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, ROOT], cwd=out)
+    (whl,) = out.glob("msprior-*.whl")
+    return whl
+
+
+def fresh_venv(where: Path) -> Path:
+    """A new venv (no site packages) holding only torch; returns its bin/ folder."""
+    run([sys.executable, "-m", "venv", where / "venv"], cwd=where)
+    bin_dir = where / "venv" / "bin"
+    run([bin_dir / "python", "-m", "pip", "install", "-q", TORCH], cwd=where)
+    return bin_dir
+
+
+def check_installed(bin_dir: Path, cwd: Path) -> None:
+    """The CLI, each stage's import and the shipped configs, all from the installed wheel."""
+    site = run([bin_dir / "python", "-c", "import msprior; print(msprior.__file__)"], cwd=cwd)
+    assert str(bin_dir.parent) in site and str(ROOT) not in site, site
+    assert "preprocess" in run([bin_dir / "msprior", "--help"], cwd=cwd)
+    run([bin_dir / "python", "-c", STAGES], cwd=cwd)
+    cfg = run([bin_dir / "msprior", "config", "--config", "decoder_only"], cwd=cwd)
+    assert "name: decoder_only" in cfg and "family: transformer" in cfg, cfg
+    sweep = run([bin_dir / "python", "-c",
+                 "from msprior.config import resolve_sweep_path; print(resolve_sweep_path('default'))"], cwd=cwd)
+    assert sweep.strip().startswith(str(bin_dir.parent)), sweep
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_wheel_installs_with_pip_without_the_lock(wheel, tmp_path):
+    bin_dir = fresh_venv(tmp_path)
+    t0 = time.monotonic()
+    run([bin_dir / "python", "-m", "pip", "install", "-q", wheel], cwd=tmp_path)
+    print(f"pip install of the wheel without the lock: {time.monotonic() - t0:.0f} s")
+    # pip reports a broken set of requirements here even where `install` exited 0
+    run([bin_dir / "python", "-m", "pip", "check"], cwd=tmp_path)
+    check_installed(bin_dir, tmp_path)
+    shutil.rmtree(tmp_path / "venv")  # ~2 GB
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_wheel_installs_with_uv_without_the_lock(wheel, tmp_path):
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    assert uv, "uv is missing: it comes with the test extra (pip install -e .[test])"
+    bin_dir = fresh_venv(tmp_path)  # torch by pip: uv does not read pip's find-links (the on-disk wheel)
+    t0 = time.monotonic()
+    run([uv, "pip", "install", "-q", "--python", bin_dir / "python", wheel], cwd=tmp_path)
+    print(f"uv pip install of the wheel without the lock: {time.monotonic() - t0:.0f} s")
+    run([bin_dir / "python", "-m", "pip", "check"], cwd=tmp_path)
+    check_installed(bin_dir, tmp_path)
+    shutil.rmtree(tmp_path / "venv")
 
 
 @pytest.mark.slow
