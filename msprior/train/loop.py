@@ -164,149 +164,195 @@ def _maybe_fail(fault: Optional[Dict], rank: int, step: int) -> None:
         raise RuntimeError(f"injected failure on rank {rank} at step {step} (test hook)")
 
 
-def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
+class Worker:
+    """One Ray Train worker's state, built from the plain `loop_cfg` dict, with one method per step
+    of training: restore, a train step, logging, validation and checkpoint."""
 
-    from msprior.model import DatasetFacts, build_prior
-    from msprior.train import tracking
+    def __init__(self, loop_cfg: Dict[str, Any]):
+        import ray.train
+        import ray.train.torch
 
-    cfg = Config.from_dict(loop_cfg["config"])
-    manifest = loop_cfg["manifest"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Ray sets OMP threads to the (fractional) CPU request; use this node's cores instead.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
-    device = ray.train.torch.get_device()
-    bf16 = device.type == "cuda" and loop_cfg.get("bf16", True)
+        from msprior.model import DatasetFacts, build_prior
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+        self.loop_cfg, self.cfg = loop_cfg, Config.from_dict(loop_cfg["config"])
+        self.manifest = loop_cfg["manifest"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # Ray sets OMP threads to the (fractional) CPU request; use this node's cores instead.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+        self.device = ray.train.torch.get_device()
+        self.bf16 = self.device.type == "cuda" and loop_cfg.get("bf16", True)
+        torch.manual_seed(self.cfg.train.seed)  # same initial weights on every rank
+        facts = DatasetFacts.from_manifest(self.manifest)
+        self.prior = build_prior(self.cfg.model, facts, codebooks=loop_cfg.get("codebooks")).to(self.device)
+        self.ema = copy.deepcopy(self.prior).requires_grad_(False) if self.cfg.train.ema > 0 else None
+        self.raw_params = list(self.prior.parameters())
+        self.ema_params = list(self.ema.parameters()) if self.ema is not None else []
+        optim_cfg = dataclasses.replace(self.cfg.optim, lr=scaled_lr(self.cfg.optim, self.world))  # global batch grows with W
+        # fused AdamW on CUDA: one kernel for all parameters, and no host sync in the step
+        self.optimizer = make_optimizer([p for p in self.prior.parameters() if p.requires_grad], optim_cfg,
+                                        fused=self.device.type == "cuda")
+        self.scheduler = make_scheduler(self.optimizer, optim_cfg)
+        self.step, self.best, self.bad = 0, math.inf, 0
 
-    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    facts = DatasetFacts.from_manifest(manifest)
-    prior = build_prior(cfg.model, facts, codebooks=loop_cfg.get("codebooks")).to(device)
-    ema = copy.deepcopy(prior).requires_grad_(False) if cfg.train.ema > 0 else None
-    optim_cfg = dataclasses.replace(cfg.optim, lr=scaled_lr(cfg.optim, world))  # the global batch grows with W
-    # fused AdamW on CUDA: one kernel for all parameters, and no host sync in the step
-    optimizer = make_optimizer([p for p in prior.parameters() if p.requires_grad], optim_cfg,
-                               fused=device.type == "cuda")
-    scheduler = make_scheduler(optimizer, optim_cfg)
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else torch.autocast("cpu", enabled=False)
 
-    step, best, bad = 0, math.inf, 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # --resume, or a restart after a worker failure (FailureConfig)
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
-        prior.load_state_dict(state.get("raw_model", state["model"]))
-        if ema is not None:
-            ema.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, best, bad = state["step"], state["best_val_loss"], state.get("bad_validations", 0)
-    start_step = step
+    def restore(self, ckpt) -> None:
+        """--resume, or a restart after a worker failure (FailureConfig): weights, optimizer, step."""
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=self.device, weights_only=True)
+            self.prior.load_state_dict(state.get("raw_model", state["model"]))
+            if self.ema is not None:
+                self.ema.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.best, self.bad = state["step"], state["best_val_loss"], state.get("bad_validations", 0)
+        self.start_step = self.step
 
-    module: torch.nn.Module = LossModule(prior)
-    if world > 1:
-        # Streaming caches are non-persistent buffers: nothing to sync at each forward.
-        module = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync())
-    step_fn = CompiledLoss(module, prior, cfg.train.compile, device)
+    def wrap(self) -> None:
+        """The loss as a module (DDP across workers), compiled when the config asks."""
+        self.module: torch.nn.Module = LossModule(self.prior)
+        if self.world > 1:
+            # Streaming caches are non-persistent buffers: nothing to sync at each forward.
+            self.module = torch.nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **_no_buffer_sync())
+        self.step_fn = CompiledLoss(self.module, self.prior, self.cfg.train.compile, self.device)
 
-    # Data: this worker's groups of training chunks (object store, zero-copy); the validation
-    # windows the driver drew once, split across ranks (the same set for any number of workers).
-    kw = shard_kwargs(cfg, manifest)
-    local_bs = cfg.train.batch_size  # per worker: the global batch is world x batch_size
-    parts = worker_parts(loop_cfg["train_parts"], rank, world)
-    # seeded by (seed, rank, step): a resumed run draws fresh windows, each rank its own
-    sampler = WindowSampler(parts, cfg.model.seq_len, kw["conditioning"], kw["cond_ratio"],
-                            seed=np.random.SeedSequence([cfg.train.seed, rank, step]).generate_state(1)[0])
-    val_batches = [to_device({k: v.copy() for k, v in b.items()}, device)  # own (writable) copies
-                   for b in ray.get(loop_cfg["val_batches"])[rank::world]]
+    def data(self) -> None:
+        """This worker's groups of training chunks (object store, zero-copy) and its share of the
+        validation windows the driver drew once (the same set for any number of workers)."""
+        import ray
 
-    client = tracking.client(loop_cfg["tracking_uri"]) if rank == 0 and loop_cfg.get("mlflow_run_id") else None
-    run_id = loop_cfg.get("mlflow_run_id")
-    progress = loop_cfg.get("progress")  # a ray.util.queue.Queue owned by the driver, or None
-    fault = loop_cfg.get("fault")
-    max_steps, val_every, log_every = cfg.train.max_steps, cfg.train.val_every, cfg.train.log_every
-    seq_q = cfg.model.seq_len * kw["num_quantizers"]  # tokens (frames x quantizers) per window
+        cfg, rank, world = self.cfg, self.rank, self.world
+        kw = shard_kwargs(cfg, self.manifest)
+        self.local_bs = cfg.train.batch_size  # per worker: the global batch is world x batch_size
+        self.seq_q = cfg.model.seq_len * kw["num_quantizers"]  # tokens (frames x quantizers) per window
+        parts = worker_parts(self.loop_cfg["train_parts"], rank, world)
+        # seeded by (seed, rank, step): a resumed run draws fresh windows, each rank its own
+        self.sampler = WindowSampler(parts, cfg.model.seq_len, kw["conditioning"], kw["cond_ratio"],
+                                     seed=np.random.SeedSequence([cfg.train.seed, rank, self.step]).generate_state(1)[0])
+        self.val_batches = [to_device({k: v.copy() for k, v in b.items()}, self.device)  # own (writable) copies
+                            for b in ray.get(self.loop_cfg["val_batches"])[rank::world]]
 
-    def send(kind: str, m: Dict[str, Any]) -> None:
-        if rank == 0 and progress is not None:
-            progress.actor.put_nowait.remote({"kind": kind, "max_steps": max_steps, **m})  # fire and forget
-
-    raw_params = [p for p in prior.parameters()]
-    ema_params = [p for p in ema.parameters()] if ema is not None else []
-    loss_sum, loss_n = torch.zeros((), device=device), 0
-    t_log, cpu_log, step_log = time.perf_counter(), time.process_time(), step
-    last: Dict[str, float] = {}
-    if step == start_step and start_step > 0:
-        send("resume", {"step": step})
-    stop = step >= max_steps
-    module.train()
-    while not stop:
-        batch = to_device(sampler.sample(local_bs), device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = step_fn.forward_backward(batch, autocast)
-        if cfg.optim.grad_clip > 0:  # computed on the device: no host sync
-            torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step on a fresh batch of windows; the loss stays on the device."""
+        batch = to_device(self.sampler.sample(self.local_bs), self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.step_fn.forward_backward(batch, self.autocast)
+        if self.cfg.optim.grad_clip > 0:  # computed on the device: no host sync
+            torch.nn.utils.clip_grad_norm_(self.prior.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(ema_params, raw_params, 1.0 - cfg.train.ema)
-        step += 1
-        loss_sum += loss  # stays on the device; read (.item()) at log intervals only
-        loss_n += 1
-        _maybe_fail(fault, rank, step)
+                torch._foreach_lerp_(self.ema_params, self.raw_params, 1.0 - self.cfg.train.ema)
+        self.step += 1
+        return loss
 
-        if step % log_every == 0 or step % val_every == 0 or step >= max_steps:
-            now, cpu_now = time.perf_counter(), time.process_time()
-            dt = max(now - t_log, 1e-9)
-            last = {"train_loss": (loss_sum / max(loss_n, 1)).item(), "lr": scheduler.get_last_lr()[0],
-                    # all ranks run the same number of steps: global = local x world
-                    "tokens_per_s": (step - step_log) * local_bs * world * seq_q / dt,
-                    "steps_per_s": (step - step_log) / dt,
-                    # per CPU-second of this process (all threads): overhead without other jobs' noise
-                    "tokens_per_cpu_s": (step - step_log) * local_bs * seq_q / max(cpu_now - cpu_log, 1e-9)}
-            loss_sum.zero_()
-            loss_n, t_log, cpu_log, step_log = 0, now, cpu_now, step
-            if client is not None:
-                tracking.log_metrics(client, run_id, last, step)
-            send("train", {"step": step, **last})
+    def validate(self) -> Dict[str, Any]:
+        """Validation metrics, early-stopping state; returns the report (with `stop`)."""
+        metrics = evaluate(self.ema if self.ema is not None else self.prior, self.val_batches, self.autocast)
+        improved = metrics["val_loss"] < self.best
+        self.best, self.bad = (metrics["val_loss"], 0) if improved else (self.best, self.bad + 1)
+        t = self.cfg.train
+        stop = self.step >= t.max_steps or (t.patience > 0 and self.bad >= t.patience)
+        return {**metrics, "step": self.step, "best_val_loss": self.best, "start_step": self.start_step,
+                "early_stopped": float(stop and self.step < t.max_steps), "stop": stop}
 
-        if step % val_every == 0 or step >= max_steps:
-            metrics = evaluate(ema if ema is not None else prior, val_batches, autocast)
-            improved = metrics["val_loss"] < best
-            best, bad = (metrics["val_loss"], 0) if improved else (best, bad + 1)
-            stop = step >= max_steps or (cfg.train.patience > 0 and bad >= cfg.train.patience)
-            report = {**last, **metrics, "step": step, "best_val_loss": best, "start_step": start_step,
-                      "early_stopped": float(stop and step < max_steps)}
-            if client is not None:
-                tracking.log_metrics(client, run_id, {**metrics, "best_val_loss": best}, step)
-            send("val", report)
-            tmp = None
-            checkpoint = None
-            if rank == 0:
-                tmp = tempfile.mkdtemp(prefix="msprior-ckpt-")
-                state = {
-                    "model": (ema if ema is not None else prior).state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step,
-                    "val_loss": metrics["val_loss"],
-                    "best_val_loss": best,
-                    "bad_validations": bad,
-                    "config": cfg.to_dict(),
-                    "manifest": manifest,
-                }
-                if ema is not None:
-                    state["raw_model"] = prior.state_dict()
-                save_checkpoint(tmp, state)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            # a barrier over all workers; Ray copies rank 0's directory to the run's storage
-            ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            t_log, cpu_log = time.perf_counter(), time.process_time()  # validation is not training throughput
+    def checkpoint(self, report: Dict[str, Any]) -> None:
+        """`ray.train.report`: a barrier over all workers; Ray copies rank 0's directory to storage."""
+        import ray.train
+
+        tmp = checkpoint = None
+        if self.rank == 0:
+            tmp = tempfile.mkdtemp(prefix="msprior-ckpt-")
+            state = {"model": (self.ema if self.ema is not None else self.prior).state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "step": self.step, "val_loss": report["val_loss"], "best_val_loss": self.best,
+                     "bad_validations": self.bad, "config": self.cfg.to_dict(), "manifest": self.manifest}
+            if self.ema is not None:
+                state["raw_model"] = self.prior.state_dict()
+            save_checkpoint(tmp, state)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.step:08d}")
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Logger:
+    """Rank 0's metrics: MLflow, and progress lines for the driver (a Ray queue), at log intervals."""
+
+    def __init__(self, w: Worker):
+        from msprior.train import tracking
+
+        self.w, self.tracking = w, tracking
+        cfg = w.loop_cfg
+        self.run_id = cfg.get("mlflow_run_id")
+        self.client = tracking.client(cfg["tracking_uri"]) if w.rank == 0 and self.run_id else None
+        self.progress = cfg.get("progress")  # a ray.util.queue.Queue owned by the driver, or None
+        self.loss_sum, self.loss_n = torch.zeros((), device=w.device), 0
+        self.last: Dict[str, float] = {}
+        self.restart_clock()
+
+    def restart_clock(self) -> None:  # validation is not training throughput
+        self.t, self.cpu, self.step = time.perf_counter(), time.process_time(), self.w.step
+
+    def send(self, kind: str, m: Dict[str, Any]) -> None:
+        if self.w.rank == 0 and self.progress is not None:  # fire and forget
+            self.progress.actor.put_nowait.remote({"kind": kind, "max_steps": self.w.cfg.train.max_steps, **m})
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss  # stays on the device; read (.item()) at log intervals only
+        self.loss_n += 1
+
+    def train(self) -> None:
+        w, now, cpu_now = self.w, time.perf_counter(), time.process_time()
+        dt, steps = max(now - self.t, 1e-9), w.step - self.step
+        self.last = {"train_loss": (self.loss_sum / max(self.loss_n, 1)).item(), "lr": w.scheduler.get_last_lr()[0],
+                     # all ranks run the same number of steps: global = local x world
+                     "tokens_per_s": steps * w.local_bs * w.world * w.seq_q / dt, "steps_per_s": steps / dt,
+                     # per CPU-second of this process (all threads): overhead without other jobs' noise
+                     "tokens_per_cpu_s": steps * w.local_bs * w.seq_q / max(cpu_now - self.cpu, 1e-9)}
+        self.loss_sum.zero_()
+        self.loss_n = 0
+        self.restart_clock()
+        if self.client is not None:
+            self.tracking.log_metrics(self.client, self.run_id, self.last, w.step)
+        self.send("train", {"step": w.step, **self.last})
+
+    def val(self, report: Dict[str, Any]) -> None:
+        if self.client is not None:
+            metrics = {k: v for k, v in report.items() if k.startswith("val_") or k.startswith("top")}
+            self.tracking.log_metrics(self.client, self.run_id, {**metrics, "best_val_loss": report["best_val_loss"]},
+                                      self.w.step)
+        self.send("val", report)
+
+
+def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
+    import ray.train
+
+    w = Worker(loop_cfg)
+    w.restore(ray.train.get_checkpoint())
+    w.wrap()
+    w.data()
+    log = Logger(w)
+    if w.start_step > 0:
+        log.send("resume", {"step": w.step})
+    t = w.cfg.train
+    stop = w.step >= t.max_steps
+    w.module.train()
+    while not stop:
+        log.add(w.train_step())
+        _maybe_fail(loop_cfg.get("fault"), w.rank, w.step)
+        if w.step % t.log_every == 0 or w.step % t.val_every == 0 or w.step >= t.max_steps:
+            log.train()
+        if w.step % t.val_every == 0 or w.step >= t.max_steps:
+            report = w.validate()
+            stop = report.pop("stop")
+            report = {**log.last, **report}
+            log.val(report)
+            w.checkpoint(report)
+            log.restart_clock()
