@@ -90,6 +90,21 @@ def first_buffers(path: str, warm: bool, sr: int, n_vec: int = 4096, count: int 
     return out
 
 
+def report_first_buffers(paths: dict, sr: int, ratio: int) -> None:
+    """Worst of the first 10 buffers after load and after reset, with and without the warm-up."""
+    buffer_ms = 1000.0 * 4096 / sr
+    print(f"\nfirst 10 buffers of 4096 samples ({4096 // ratio} frames, {buffer_ms:.1f} ms of audio), "
+          "emulated nn~ host, generate mode, worst cpu / wall ms:")
+    with torch.inference_mode():
+        for label, path in paths.items():
+            for warm in (False, True):
+                fb = first_buffers(path, warm, sr)
+                cells = [f"after {k}: {v[:, 1].max():6.1f} / {v[:, 0].max():6.1f}" for k, v in fb.items()]
+                worst = max(v[:, 1].max() for v in fb.values())
+                print(f"  {label} {'with' if warm else 'without'} set_sample_rate warm-up: {' | '.join(cells)} "
+                      f"-> worst cpu {worst / buffer_ms:.2f} buffers")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="decoder_only")
@@ -162,17 +177,7 @@ def main() -> None:
     print(f"  fp32 / bandwidth floor: {fp32_cpu:.2f} / {floor_ms:.2f} ms = {fp32_cpu / floor_ms:.2f}x (target <= 1.3x)")
     print(f"  int8 per frame: {int8_cpu:.2f} ms (target <= 3 ms)")
 
-    buffer_ms = 1000.0 * 4096 / args.sr
-    print(f"\nfirst 10 buffers of 4096 samples ({4096 // args.ratio} frames, {buffer_ms:.1f} ms of audio), "
-          "emulated nn~ host, generate mode, worst cpu / wall ms:")
-    with torch.inference_mode():
-        for label, path in paths.items():
-            for warm in (False, True):
-                fb = first_buffers(path, warm, args.sr)
-                cells = [f"after {k}: {v[:, 1].max():6.1f} / {v[:, 0].max():6.1f}" for k, v in fb.items()]
-                worst = max(v[:, 1].max() for v in fb.values())
-                print(f"  {label} {'with' if warm else 'without'} set_sample_rate warm-up: {' | '.join(cells)} "
-                      f"-> worst cpu {worst / buffer_ms:.2f} buffers")
+    report_first_buffers(paths, args.sr, args.ratio)
     print(f"export sizes: " + ", ".join(f"{k} {os.path.getsize(v) / 1e6:.0f} MB" for k, v in paths.items()))
     shutil.rmtree(tmp, ignore_errors=True)
 
