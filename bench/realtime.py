@@ -7,7 +7,11 @@ loaded machine the CPU time is the figure that estimates an idle machine's laten
 streamed frames (the KV cache is full after 256: the cost must stay flat), fp32 and int8, against
 the audio one frame covers. Baseline of the ratios: fp32 at the start of the stream, same run.
 Also: the split between the transformer step (stream_context) and the 16-step predictor (predict),
-and the fp32 memory-bandwidth floor (bytes of weights read per frame / measured copy bandwidth).
+the fp32 memory-bandwidth floor (bytes of weights read per frame / measured read bandwidth) and the
+ratio to it, and the first buffers after load and after `reset` through the emulated nn~ host
+(tests/nn_host.py: torch.jit.load, `set_sample_rate` on load as nn~ calls it, 4096-sample buffers),
+whose worst must stay within one buffer's duration (TorchScript profiles and optimises a method on
+its first calls: the export's `warm_up` does that at `set_sample_rate`; shown with and without).
 
     .venv/bin/python bench/realtime.py [--steps 10000] [--samples 300]
 """
@@ -15,6 +19,10 @@ and the fp32 memory-bandwidth floor (bytes of weights read per frame / measured 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import sys
+import tempfile
 import time
 import warnings
 
@@ -22,8 +30,11 @@ import numpy as np
 import torch
 
 from msprior.config import load_config
-from msprior.export.run import LoadedRun, build_scripted, quantize_int8
+from msprior.export.run import LoadedRun, build_scripted, quantize_int8, save_scripted
 from msprior.model import DatasetFacts, build_prior
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from nn_host import Host, _signal  # noqa: E402  (the emulated nn~ host: torch.jit.load only)
 
 warnings.filterwarnings("ignore")
 
@@ -56,6 +67,44 @@ def bandwidth_gbs() -> float:
     return x.numel() * 4 / (ms / 1000) / 1e9
 
 
+def frame_weight_bytes(prior) -> int:
+    """fp32 bytes of weights one generated frame reads: every parameter but the embedding table and
+    the predictor's FiLM weight (streaming gathers rows of both: Q rows of the FiLM table)."""
+    skip = prior.embedding.table.weight.numel() + prior.predictor.film.weight.numel()
+    n = sum(p.numel() for p in prior.parameters()) - skip
+    return 4 * (n + prior.num_quantizers * prior.predictor.film.weight.shape[0])
+
+
+def first_buffers(path: str, warm: bool, sr: int, n_vec: int = 4096, count: int = 10) -> dict:
+    """ms (cpu, wall) of the first `count` buffers after load and after a reset, generate mode."""
+    host = Host(path)
+    if warm:
+        host.model.set_sample_rate(sr)  # nn~: once on load, on the loading thread
+    rng = np.random.default_rng(0)
+    out = {}
+    for phase in ("load", "reset"):
+        if phase == "reset":
+            host.set("reset", "true")
+        x = _signal(rng, host.model, 1, n_vec)
+        out[phase] = timed(lambda: host.perform(x, 1), count)
+    return out
+
+
+def report_first_buffers(paths: dict, sr: int, ratio: int) -> None:
+    """Worst of the first 10 buffers after load and after reset, with and without the warm-up."""
+    buffer_ms = 1000.0 * 4096 / sr
+    print(f"\nfirst 10 buffers of 4096 samples ({4096 // ratio} frames, {buffer_ms:.1f} ms of audio), "
+          "emulated nn~ host, generate mode, worst cpu / wall ms:")
+    with torch.inference_mode():
+        for label, path in paths.items():
+            for warm in (False, True):
+                fb = first_buffers(path, warm, sr)
+                cells = [f"after {k}: {v[:, 1].max():6.1f} / {v[:, 0].max():6.1f}" for k, v in fb.items()]
+                worst = max(v[:, 1].max() for v in fb.values())
+                print(f"  {label} {'with' if warm else 'without'} set_sample_rate warm-up: {' | '.join(cells)} "
+                      f"-> worst cpu {worst / buffer_ms:.2f} buffers")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="decoder_only")
@@ -78,12 +127,12 @@ def main() -> None:
           f"1 thread, torch {torch.__version__}; one frame = {args.ratio} samples at {args.sr} Hz = {frame_ms:.1f} ms "
           f"(1024 samples at 44.1 kHz: 23.2 ms)")
 
-    # weights read per generated frame (embedding rows are gathered, not streamed: excluded)
-    table = prior.embedding.table.weight.numel()
-    fp32_bytes = (n_params - table) * 4
+    # weights read per generated frame (embedding and FiLM rows are gathered, not streamed)
+    fp32_bytes = frame_weight_bytes(prior)
     bw = bandwidth_gbs()
+    floor_ms = fp32_bytes / bw / 1e6
     print(f"fp32 weights read per frame {fp32_bytes / 1e6:.0f} MB; read bandwidth {bw:.1f} GB/s "
-          f"-> fp32 floor {fp32_bytes / bw / 1e6:.2f} ms/frame")
+          f"-> fp32 floor {floor_ms:.2f} ms/frame")
 
     # where the time goes (eager modules, one frame): transformer step vs the per-quantizer predictor
     with torch.inference_mode():
@@ -96,17 +145,18 @@ def main() -> None:
             print(f"eager {label}: stream_context {stats(ctx)} | predict (Q={args.quantizers}) {stats(pred)}")
 
     loaded = LoadedRun(prior, cfg, man, {})
-    results = {}
+    results, paths = {}, {}
+    tmp = tempfile.mkdtemp(prefix="msprior-realtime-")
     for label, quant in (("fp32", None), ("int8", "int8")):
         m = build_scripted(loaded, batch_size=1, quantize=quant)
+        paths[label] = save_scripted(m, os.path.join(tmp, f"{label}.ts"), {})
         m.set_temperature(1.0)
         x = torch.zeros(1, args.quantizers, 1)  # one frame, generate mode
         with torch.inference_mode():
-            for _ in range(20):  # TorchScript profiling executor warm-up (optimises after a few calls)
-                m(x)
+            m.set_sample_rate(args.sr)  # warm-up, as nn~ triggers it on load
             start = timed(lambda: m(x), args.samples)
             t0 = time.perf_counter()
-            for _ in range(args.steps - 20 - args.samples):
+            for _ in range(args.steps - args.samples):
                 m(x)
             mid = time.perf_counter() - t0
             late = timed(lambda: m(x), args.samples)
@@ -122,6 +172,14 @@ def main() -> None:
             print(f"  {label} {when:>12}: cpu median {cpu:6.2f} ms ({cpu / base:4.2f}x), p99 {np.percentile(ms[:, 1], 99):6.2f}"
                   f" | wall median {wall:6.2f} p99 {np.percentile(ms[:, 0], 99):6.2f} ms"
                   f" | cpu = {100 * cpu / frame_ms:4.1f}% of a {frame_ms:.1f} ms frame, {100 * cpu / 23.22:4.1f}% of 23.2 ms")
+    fp32_cpu = max(np.median(ms[:, 1]) for ms in results["fp32"])
+    int8_cpu = max(np.median(ms[:, 1]) for ms in results["int8"])
+    print(f"  fp32 / bandwidth floor: {fp32_cpu:.2f} / {floor_ms:.2f} ms = {fp32_cpu / floor_ms:.2f}x (target <= 1.3x)")
+    print(f"  int8 per frame: {int8_cpu:.2f} ms (target <= 3 ms)")
+
+    report_first_buffers(paths, args.sr, args.ratio)
+    print(f"export sizes: " + ", ".join(f"{k} {os.path.getsize(v) / 1e6:.0f} MB" for k, v in paths.items()))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
