@@ -88,7 +88,9 @@ def session(command: str, quiet: bool = True) -> Iterator[Optional[str]]:
     sys.stderr.flush()
     ray_was_up = _ray_is_up()
     saved_out, saved_err = os.dup(1), os.dup(2)
-    _user = os.fdopen(os.dup(saved_out), "w", buffering=1)
+    # the terminal behind fd 1; under a test's capture (sys.stdout replaced), that capture
+    real = sys.stdout is sys.__stdout__
+    _user = os.fdopen(os.dup(saved_out), "w", buffering=1) if real else sys.stdout
     _redirect_to(_log_path)
     failed = False
     try:
@@ -108,7 +110,8 @@ def session(command: str, quiet: bool = True) -> Iterator[Optional[str]]:
         os.dup2(saved_err, 2)
         os.close(saved_out)
         os.close(saved_err)
-        _user.close()
+        if real:
+            _user.close()
         _user = None
         _close_log(failed)
 
