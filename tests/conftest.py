@@ -7,15 +7,15 @@ import os
 import pytest
 
 
-# --- data (issue 3): one Ray runtime and one SeaweedFS S3 server per test session ----------------
+# --- data: one Ray runtime and one SeaweedFS S3 server per test session ----------------
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray runtime for the whole session (ray.init costs seconds here).
 
-    Logical CPUs (4 on a 2-core machine) and fractional actors avoid the resource deadlocks in
-    FIELD_NOTES; listeners stay on 127.0.0.1. Stopped at the end only if this fixture started it.
+    Logical CPUs (4 on a 2-core machine) and fractional actors avoid Ray's silent resource deadlocks
+    (two 1-CPU actors holding both cores starve the read tasks); listeners stay on 127.0.0.1. Stopped at the end only if this fixture started it.
     """
     import ray
 
@@ -51,7 +51,7 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
-# --- train (issue 4): a synthetic latent table, per-test run storage and sqlite MLflow -----------
+# --- train: a synthetic latent table, per-test run storage and sqlite MLflow -----------
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Cluster configs and the local stack (issue 6, cluster part).
+"""Cluster configs and the local stack.
 
 Fast: the AWS launcher YAML passes Ray's own cluster-config validation; the KubeRay manifests
 pass a structural check (tests/data/kuberay_v1_subset.schema.json, written from KubeRay's ray.io/v1
