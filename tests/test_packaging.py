@@ -4,7 +4,7 @@ WITHOUT constraints.txt into a fresh venv.
 `make` installs from the lock; a user who adds msprior to their own environment (or a cluster image
 on another base) gets whatever pyproject.toml's bounds resolve to. These tests build the wheel, make a
 fresh venv with torch preinstalled (as a GPU user brings their own), install the wheel with pip and
-with uv, and run the CLI and one import of each stage from a folder outside the repository, so the
+with uv (newest versions) and with uv's lowest-direct resolution (every floor), and run the CLI and one import of each stage from a folder outside the repository, so the
 code and the shipped configs come from the installed wheel, not from the checkout.
 """
 
@@ -21,6 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = os.environ.get("MSPRIOR_TORCH", "torch==2.13.0")  # the on-disk CPU wheel (pip's find-links)
+FLOOR_REPORT = {"ray", "mlflow", "s3fs", "aiobotocore", "boto3", "pyarrow", "numpy", "typer"}
 STAGES = "import msprior.data, msprior.train, msprior.export, msprior.registry, msprior.pipeline"
 
 
@@ -104,6 +105,24 @@ def test_wheel_installs_with_uv_without_the_lock(wheel, tmp_path):
     run([uv, "pip", "install", "-q", "--python", bin_dir / "python", wheel], cwd=tmp_path)
     print(f"uv pip install of the wheel without the lock: {time.monotonic() - t0:.0f} s")
     run([bin_dir / "python", "-m", "pip", "check"], cwd=tmp_path)
+    check_installed(bin_dir, tmp_path)
+    shutil.rmtree(tmp_path / "venv")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_lowest_allowed_versions_start(wheel, tmp_path):
+    """pyproject.toml's floors are real: every direct requirement at its lowest allowed version
+    (uv's lowest-direct resolution) still installs and starts (an old typer with a new click did not)."""
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    assert uv, "uv is missing: it comes with the test extra (pip install -e .[test])"
+    bin_dir = fresh_venv(tmp_path)  # torch stays at the preinstalled build (it satisfies torch>=2.4)
+    run([uv, "pip", "install", "-q", "--python", bin_dir / "python", "--resolution", "lowest-direct",
+         "-r", ROOT / "pyproject.toml"], cwd=tmp_path)
+    run([uv, "pip", "install", "-q", "--python", bin_dir / "python", "--no-deps", wheel], cwd=tmp_path)
+    run([bin_dir / "python", "-m", "pip", "check"], cwd=tmp_path)
+    frozen = run([bin_dir / "python", "-m", "pip", "freeze"], cwd=tmp_path).lower().splitlines()
+    print("lowest set:", " ".join(ln for ln in frozen if ln.split("==")[0] in FLOOR_REPORT))
     check_installed(bin_dir, tmp_path)
     shutil.rmtree(tmp_path / "venv")
 
