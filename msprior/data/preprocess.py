@@ -655,7 +655,7 @@ def _intent(req: PreprocessRequest, rave: RaveInfo, corpus, s3, run_id: str, ray
         cond = {"ratio": int(req.condition_ratio), "features": {"names": names, "size": len(names)},
                 "tokens": {"vocab_size": int(len(centroids)), "centroids": tbl.CENTROIDS, "sha256": sha,
                            "scale": [float(v) for v in scale]}}
-    facts = dict(rave.facts)
+    facts = {**rave.facts, "latent_loc": None, "latent_scale": None}  # discrete: no latent bins
     if facts.get("continuous"):  # the latent bins' affine, fitted once and kept by every resume
         ray_up()
         facts.update(_latent_bins(req, rave, corpus, s3))
