@@ -24,6 +24,7 @@ from msprior.data.synthetic import write_bad_files, write_corpus
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 TTL = 8  # lease TTL of these runs (s): a killed run's lease expires quickly
+KILLED_TTL = 30  # the SIGKILLed run's: long enough for the next run to start and meet it
 FLAGS = ["--num_secs", "4", "--min_frames", "32", "--batch_size", "8", "--condition_tokens", "8",
          "--files_per_task", "2", "--target_file_mb", "0.01"]
 BAD = {"bad/empty.wav", "bad/notes.wav", "bad/garbage.flac", "bad/corrupt.wav", "bad/tiny.wav",
@@ -100,7 +101,8 @@ def test_sigkill_at_a_random_point_then_resume(ray_head, work, reference):
     seed = int(time.time())
     rng = random.Random(seed)
     out = str(work[0] / f"killed-{seed}")
-    p = start(ray_head, work, out, log="killed")
+    # the killed run's lease outlives the start-up of the next run even on a loaded machine
+    p = start(ray_head, work, out, extra_env={"MSPRIOR_LEASE_TTL_S": str(KILLED_TTL)}, log="killed")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(Path(out).glob("ledger/*.json")) and p.poll() is None:
         time.sleep(0.2)
@@ -108,6 +110,7 @@ def test_sigkill_at_a_random_point_then_resume(ray_head, work, reference):
     killed = p.poll() is None
     if killed:
         os.kill(p.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
     p.wait()
     left = leftovers(out)
     print(f"seed {seed}: killed={killed}; left behind: {json.dumps(left)}")
@@ -115,9 +118,9 @@ def test_sigkill_at_a_random_point_then_resume(ray_head, work, reference):
         # the killed run's lease is still live: a resume right away refuses, naming it
         rc, _, err = finish(start(ray_head, work, out, log="too-soon"))
         errors = [line for line in err.splitlines() if line.startswith("error:")]
-        if time.monotonic() < deadline:  # (unless the TTL already ran out on a slow machine)
+        if time.monotonic() - killed_at < KILLED_TTL:  # the whole run ended while the lease was live
             assert rc == 2 and len(errors) == 1 and f"pid {p.pid}," in errors[0], err[-2000:]
-        time.sleep(TTL + 1)
+        time.sleep(max(0.0, KILLED_TTL + 1 - (time.monotonic() - killed_at)))
     rc, text, err = finish(start(ray_head, work, out, log="resumed"))
     assert rc == 0, err[-2000:]
     assert logical(out) == logical(reference)
