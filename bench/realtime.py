@@ -178,7 +178,7 @@ def main() -> None:
     print(f"  int8 per frame: {int8_cpu:.2f} ms (target <= 3 ms)")
 
     report_first_buffers(paths, args.sr, args.ratio)
-    print(f"export sizes: " + ", ".join(f"{k} {os.path.getsize(v) / 1e6:.0f} MB" for k, v in paths.items()))
+    print("export sizes: " + ", ".join(f"{k} {os.path.getsize(v) / 1e6:.0f} MB" for k, v in paths.items()))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Union
 
 from msprior import console
@@ -528,10 +527,6 @@ def train(config: Union[str, Config, Dict] = "decoder_only", db_path: str = "", 
 
     Keyword arguments are the fields of `TrainRequest`.
     """
-    known = {f.name for f in fields(TrainRequest)}
-    unknown = sorted(set(kw) - known)
-    if unknown:
-        raise TypeError(f"train() got unexpected keyword argument(s) {unknown}")
     return run_training(TrainRequest(config=config, db_path=db_path, name=name, **kw))
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -367,10 +367,6 @@ def tune(sweep: str, db_path: str, name: str, **kw: Any) -> Dict[str, Any]:
 
     Returns {"best_trial", "best_config", "best_val_loss", "best_checkpoint", "best_run_dir",
     "parent_run_id", "trials": [...]}."""
-    known = {f.name for f in fields(SweepRequest)}
-    unknown = sorted(set(kw) - known)
-    if unknown:
-        raise TypeError(f"tune() got unexpected keyword argument(s) {unknown}")
     return run_sweep(SweepRequest(sweep=sweep, db_path=db_path, name=name, **kw))
 
 
