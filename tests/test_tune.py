@@ -117,8 +117,11 @@ def test_sweep_killed_with_sigkill_resumes_with_tuner_restore(ray_session, train
                              "--name", "pre", "--storage_path", storage, "--tracking_uri", uri],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline, ckpts = time.monotonic() + 300, []
+    # a checkpoint counts once Ray Train has recorded it (its manager snapshot), not when its folder
+    # appears: a trial killed in between restarts from scratch, as Ray Train would
+    snapshots = os.path.join(storage, "pre-*", "checkpoint_manager_snapshot.json")
     while time.monotonic() < deadline and proc.poll() is None:
-        ckpts = glob.glob(os.path.join(storage, "pre-*", "checkpoint_*"))
+        ckpts = glob.glob(snapshots)
         if ckpts and glob.glob(os.path.join(storage, "pre", "experiment_state-*.json")):
             break
         time.sleep(0.5)
@@ -126,7 +129,7 @@ def test_sweep_killed_with_sigkill_resumes_with_tuner_restore(ray_session, train
     time.sleep(2)  # one more Tune state save with the trials running
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    had = {os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(storage, "pre-*", "checkpoint_*"))}
+    had = {os.path.basename(os.path.dirname(p)) for p in glob.glob(snapshots)}
 
     with pytest.raises(TrainError, match="--resume"):  # a plain re-run would start every trial again
         tune(str(sweep), train_table, "pre", tracking_uri=uri, storage_path=storage, verbose=0)
