@@ -148,10 +148,9 @@ def _proc_stat(pid: int):
     return int(fields[1]), sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
 
 
-def ray_cpu_seconds() -> float:
-    """CPU seconds used so far by the Ray node this driver started: its daemons and every live
-    descendant (workers, actors); workers that exited are counted through their parent's
-    reaped-children times."""
+def ray_tree_cpu() -> dict:
+    """{pid: CPU seconds} of the Ray node this driver started: its daemons and every live descendant
+    (workers, actors), each with its reaped children's times."""
     import ray._private.worker as rw
 
     roots = {p.process.pid for procs in rw._global_node.all_processes.values() for p in procs}
@@ -167,7 +166,13 @@ def ray_cpu_seconds() -> float:
         new = {pid for pid, (ppid, _) in stats.items() if ppid in keep and pid not in keep}
         keep |= new
         grew = bool(new)
-    return sum(stats[p][1] for p in keep if p in stats)
+    return {pid: stats[pid][1] for pid in keep if pid in stats}
+
+
+def ray_cpu_seconds() -> float:
+    """CPU seconds used so far by the Ray node this driver started (workers that exited are counted
+    through their parent's reaped-children times)."""
+    return sum(ray_tree_cpu().values())
 
 
 def self_cpu_seconds() -> float:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encode import _proc_stat, self_cpu_seconds  # noqa: E402  (the same /proc accounting)
+from encode import ray_tree_cpu, self_cpu_seconds  # noqa: E402  (the same /proc accounting)
 
 MIN_FRAMES, SEQ = 65, 64  # 2 s files are 86 frames of the demo codec: windows of 64 + 1
 TRAIN_OVERRIDES = [f"model.seq_len={SEQ}", "model.dim=64", "model.num_layers=2", "model.num_heads=2",
@@ -128,27 +128,11 @@ class RayCpu(threading.Thread):
 
     def __init__(self):
         super().__init__(daemon=True)
-        import ray._private.worker as rw
-
-        self.roots = {p.process.pid for procs in rw._global_node.all_processes.values() for p in procs}
         self.first, self.last, self.stop = {}, {}, threading.Event()
         self.sample(first=True)
 
     def sample(self, first=False) -> None:
-        stats = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    stats[int(d)] = _proc_stat(int(d))
-                except (OSError, IndexError, ValueError):
-                    pass
-        keep, grew = set(self.roots), True
-        while grew:
-            new = {pid for pid, (ppid, _) in stats.items() if ppid in keep and pid not in keep}
-            keep |= new
-            grew = bool(new)
-        for pid in keep & set(stats):
-            cpu = stats[pid][1]
+        for pid, cpu in ray_tree_cpu().items():
             self.first.setdefault(pid, cpu if first else 0.0)
             self.last[pid] = cpu
 

@@ -72,7 +72,7 @@ def run_once(uri: str, work: str, tag: str) -> tuple:
 
 def data_path(uri: str) -> tuple:
     """(seconds to open the table from manifest + index, seconds to load and check it) in this process."""
-    from msprior.train.data import ReadSpec, load_table, open_table
+    from msprior.train.windows import ReadSpec, load_table, open_table
 
     t0 = time.perf_counter()
     table = open_table(uri, 0.05, 0)

@@ -1,21 +1,31 @@
 """The `msprior` command line. Each command is a thin shell over a library function.
 
-Flags keep the original MSPrior's names (`--out_path`, `--db_path`, ...); the dashed spelling
-(`--out-path`) is accepted too. Errors the user can fix are printed as one line, exit code 2.
+A command's flags are the fields of its stage's request type (`command(...)` below); they keep the
+original MSPrior's names (`--out_path`, `--db_path`, ...) and accept the dashed spelling
+(`--out-path`) too. Errors the user can fix are printed as one line, exit code 2.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import inspect
 import os
 import sys
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import typer
 
-from msprior import console
+from msprior import console, flags
+from msprior.data.preprocess import PreprocessRequest
+from msprior.demo import CodecRequest, DemoRequest
 from msprior.errors import UserError
-from msprior.export.publish import PREVIEW_SECS
+from msprior.export.publish import ExportRequest
+from msprior.pipeline import PipelineRequest
 from msprior.redact import redact_text, redact_uri
+from msprior.registry import PullRequest
+from msprior.train.run import TrainRequest, run_folder
+from msprior.train.tune import SweepRequest
 
 app = typer.Typer(
     add_completion=False,
@@ -31,39 +41,68 @@ def _root() -> None:
     """Train MSPrior priors over RAVE latents with Ray and export them for nn~ (Max/MSP, PureData)."""
 
 
-def opt(default, *names: str, help: str = "", **kw):
-    """A typer option that accepts both the original underscore name and the dashed one."""
-    spellings: List[str] = []
-    for n in names:
-        spellings.append(n)
-        dashed = n.replace("_", "-")
-        if dashed != n and dashed not in spellings:
-            spellings.append(dashed)
-    return typer.Option(default, *spellings, help=help, **kw)
+# --- commands from request types ----------------------------------------------------------------
+#
+# Every option comes from a field of a stage's request dataclass (msprior.flags.flag): its name, type,
+# default and help are declared there once, and the command hands the filled request to the stage.
 
 
-# --- commands --------------------------------------------------------------------------------
+def _spellings(name: str) -> List[str]:
+    """`--out_path` -> ["--out_path", "--out-path"]: the original MSPrior name and the dashed one."""
+    dashed = name.replace("_", "-")
+    return [name] if dashed == name else [name, dashed]
 
 
-@app.command("config")
-def config_cmd(
-    config: str = opt("decoder_only", "--config", help="Shipped config name (msprior/configs/*.yaml) or a YAML path."),
-    override: Optional[List[str]] = opt(None, "--override", help="section.key=value, repeatable."),
-):
+def _cli_type(hint: Any) -> Any:
+    """The type typer parses for a request field: sequences are repeatable options; a field that
+    also takes library objects (TrainRequest.config: a name, a Config or a dict) is a string."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) in (list, tuple, collections.abc.Sequence):
+        return Optional[List[str]]
+    if get_origin(hint) is Union:
+        inner = str if str in args and len(args) > 1 else _cli_type(args[0])
+        return Optional[inner] if type(None) in get_args(hint) else inner
+    return hint
+
+
+def _parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
+    meta, cli_type = f.metadata, _cli_type(hint)
+    default = ... if meta[flags.REQUIRED] else (None if cli_type == Optional[List[str]] else f.default)
+    if meta[flags.ARGUMENT]:
+        info = typer.Argument(default, help=meta[flags.HELP])
+    else:
+        names = [meta[flags.NAMES]] if meta[flags.NAMES] and "/" in meta[flags.NAMES] else \
+            _spellings(meta[flags.NAMES] or f"--{f.name}")
+        info = typer.Option(default, *names, help=meta[flags.HELP])
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=cli_type)
+
+
+def command(name: str, request: type, run: Callable[[Any], Any], only: Sequence[str] = ()) -> None:
+    """Add `msprior NAME`: one option per flag field of `request` (those in `only`, if given);
+    `run(request)` does the work and its docstring is the command's help."""
+    hints = get_type_hints(request)
+    chosen = [f for f in flags.flag_fields(request) if not only or f.name in only]
+
+    def callback(**values: Any) -> None:
+        run(request(**{k: tuple(v or ()) if _cli_type(hints[k]) == Optional[List[str]] else v
+                       for k, v in values.items()}))
+
+    callback.__signature__ = inspect.Signature([_parameter(f, hints[f.name]) for f in chosen])
+    callback.__doc__ = run.__doc__
+    app.command(name)(callback)
+
+
+# --- what each command does with its request -------------------------------------------------------
+
+
+def config_cmd(req: TrainRequest) -> None:
     """Print a resolved configuration as YAML (validates names, keys and types)."""
     from msprior.config import load_config
 
-    typer.echo(load_config(config, override or []).to_yaml(), nl=False)
+    typer.echo(load_config(req.config, req.overrides).to_yaml(), nl=False)
 
 
-# --- data: demo codec, preprocess ---------------------------------------------------
-
-
-@app.command("codec")
-def codec_cmd(
-    out: str = opt("rave.ts", "--out", help="Where to write the TorchScript file (local or s3://)."),
-    discrete: bool = opt(False, "--discrete", help="RVQ token codec (like a discrete RAVE) instead of continuous."),
-):
+def codec_cmd(req: CodecRequest) -> None:
     """Write the small DEMO codec (NOT a trained RAVE): band energies, decoded as filtered noise.
 
     It has RAVE's exported interface (encode/decode, sr, encode_params), for demos and tests
@@ -71,199 +110,78 @@ def codec_cmd(
     """
     from msprior.codec import save_codec
 
-    console.echo(f"demo codec ({'discrete' if discrete else 'continuous'}) written to {save_codec(out, discrete)}")
+    kind = "discrete" if req.discrete else "continuous"
+    console.echo(f"demo codec ({kind}) written to {save_codec(req.out, req.discrete)}")
 
 
-@app.command("preprocess")
-def preprocess_cmd(
-    audio: str = opt(..., "--audio", help="Folder or s3://bucket/prefix of audio files (searched recursively)."),
-    out_path: str = opt(..., "--out_path", help="Latent table folder or s3:// prefix (re-runs resume)."),
-    rave: str = opt(..., "--rave", help="RAVE model exported as TorchScript (.ts), local or s3://."),
-    num_secs: float = opt(16.0, "--num_secs", help="Chunk length in seconds."),
-    resolution: int = opt(64, "--resolution", help="Bins per latent dimension (continuous RAVE only)."),
-    batch_size: int = opt(64, "--batch_size", help="Chunks per encode batch."),
-    num_workers: int = opt(1, "--num_workers", help="Encoder actors (each loads the model once)."),
-    gpu: bool = opt(False, "--gpu", help="Encode on GPUs (a GPU fraction per actor)."),
-    condition_ratio: int = opt(4, "--condition_ratio", help="RAVE frames per conditioning frame; 0 = none."),
-    condition_tokens: int = opt(64, "--condition_tokens", help="k-means classes of the conditioning tokens."),
-    min_frames: int = opt(257, "--min_frames", help="Skip files shorter than this many frames (one training window)."),
-    files_per_task: int = opt(64, "--files_per_task", help="At most this many files per encode task..."),
-    task_mb: float = opt(128.0, "--task_mb", help="...and about this many MB of input (a failed task redoes only these)."),
-    target_file_mb: float = opt(192.0, "--target_file_mb", help="Rows per data file, in MB before compression."),
-    decode_threads: int = opt(1, "--decode_threads", help="Decode threads per encoder (more for a GPU encoder)."),
-):
+def preprocess_cmd(req: PreprocessRequest) -> None:
     """Encode an audio corpus into a Parquet latent table with Ray Data (local or s3://)."""
-    console.place(out_path)
-    from msprior.data import PreprocessRequest, preprocess
+    console.place(req.out_path)
+    from msprior.data import preprocess
 
-    preprocess(PreprocessRequest(audio, out_path, rave, num_secs=num_secs, resolution=resolution,
-                                 batch_size=batch_size, num_workers=num_workers, gpu=gpu,
-                                 condition_ratio=condition_ratio, condition_tokens=condition_tokens,
-                                 min_frames=min_frames, files_per_task=files_per_task, task_mb=task_mb,
-                                 target_file_mb=target_file_mb, decode_threads=decode_threads), echo=console.echo)
+    preprocess(req, echo=console.echo)
 
 
-# --- train and tune -----------------------------------------------------------------
-
-
-@app.command("train")
-def train_cmd(
-    config: str = opt("decoder_only", "--config", help="Shipped config name (msprior/configs/*.yaml) or a YAML path."),
-    db_path: str = opt(..., "--db_path", help="Latent table (folder or s3:// prefix) from `msprior preprocess`."),
-    name: str = opt(..., "--name", help="Run name: the run folder under --storage_path and the MLflow experiment."),
-    pretrained_embedding: Optional[str] = opt(None, "--pretrained_embedding", help="Discrete RAVE .ts: start from its codebooks."),
-    num_workers: int = opt(1, "--num_workers", help="Ray Train workers (DDP)."),
-    gpu: bool = opt(False, "--gpu", help="One GPU per worker (nccl, bf16 autocast)."),
-    batch_size: Optional[int] = opt(None, "--batch_size", help="Windows per worker per step (global: x workers); default: config."),
-    max_steps: Optional[int] = opt(None, "--max_steps", help="Training steps; default: config."),
-    val_every: Optional[int] = opt(None, "--val_every", help="Steps between validations and checkpoints."),
-    override: Optional[List[str]] = opt(None, "--override", help="section.key=value, repeatable."),
-    resume: bool = opt(False, "--resume", help="Continue the run NAME from its last checkpoint."),
-    tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow URI (default MLFLOW_TRACKING_URI or ./mlflow.db)."),
-    storage_path: Optional[str] = opt(None, "--storage_path", help="Where runs live (folder or s3://); default ./runs."),
-    cpus_per_worker: float = opt(0.5, "--cpus_per_worker", help="Logical CPUs requested per worker."),
-):
+def train_cmd(req: TrainRequest) -> None:
     """Train a prior on a latent table with Ray Train; prints progress, writes RUN/run.json."""
-    console.place(_run_folder(storage_path, name))
-    from msprior.train import train
+    console.place(run_folder(req.storage_path, req.name))
+    from msprior.train.run import run_training
 
-    s = train(config, db_path, name, overrides=override or [], pretrained_embedding=pretrained_embedding,
-                             num_workers=num_workers, gpu=gpu, batch_size=batch_size, max_steps=max_steps,
-                             val_every=val_every, resume=resume, tracking_uri=tracking_uri,
-                             storage_path=storage_path, cpus_per_worker=cpus_per_worker)
+    s = run_training(req)
     console.echo(f"best checkpoint {s['best_checkpoint']} (val {s['best_val_loss']}); "
-               f"export it with: msprior export --run {s['run_dir']}")
+                 f"export it with: msprior export --run {s['run_dir']}")
 
 
-@app.command("tune")
-def tune_cmd(
-    sweep: str = opt("default", "--sweep", help="Shipped sweep name (msprior/configs/sweeps/) or a sweep YAML path."),
-    db_path: str = opt(..., "--db_path", help="Latent table (folder or s3:// prefix)."),
-    name: str = opt(..., "--name", help="Sweep name: MLflow experiment (parent run + one nested run per trial)."),
-    num_samples: Optional[int] = opt(None, "--num_samples", help="Trials; default: the sweep file's."),
-    gpus_per_trial: Optional[float] = opt(None, "--gpus_per_trial", help="GPU fraction per trial (0.5: two trials per GPU)."),
-    num_workers: Optional[int] = opt(None, "--num_workers", help="Ray Train workers per trial."),
-    max_steps: Optional[int] = opt(None, "--max_steps", help="Steps per trial; default: the sweep file's."),
-    val_every: Optional[int] = opt(None, "--val_every", help="Steps between validations (ASHA's time unit)."),
-    batch_size: Optional[int] = opt(None, "--batch_size", help="Windows per worker per step."),
-    override: Optional[List[str]] = opt(None, "--override", help="section.key=value for every trial, repeatable."),
-    tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow URI (default MLFLOW_TRACKING_URI or ./mlflow.db)."),
-    storage_path: Optional[str] = opt(None, "--storage_path", help="Where runs live (folder or s3://); default ./runs."),
-    resume: bool = opt(False, "--resume", help="Continue the preempted sweep NAME (finished trials are kept)."),
-):
+def tune_cmd(req: SweepRequest) -> None:
     """Sweep training configs with Ray Tune (ASHA on validation cross-entropy); names the best trial."""
-    console.place(_run_folder(storage_path, name))
-    from msprior.config import resolve_sweep_path
-    from msprior.train.tune import tune
+    console.place(run_folder(req.storage_path, req.name))
+    from msprior.train.tune import run_sweep
 
-    s = tune(resolve_sweep_path(sweep), db_path, name, num_samples=num_samples, gpus_per_trial=gpus_per_trial,
-                            num_workers=num_workers, max_steps=max_steps, val_every=val_every, batch_size=batch_size,
-                            overrides=override or [], tracking_uri=tracking_uri, storage_path=storage_path,
-                            resume=resume)
+    s = run_sweep(req)
     console.echo(f"best trial {s['best_trial']}: val {s['best_val_loss']:.4f}, config {s['best_config']}")
     console.echo(f"best checkpoint {s['best_checkpoint']}; export it with: msprior export --run {s['best_run_dir']}")
 
 
-
-# --- export for nn~ and the MLflow registry -------------------------------------------
-
-
-@app.command("export")
-def export_cmd(
-    run: str = opt(..., "--run", help="Run directory (local or s3://), MLflow run id, or a checkpoint dir/file."),
-    out: str = opt("model.ts", "--out", help="Output TorchScript file for nn~."),
-    checkpoint: str = opt("best", "--checkpoint", help="best | last checkpoint of the run."),
-    batch_size: int = opt(1, "--batch_size", help="Parallel streams (nn~ mc channels); any training batch size."),
-    continuous: bool = opt(False, "--continuous", help="Latents in/out (continuous RAVE); the manifest decides anyway."),
-    quantize: Optional[str] = opt(None, "--quantize", help="int8: dynamic int8 Linear weights (realtime option)."),
-    name: Optional[str] = opt(None, "--name", help="Registered model name (default msprior-<run name>)."),
-    register: bool = typer.Option(True, "--register/--no-register", help="Register a version in MLflow."),
-    tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow tracking URI (default: the run's)."),
-    preview_secs: float = opt(PREVIEW_SECS, "--preview_secs", help="Seconds of audio preview to log (0: none)."),
-):
+def export_cmd(req: ExportRequest) -> None:
     """Export a trained prior as a TorchScript model for nn~ (Max/MSP, PureData) and register it."""
-    console.place(os.path.dirname(os.path.abspath(out)))
-    from msprior.export.publish import publish
-    from msprior.export.run import export_run, sha256_file
+    console.place(os.path.dirname(os.path.abspath(req.out)))
+    from msprior.export.publish import export_and_publish
 
-    path = export_run(run, out, checkpoint=checkpoint, batch_size=batch_size,
-                      continuous=True if continuous else None, quantize=quantize, tracking_uri=tracking_uri)
-    console.echo(f"exported {path} (sha256 {sha256_file(path)[:12]})")
-    if register:
-        publish(path, run=run, checkpoint=checkpoint, name=name, tracking_uri=tracking_uri,
-                preview_secs=preview_secs, measure_int8=quantize == "int8", echo=console.echo)
+    export_and_publish(req, echo=console.echo)
 
 
-@app.command("pull")
-def pull_cmd(
-    ref: str = typer.Argument(..., help="NAME, NAME@alias (e.g. msprior-x@champion) or NAME/version."),
-    out: str = opt("model.ts", "--out", help="Where to write the .ts file."),
-    tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow tracking URI."),
-):
+def pull_cmd(req: PullRequest) -> None:
     """Download a registered nn~ model (.ts), verified against its sha256."""
     from msprior.registry import pull
 
-    path = pull(ref, out, tracking_uri=tracking_uri)
-    console.echo(f"pulled {ref} -> {path}")
+    console.echo(f"pulled {req.ref} -> {pull(req.ref, req.out, tracking_uri=req.tracking_uri)}")
 
 
-# --- the whole pipeline, and the embedded demo -------------------------------------------
-
-
-@app.command("pipeline")
-def pipeline_cmd(
-    audio: str = opt(..., "--audio", help="Folder or s3://bucket/prefix of audio files."),
-    rave: str = opt(..., "--rave", help="RAVE model exported as TorchScript (.ts), local or s3://."),
-    out: str = opt(..., "--out", help="Output folder or s3:// prefix (data/, runs/, export/ below it)."),
-    config: str = opt("decoder_only", "--config", help="Shipped config name (msprior/configs/*.yaml) or a YAML path."),
-    name: Optional[str] = opt(None, "--name", help="Run name (default: <config>-<id of the RAVE model and table>)."),
-    override: Optional[List[str]] = opt(None, "--override", help="section.key=value, repeatable."),
-    tune: bool = opt(False, "--tune", help="Sweep configs with Ray Tune instead of one training."),
-    sweep: Optional[str] = opt(None, "--sweep", help="Shipped sweep name or a sweep YAML path (default: default)."),
-    num_samples: Optional[int] = opt(None, "--num_samples", help="Sweep trials (default: the sweep file's)."),
-    gpus_per_trial: Optional[float] = opt(None, "--gpus_per_trial", help="GPU fraction per trial (default: the sweep file's)."),
-    num_workers: int = opt(1, "--num_workers", help="Ray workers for encoding and training."),
-    gpu: bool = opt(False, "--gpu", help="Use GPUs (encode and train)."),
-    batch_size: Optional[int] = opt(None, "--batch_size", help="Training batch size (default: config)."),
-    max_steps: Optional[int] = opt(None, "--max_steps", help="Training steps (default: config)."),
-    val_every: Optional[int] = opt(None, "--val_every", help="Steps between validations."),
-    pretrained_embedding: bool = opt(False, "--pretrained_embedding", help="Start from the RAVE codebooks."),
-    num_secs: float = opt(16.0, "--num_secs", help="Chunk length in seconds."),
-    resolution: int = opt(64, "--resolution", help="Bins per latent dimension (continuous RAVE)."),
-    condition_ratio: int = opt(4, "--condition_ratio", help="RAVE frames per conditioning frame."),
-    tracking_uri: Optional[str] = opt(None, "--tracking_uri", help="MLflow tracking URI (default: local sqlite)."),
-    registered_name: Optional[str] = opt(None, "--registered_name", help="Registered model name (default msprior-<name>)."),
-    quantize: Optional[str] = opt(None, "--quantize", help="int8: dynamic int8 Linear weights in the export."),
-    preview_secs: float = opt(PREVIEW_SECS, "--preview_secs", help="Seconds of audio preview to log (0: none)."),
-    force: Optional[List[str]] = opt(None, "--force", help="Redo STAGE (preprocess|train|tune|export) and the "
-                                     "stages after it, e.g. after changing its arguments; repeatable."),
-):
+def pipeline_cmd(req: PipelineRequest) -> None:
     """Run preprocess -> train (or tune) -> export -> register; finished stages are skipped."""
-    console.place(out)
-    from msprior.config import resolve_sweep_path
-    from msprior.pipeline import PipelineRequest, run_pipeline
+    console.place(req.out)
+    from msprior.pipeline import run_pipeline
 
-    sweep = resolve_sweep_path(sweep) if sweep else None
-    req = PipelineRequest(
-        audio, rave, out, config=config, name=name, overrides=override or [], tune=tune, sweep=sweep,
-        num_samples=num_samples, gpus_per_trial=gpus_per_trial, num_workers=num_workers, gpu=gpu,
-        batch_size=batch_size, max_steps=max_steps, val_every=val_every, pretrained_embedding=pretrained_embedding,
-        num_secs=num_secs, resolution=resolution, condition_ratio=condition_ratio, tracking_uri=tracking_uri,
-        registered_name=registered_name, quantize=quantize, preview_secs=preview_secs, force=force or [])
     _print_pull(run_pipeline(req, echo=console.echo)["registered"])
 
 
-@app.command("demo")
-def demo_cmd(
-    workdir: str = opt("msprior-demo", "--workdir", help="Work folder (codec, corpus, table, runs, mlflow.db)."),
-    max_steps: int = opt(300, "--max_steps", help="Training steps of the small demo prior."),
-):
+def demo_cmd(req: DemoRequest) -> None:
     """The embedded default: demo codec + synthetic corpus -> the whole pipeline, locally."""
-    console.place(workdir)
+    console.place(req.workdir)
     from msprior.demo import run_demo
 
-    run_demo(workdir, max_steps=max_steps, echo=console.echo)
+    run_demo(req.workdir, max_steps=req.max_steps, echo=console.echo)
 
+
+command("config", TrainRequest, config_cmd, only=("config", "overrides"))
+command("codec", CodecRequest, codec_cmd)
+command("preprocess", PreprocessRequest, preprocess_cmd)
+command("train", TrainRequest, train_cmd)
+command("tune", SweepRequest, tune_cmd)
+command("export", ExportRequest, export_cmd)
+command("pull", PullRequest, pull_cmd)
+command("pipeline", PipelineRequest, pipeline_cmd)
+command("demo", DemoRequest, demo_cmd)
 
 
 def _print_pull(reg: dict) -> None:
@@ -276,10 +194,6 @@ def _print_pull(reg: dict) -> None:
 # --- entry point -----------------------------------------------------------------------------
 
 
-def _run_folder(storage_path: Optional[str], name: str) -> str:
-    return os.path.join(storage_path or os.environ.get("MSPRIOR_STORAGE") or "runs", name)
-
-
 # commands that start Ray or MLflow: their own output goes to a log file unless --verbose
 NOISY = {"preprocess", "train", "tune", "export", "pipeline", "demo"}
 
@@ -288,9 +202,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv  # a global flag, anywhere on the line
     argv = [a for a in argv if a != "--verbose"]
-    command = next((a for a in argv if not a.startswith("-")), "")
+    cmd = next((a for a in argv if not a.startswith("-")), "")
     try:
-        with console.session(command, quiet=command in NOISY and not verbose and "--help" not in argv):
+        with console.session(cmd, quiet=cmd in NOISY and not verbose and "--help" not in argv):
             app(args=argv)  # standalone: click prints usage errors and exits itself
     except (UserError, FileNotFoundError) as e:  # every stage's one-line errors derive from UserError
         log = f" (full log: {console.last_log})" if console.last_log else ""

@@ -201,39 +201,29 @@ def _is_path(p: Path) -> bool:
     return p.suffix in (".yaml", ".yml") or p.is_file()
 
 
-def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
-    """`decoder_only` -> the shipped file; a path (`my.yaml`, `configs/recurrent.yaml`) -> that file."""
+def _resolve(name_or_path: Union[str, Path], folder: Path, what: str, names: List[str]) -> Path:
+    """A shipped name (`decoder_only`, `default`) -> its file in `folder`; a path -> that file."""
     p = Path(name_or_path)
     if _is_path(p):
         found = _existing_file(p)
         if found is None:
-            raise ConfigError(f"{p}: config file not found")
+            raise ConfigError(f"--{what} {p}: {what} file not found")
         return found
-    candidate = config_dir() / f"{name_or_path}.yaml"
+    candidate = folder / f"{p.name if p.parts[:1] == (folder.name,) and len(p.parts) == 2 else name_or_path}.yaml"
     if not candidate.is_file():
-        raise ConfigError(
-            f"unknown config {str(name_or_path)!r}: use one of {', '.join(available_configs())} "
-            "or a path to a .yaml file"
-        )
+        raise ConfigError(f"--{what} {str(name_or_path)!r}: unknown {what}; use one of {', '.join(names)} "
+                          "or a path to a .yaml file")
     return candidate
+
+
+def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
+    """`decoder_only` -> the shipped file; a path (`my.yaml`, `configs/recurrent.yaml`) -> that file."""
+    return _resolve(name_or_path, config_dir(), "config", available_configs())
 
 
 def resolve_sweep_path(name_or_path: Union[str, Path]) -> str:
     """`default` (or `sweeps/default`) -> the shipped sweep file; a path -> that file."""
-    p = Path(name_or_path)
-    if _is_path(p):
-        found = _existing_file(p)
-        if found is None:
-            raise ConfigError(f"--sweep {p}: file not found")
-        return str(found)
-    name = p.name if p.parts[:1] == ("sweeps",) and len(p.parts) == 2 else str(name_or_path)
-    candidate = config_dir() / "sweeps" / f"{name}.yaml"
-    if not candidate.is_file():
-        raise ConfigError(
-            f"--sweep {str(name_or_path)!r}: unknown sweep; use one of {', '.join(available_sweeps())} "
-            "or a path to a .yaml file"
-        )
-    return str(candidate)
+    return str(_resolve(name_or_path, config_dir() / "sweeps", "sweep", available_sweeps()))
 
 
 def load_config(name_or_path: Union[str, Path], overrides: Sequence[str] = ()) -> Config:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict
+
+from msprior.flags import flag
 
 # A small prior so the demo trains in a few minutes on 2 CPU cores; real runs use the shipped sizes.
 DEMO_OVERRIDES = [
@@ -17,7 +20,24 @@ DEMO_OVERRIDES = [
 ]
 
 
-def run_demo(workdir: str = "msprior-demo", max_steps: int = 300, echo: Callable[[str], Any] = print) -> Dict:
+@dataclass
+class DemoRequest:
+    """`msprior demo`: the embedded default, with nothing to pass."""
+
+    workdir: str = flag("msprior-demo", "Work folder (codec, corpus, table, runs, mlflow.db).")
+    max_steps: int = flag(300, "Training steps of the small demo prior.")
+
+
+@dataclass
+class CodecRequest:
+    """`msprior codec`: write the demo codec (RAVE's exported interface, not a trained RAVE)."""
+
+    out: str = flag("rave.ts", "Where to write the TorchScript file (local or s3://).")
+    discrete: bool = flag(False, "RVQ token codec (like a discrete RAVE) instead of continuous.")
+
+
+def run_demo(workdir: str = DemoRequest.workdir, max_steps: int = DemoRequest.max_steps,
+             echo: Callable[[str], Any] = print) -> Dict:
     from msprior.codec import save_codec
     from msprior.data.synthetic import write_corpus
     from msprior.pipeline import PipelineRequest, run_pipeline

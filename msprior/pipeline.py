@@ -31,7 +31,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from msprior import storage
 from msprior.errors import UserError
-from msprior.export.publish import PREVIEW_SECS
+from msprior.data.preprocess import PreprocessRequest
+from msprior.export.publish import ExportRequest
+from msprior.flags import flag, like
+from msprior.train.run import TrainRequest
+from msprior.train.tune import SweepRequest
 from msprior.redact import redact_uri
 
 STAGES = ("preprocess", "train", "export")  # recorded stages; registration is idempotent by sha256
@@ -44,34 +48,37 @@ class PipelineError(UserError):
 
 @dataclass
 class PipelineRequest:
-    """Everything `msprior pipeline` (and jobs/pipeline.py) was asked; built once by the CLI."""
+    """Everything `msprior pipeline` (and jobs/pipeline.py) was asked. A flag that a stage also has is
+    that stage's field (`like`): one default and one help text for both."""
 
-    audio: str
-    rave: str
-    out: str
-    config: str = "decoder_only"
-    name: Optional[str] = None  # default: <config>-<corpus id>, distinct per RAVE model and table
-    overrides: Sequence[str] = ()
-    tune: bool = False
-    sweep: Optional[str] = None
-    num_samples: Optional[int] = None  # default: the sweep file's
-    gpus_per_trial: Optional[float] = None  # default: the sweep file's
-    num_workers: int = 1
-    gpu: bool = False
-    batch_size: Optional[int] = None
-    max_steps: Optional[int] = None
-    val_every: Optional[int] = None
-    pretrained_embedding: bool = False
-    num_secs: float = 16.0
-    resolution: int = 64
-    condition_ratio: int = 4
-    min_frames: Optional[int] = None  # default: the config's seq_len + 1 (one training window)
-    tracking_uri: Optional[str] = None
-    registered_name: Optional[str] = None
-    quantize: Optional[str] = None
-    export_batch_size: int = 1
-    preview_secs: float = PREVIEW_SECS
-    force: Sequence[str] = ()
+    audio: str = like(PreprocessRequest, "audio")
+    rave: str = like(PreprocessRequest, "rave")
+    out: str = flag(help="Output folder or s3:// prefix (data/, runs/, export/ below it).")
+    config: str = like(TrainRequest, "config")
+    name: Optional[str] = flag(None, "Run name; default <config>-<id of the RAVE model and table>.")
+    overrides: Sequence[str] = like(TrainRequest, "overrides")
+    tune: bool = flag(False, "Sweep configs with Ray Tune instead of one training.")
+    sweep: Optional[str] = like(SweepRequest, "sweep", default=None)
+    num_samples: Optional[int] = like(SweepRequest, "num_samples")
+    gpus_per_trial: Optional[float] = like(SweepRequest, "gpus_per_trial")
+    num_workers: int = flag(1, "Ray workers for encoding and for training.")
+    gpu: bool = flag(False, "Use GPUs (encode and train).")
+    batch_size: Optional[int] = like(TrainRequest, "batch_size")
+    max_steps: Optional[int] = like(TrainRequest, "max_steps")
+    val_every: Optional[int] = like(TrainRequest, "val_every")
+    pretrained_embedding: bool = flag(False, "Start from the RAVE model's codebooks (discrete RAVE).")
+    num_secs: float = like(PreprocessRequest, "num_secs")
+    resolution: int = like(PreprocessRequest, "resolution")
+    condition_ratio: int = like(PreprocessRequest, "condition_ratio")
+    min_frames: Optional[int] = like(PreprocessRequest, "min_frames", default=None,
+                                     help="Skip files shorter than this many frames; default seq_len + 1.")
+    tracking_uri: Optional[str] = like(TrainRequest, "tracking_uri")
+    registered_name: Optional[str] = like(ExportRequest, "name", names="--registered_name")
+    quantize: Optional[str] = like(ExportRequest, "quantize")
+    export_batch_size: int = like(ExportRequest, "batch_size", names="--export_batch_size")
+    preview_secs: float = like(ExportRequest, "preview_secs")
+    force: Sequence[str] = flag((), "Redo STAGE (preprocess|train|tune|export) and the stages after it, e.g. "
+                                    "after changing its arguments; repeatable.")
 
 
 @dataclass
@@ -206,7 +213,7 @@ def stage_preprocess(p: Plan) -> None:
     if done:
         p.echo(f"[preprocess] skipped: {p.table}/manifest.json exists")
         return
-    from msprior.data import PreprocessRequest, preprocess
+    from msprior.data import preprocess
 
     t0 = time.monotonic()
     p.echo(f"[preprocess] {req.audio} -> {p.table}")

@@ -25,9 +25,11 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from msprior.errors import UserError
+from msprior.flags import flag
 from msprior.redact import redact_uri, with_credentials
 
 CHAMPION = "champion"
@@ -286,6 +288,15 @@ def resolve(c, ref: str):
         if not found:
             raise RegistryError(f"model {name!r} has no versions") from None
         return found[-1]
+
+
+@dataclass
+class PullRequest:
+    """`msprior pull`: one registered nn~ model to a local file."""
+
+    ref: str = flag(help="NAME, NAME@alias (e.g. msprior-x@champion) or NAME/version.", argument=True)
+    out: str = flag("model.ts", "Where to write the .ts file.")
+    tracking_uri: Optional[str] = flag(None, "MLflow tracking URI (default MLFLOW_TRACKING_URI or ./mlflow.db).")
 
 
 def pull(ref: str, out: str, tracking_uri: Optional[str] = None) -> str:

@@ -68,3 +68,14 @@ def train_table(tmp_path_factory):
 def train_dirs(tmp_path):
     """(storage_path, tracking_uri) for one test: runs and a sqlite MLflow store under tmp_path."""
     return str(tmp_path / "runs"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a loaded 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

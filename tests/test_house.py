@@ -18,6 +18,7 @@ MAX_LINES = 80
 # part -> the parts it may import (docs/ARCHITECTURE.md, "Module map")
 ALLOWED: Dict[str, Set[str]] = {
     "errors": set(),
+    "flags": set(),
     "console": set(),
     "redact": set(),
     "runtime": set(),
@@ -29,18 +30,18 @@ ALLOWED: Dict[str, Set[str]] = {
     "rave": {"errors", "storage", "latent_bins"},
     "codec": {"storage"},
     "checkpoint": {"errors", "storage", "config", "tracking"},
-    "data": {"errors", "console", "runtime", "storage", "rave", "codec", "config", "latent_bins"},
+    "data": {"errors", "flags", "console", "runtime", "storage", "rave", "codec", "config", "latent_bins"},
     "tracking": {"errors", "redact", "storage"},
-    "train": {"errors", "console", "runtime", "storage", "config", "model", "data", "checkpoint",
+    "train": {"errors", "flags", "console", "runtime", "storage", "config", "model", "data", "checkpoint",
               "tracking", "redact"},
     "export": {"errors", "storage", "config", "model", "checkpoint", "metadata", "redact", "latent_bins"},
-    "registry": {"errors", "redact", "storage", "tracking", "metadata"},
-    "publish": {"errors", "redact", "storage", "export", "registry", "checkpoint", "tracking", "metadata",
+    "registry": {"errors", "flags", "redact", "storage", "tracking", "metadata"},
+    "publish": {"errors", "flags", "redact", "storage", "export", "registry", "checkpoint", "tracking", "metadata",
                 "train", "config", "model"},
-    "pipeline": {"errors", "console", "redact", "storage", "config", "data", "train", "checkpoint",
+    "pipeline": {"errors", "flags", "console", "redact", "storage", "config", "data", "train", "checkpoint",
                  "export", "publish", "registry", "tracking"},
-    "demo": {"codec", "data", "pipeline"},
-    "cli": {"errors", "console", "redact", "config", "codec", "data", "train", "export", "publish",
+    "demo": {"flags", "codec", "data", "pipeline"},
+    "cli": {"errors", "flags", "console", "redact", "config", "codec", "data", "train", "export", "publish",
             "registry", "pipeline", "demo"},
     "devstack": set(),  # not in the wheel: tests and cluster/local.sh
 }

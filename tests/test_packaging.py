@@ -39,9 +39,9 @@ def test_shipped_names_and_repository_paths_resolve_from_any_folder(tmp_path, mo
     assert resolve_sweep_path(str(own)) == str(own) and resolve_sweep_path("mine.yaml") == "mine.yaml"
     with pytest.raises(ConfigError, match="unknown sweep.*default"):
         resolve_sweep_path("defualt")
-    with pytest.raises(ConfigError, match="--sweep other.yaml: file not found"):
+    with pytest.raises(ConfigError, match="--sweep other.yaml: sweep file not found"):
         resolve_sweep_path("other.yaml")
-    with pytest.raises(ConfigError, match="configs/nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match="--config configs/nope.yaml: config file not found"):
         resolve_config_path("configs/nope.yaml")
 
 
@@ -75,8 +75,8 @@ def check_installed(bin_dir: Path, cwd: Path) -> None:
     assert str(bin_dir.parent) in site and str(ROOT) not in site, site
     assert "preprocess" in run([bin_dir / "msprior", "--help"], cwd=cwd)
     run([bin_dir / "python", "-c", STAGES], cwd=cwd)
-    cfg = run([bin_dir / "msprior", "config", "--config", "decoder_only"], cwd=cwd)
-    assert "name: decoder_only" in cfg and "family: transformer" in cfg, cfg
+    cfg = run([bin_dir / "msprior", "config", "--config", "decoder_only", "--override", "model.dim=256"], cwd=cwd)
+    assert "name: decoder_only" in cfg and "family: transformer" in cfg and "dim: 256" in cfg, cfg
     sweep = run([bin_dir / "python", "-c",
                  "from msprior.config import resolve_sweep_path; print(resolve_sweep_path('default'))"], cwd=cwd)
     assert sweep.strip().startswith(str(bin_dir.parent)), sweep
@@ -132,7 +132,7 @@ def test_the_lowest_allowed_versions_start(wheel, tmp_path):
 def test_tune_runs_outside_the_repository(ray_session, train_table, tmp_path):
     """`msprior tune` with the default sweep from a folder that holds no configs/: the sweep and its
     base config come from the package; runs and mlflow.db land in the current folder."""
-    from tests.test_train_data import TINY
+    from tests.test_train_windows import TINY
 
     msprior = Path(sys.executable).parent / "msprior"
     overrides = [a for o in [*TINY, "train.val_batches=1"] for a in ("--override", o)]

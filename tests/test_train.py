@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from msprior.train import TrainError, load_run, train
-from msprior.train.data import frames_from_arrow, open_table, read_split, unigram_entropy
-from tests.test_train_data import TINY
+from msprior.train.windows import frames_from_arrow, open_table, read_split, unigram_entropy
+from tests.test_train_windows import TINY
 
 pytestmark = [pytest.mark.slow]
 

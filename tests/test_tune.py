@@ -14,7 +14,7 @@ import yaml
 
 from msprior.train import load_run, tracking
 from msprior.train.tune import load_sweep, search_space
-from tests.test_train_data import TINY
+from tests.test_train_windows import TINY
 
 SWEEP = {
     "base": "decoder_only",

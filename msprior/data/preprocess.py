@@ -42,6 +42,7 @@ from msprior.data import features as feat
 from msprior.data import table as tbl
 from msprior.data.lease import Lease
 from msprior.errors import UserError
+from msprior.flags import flag
 from msprior.runtime import ensure_ray
 
 
@@ -51,25 +52,25 @@ class PreprocessError(UserError):
 
 @dataclass
 class PreprocessRequest:
-    """What `msprior preprocess` is asked to do (the CLI flags, plus tuning knobs)."""
+    """What `msprior preprocess` is asked to do: its flags, then library-only tuning knobs."""
 
-    audio: str
-    out_path: str
-    rave: str
-    num_secs: float = 16.0
-    resolution: int = 64
-    batch_size: int = 64  # chunks per RAVE encode call
-    num_workers: int = 1  # encoder actors
-    gpu: bool = False
-    condition_ratio: int = 4  # 0: no conditioning
-    condition_tokens: int = 64
-    min_frames: int = 257
-    threads_per_worker: Optional[int] = None
-    cpus_per_worker: float = 0.5
-    files_per_task: int = 64  # at most this many files per encode task ...
-    task_mb: float = 128.0  # ... and about this many MB of input files: a failed task redoes only these
-    decode_threads: int = 1  # per encoder actor (a GPU actor needs several to keep its GPU fed)
-    target_file_mb: float = 192.0  # in-memory rows per data file (Parquet compresses them further)
+    audio: str = flag(help="Folder or s3://bucket/prefix of audio files (searched recursively).")
+    out_path: str = flag(help="Latent table folder or s3:// prefix (re-runs resume).")
+    rave: str = flag(help="RAVE model exported as TorchScript (.ts), local or s3://.")
+    num_secs: float = flag(16.0, "Chunk length in seconds.")
+    resolution: int = flag(64, "Bins per latent dimension (continuous RAVE only).")
+    batch_size: int = flag(64, "Chunks per RAVE encode call.")
+    num_workers: int = flag(1, "Encoder actors (each loads the model once).")
+    gpu: bool = flag(False, "Encode on GPUs (a GPU fraction per actor).")
+    condition_ratio: int = flag(4, "RAVE frames per conditioning frame; 0 = no conditioning.")
+    condition_tokens: int = flag(64, "k-means classes of the conditioning tokens.")
+    min_frames: int = flag(257, "Skip files shorter than this many frames (one training window).")
+    files_per_task: int = flag(64, "At most this many files per encode task...")
+    task_mb: float = flag(128.0, "...and about this many MB of input (a failed task redoes only these).")
+    target_file_mb: float = flag(192.0, "Rows per data file, in MB before compression.")
+    decode_threads: int = flag(1, "Decode threads per encoder (a GPU encoder needs several to stay fed).")
+    cpus_per_worker: float = flag(0.5, "Logical CPUs requested per encoder actor.")
+    threads_per_worker: Optional[int] = None  # torch threads per encoder; None: from the node's cores
     memory_per_worker_mb: Optional[float] = None  # Ray `memory=` of an encoder; None: estimated
     lease_ttl_s: Optional[float] = None  # None: MSPRIOR_LEASE_TTL_S or 60
     progress: bool = True

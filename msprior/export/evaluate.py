@@ -17,7 +17,7 @@ from msprior.model import Prior
 def validation_batches(config: Config, db_path: str, batches: int = 8, batch_size: int = 8, seed: int = 0):
     """`batches` fixed batches of validation windows (falls back to training files when the split
     holds no validation file, e.g. a one-file corpus)."""
-    from msprior.train import data as D
+    from msprior.train import windows as D
 
     m = config.model
     table = D.open_table(db_path, config.data.val_fraction, config.data.seed, m.conditioning)

@@ -9,13 +9,44 @@ registration) is never taken for a duplicate.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from msprior import storage
+from msprior.flags import flag
 from msprior.redact import redact_uri, with_credentials
 
-# seconds of generated audio logged with a registered version (`msprior export` and `pipeline`)
-PREVIEW_SECS = 8.0
+PREVIEW_SECS = 8.0  # seconds of generated audio logged with a registered version
+
+
+@dataclass
+class ExportRequest:
+    """What `msprior export` is asked: one nn~ file from a run, then (by default) its registration."""
+
+    run: str = flag(help="Run directory (local or s3://), MLflow run id, or a checkpoint dir/file.")
+    out: str = flag("model.ts", "Output TorchScript file for nn~.")
+    checkpoint: str = flag("best", "best | last checkpoint of the run.")
+    batch_size: int = flag(1, "Parallel streams (nn~ mc channels); any training batch size.")
+    continuous: bool = flag(False, "Latents in/out (continuous RAVE); the manifest decides anyway.")
+    quantize: Optional[str] = flag(None, "int8: dynamic int8 Linear weights (a realtime option).")
+    name: Optional[str] = flag(None, "Registered model name (default msprior-<run name>).")
+    register: bool = flag(True, "Register a version in MLflow.", names="--register/--no-register")
+    tracking_uri: Optional[str] = flag(None, "MLflow tracking URI (default: the run's).")
+    preview_secs: float = flag(PREVIEW_SECS, "Seconds of generated audio logged with the registered version (0: none).")
+
+
+def export_and_publish(req: ExportRequest, echo: Callable[[str], Any] = print) -> Optional[Dict[str, Any]]:
+    """`msprior export`: write the nn~ file; register it unless asked not to (registration's dict)."""
+    from msprior.export.run import export_run, sha256_file
+
+    path = export_run(req.run, req.out, checkpoint=req.checkpoint, batch_size=req.batch_size,
+                      continuous=True if req.continuous else None, quantize=req.quantize,
+                      tracking_uri=req.tracking_uri)
+    echo(f"exported {path} (sha256 {sha256_file(path)[:12]})")
+    if not req.register:
+        return None
+    return publish(path, run=req.run, checkpoint=req.checkpoint, name=req.name, tracking_uri=req.tracking_uri,
+                   preview_secs=req.preview_secs, measure_int8=req.quantize == "int8", echo=echo)
 
 
 def publish(ts_path: str, *, run: Optional[str] = None, checkpoint: str = "best", name: Optional[str] = None,

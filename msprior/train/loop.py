@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from msprior.config import Config, scaled_lr
 from msprior.checkpoint import CHECKPOINT_FILE, save_checkpoint
-from msprior.train.data import WindowSampler, worker_parts
+from msprior.train.windows import WindowSampler, worker_parts
 from msprior.train.schedule import make_optimizer, make_scheduler
 
 TOPK = (1, 3, 5, 10)

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 from msprior import console
 from msprior.errors import UserError
+from msprior.flags import flag
 
 from msprior.config import Config, load_config
 from msprior.redact import redact_uri
@@ -26,6 +27,7 @@ from msprior.runtime import ensure_ray
 
 DATA_CPU = 0.25  # what Ray Data's read tasks need to make progress next to the train workers
 DEFAULT_CPUS_PER_WORKER = 0.5  # logical: workers set their own torch threads from the node's cores
+CONFIG_HELP = "Shipped config name (msprior/configs/*.yaml) or a YAML path."
 
 
 class TrainError(UserError):
@@ -79,13 +81,18 @@ def check_name(name: str, flag: str = "--name") -> str:
     return name
 
 
-def _storage(storage_path: Optional[str]) -> str:
+def _runs_root(storage_path: Optional[str]) -> str:
     path = storage_path or os.environ.get("MSPRIOR_STORAGE") or "runs"
     return path.rstrip("/") if "://" in path else os.path.abspath(path)
 
 
 def _join(root: str, name: str) -> str:
     return f"{root}/{name}" if "://" in root else os.path.join(root, name)
+
+
+def run_folder(storage_path: Optional[str], name: str) -> str:
+    """Where the run `name` lives: `<--storage_path or MSPRIOR_STORAGE or ./runs>/<name>`."""
+    return _join(_runs_root(storage_path), name)
 
 
 def _has_checkpoints(run_dir: str) -> bool:
@@ -203,35 +210,36 @@ class Progress:
 
 @dataclass
 class TrainRequest:
-    """One training as asked; `train(config, db_path, name, **fields)` builds it.
+    """One training as asked: the flags of `msprior train`, then what sweeps and tests set.
 
     `experiment` / `parent_run_id` / `tune_report` / `data` are for sweeps (nested MLflow runs, Tune
     reports, the table loaded once by the sweep driver); `fault_injection` = {"rank", "step",
     "marker"} raises once inside a worker (tests only).
     """
 
-    config: Union[str, Config, Dict] = "decoder_only"
-    db_path: str = ""
-    name: str = ""
-    overrides: Sequence[str] = ()
-    pretrained_embedding: Optional[str] = None
-    num_workers: int = 1
-    gpu: bool = False
-    batch_size: Optional[int] = None  # windows per worker per step (train.batch_size)
-    max_steps: Optional[int] = None
-    val_every: Optional[int] = None
-    resume: bool = False
-    tracking_uri: Optional[str] = None
-    storage_path: Optional[str] = None
-    cpus_per_worker: float = DEFAULT_CPUS_PER_WORKER
+    config: Union[str, Config, Dict] = flag("decoder_only", CONFIG_HELP)
+    db_path: str = flag("", "Latent table (folder or s3:// prefix) from `msprior preprocess`.", required=True)
+    name: str = flag("", "Run name: the run folder under --storage_path and the MLflow experiment.",
+                     required=True)
+    pretrained_embedding: Optional[str] = flag(None, "Discrete RAVE .ts: start from its codebooks.")
+    num_workers: int = flag(1, "Ray Train workers (DDP).")
+    gpu: bool = flag(False, "One GPU per worker (nccl, bf16 autocast).")
+    batch_size: Optional[int] = flag(None, "Windows per worker per step (global: x workers); default: config.")
+    max_steps: Optional[int] = flag(None, "Training steps; default: config.")
+    val_every: Optional[int] = flag(None, "Steps between validations and checkpoints; default: config.")
+    overrides: Sequence[str] = flag((), "section.key=value, repeatable.", names="--override")
+    resume: bool = flag(False, "Continue the run NAME from its last checkpoint.")
+    tracking_uri: Optional[str] = flag(None, "MLflow URI (default MLFLOW_TRACKING_URI or ./mlflow.db).")
+    storage_path: Optional[str] = flag(None, "Where runs live (folder or s3://); default MSPRIOR_STORAGE or ./runs.")
+    cpus_per_worker: float = flag(DEFAULT_CPUS_PER_WORKER, "Logical CPUs requested per worker.")
     gpus_per_worker: Optional[float] = None
-    max_failures: int = 3
+    max_failures: int = flag(3, "Worker-group restarts (a worker or node lost) before the run fails.")
     progress: bool = True
     experiment: Optional[str] = None
     parent_run_id: Optional[str] = None
     tune_report: bool = False
     fault_injection: Optional[Dict[str, Any]] = None
-    data: Any = None  # msprior.train.data.TableData, already loaded (a sweep's); else loaded here
+    data: Any = None  # msprior.train.windows.TableData, already loaded (a sweep's); else loaded here
 
     @property
     def gpus(self) -> float:
@@ -243,8 +251,8 @@ class Plan:
     """What the driver resolved before starting anything on Ray."""
 
     cfg: Config
-    table: Any  # msprior.train.data.Table
-    storage: str
+    table: Any  # msprior.train.windows.Table
+    runs_root: str  # the folder (or s3:// prefix) that holds one folder per run
     run_dir: str
     codebooks: Any = None
     tracking: Dict[str, Any] = field(default_factory=dict)  # uri, client, run_id
@@ -294,19 +302,19 @@ def _check_codebooks(codebooks, manifest: Dict, path: str) -> None:
 # --- step 1: resolve the request (no Ray yet) ---------------------------------------------------
 
 
-def _run_dir_state(req: TrainRequest, storage: str, run_dir: str) -> None:
+def _run_dir_state(req: TrainRequest, runs_root: str, run_dir: str) -> None:
     exists = _has_checkpoints(run_dir)
     if exists and not req.resume:
-        raise TrainError(f"run {req.name!r} already has checkpoints in {storage}: pass --resume to continue it "
+        raise TrainError(f"run {req.name!r} already has checkpoints in {runs_root}: pass --resume to continue it "
                          "or choose another --name")
     if req.resume and not exists:
-        raise TrainError(f"--resume: run {req.name!r} has no checkpoint in {storage} (check --name / --storage_path)")
+        raise TrainError(f"--resume: run {req.name!r} has no checkpoint in {runs_root} (check --name / --storage_path)")
 
 
 def plan(req: TrainRequest) -> Plan:
     """Config, table (manifest + index), run folder and resume checks: every fast failure first."""
     from msprior import storage as st
-    from msprior.train.data import open_table
+    from msprior.train.windows import open_table
 
     check_name(req.name)
     if not req.db_path and req.data is None:
@@ -326,12 +334,12 @@ def plan(req: TrainRequest) -> Plan:
     _check_table_vs_config(cfg, table.manifest, table.db_path)
     if codebooks is not None:
         _check_codebooks(codebooks, table.manifest, req.pretrained_embedding)
-    storage = _storage(req.storage_path)
-    run_dir = _join(storage, req.name)
-    _run_dir_state(req, storage, run_dir)
+    runs_root = _runs_root(req.storage_path)
+    run_dir = _join(runs_root, req.name)
+    _run_dir_state(req, runs_root, run_dir)
     if req.resume:
         check_resume(req.name, run_dir, cfg, table)
-    return Plan(cfg=cfg, table=table, storage=storage, run_dir=run_dir, codebooks=codebooks)
+    return Plan(cfg=cfg, table=table, runs_root=runs_root, run_dir=run_dir, codebooks=codebooks)
 
 
 # --- resume: the same config and the same table -------------------------------------------------
@@ -369,7 +377,7 @@ def check_resume(name: str, run_dir: str, cfg: Config, table) -> None:
 
 def load_data(p: Plan):
     """Read and check the table once (Ray tasks); returns `TableData` (object references only)."""
-    from msprior.train.data import ReadSpec, load_table
+    from msprior.train.windows import ReadSpec, load_table
 
     m = p.cfg.model
     return load_table(p.table, ReadSpec.of(p.table, m.conditioning, m.cond_ratio))
@@ -379,7 +387,7 @@ def validation_windows(p: Plan, data):
     """`train.val_batches` batches of `train.batch_size` windows, drawn once here, put in the object store."""
     import ray
 
-    from msprior.train.data import fixed_val_batches
+    from msprior.train.windows import fixed_val_batches
 
     m, t = p.cfg.model, p.cfg.train
     batches = fixed_val_batches(data, m.seq_len, t.val_batches, t.batch_size, m.conditioning, m.cond_ratio,
@@ -449,7 +457,7 @@ def make_trainer(req: TrainRequest, p: Plan, data, val_ref, printer):
         callbacks.append(TuneReportCallback())
     resources = {"CPU": req.cpus_per_worker, **({"GPU": req.gpus} if req.gpu else {})}
     # Ray Train takes a pyarrow filesystem + a path inside it (S3 settings from our environment)
-    st_fs, st_path = st.pyarrow_filesystem(p.storage) if st.is_s3(p.storage) else (None, p.storage)
+    st_fs, st_path = st.pyarrow_filesystem(p.runs_root) if st.is_s3(p.runs_root) else (None, p.runs_root)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,

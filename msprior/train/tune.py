@@ -5,7 +5,7 @@ whose `TorchTrainer` reports to Tune through `TuneReportCallback`. Every trial i
 nested under the sweep's parent run; the parent records the best trial and its checkpoint.
 
 The sweep driver checks the search keys, then opens, splits and checks the latent table ONCE and
-hands every trial the same arrays (object references: `msprior.train.data.TableData`), so trials
+hands every trial the same arrays (object references: `msprior.train.windows.TableData`), so trials
 neither re-read the table nor copy it (the search may not change what is loaded: `data.*`,
 `model.conditioning`, `model.cond_ratio`). A preempted sweep continues with `--resume`
 (`Tuner.restore`): finished trials are kept, unfinished ones continue from their own checkpoints.
@@ -36,7 +36,8 @@ import yaml
 
 from msprior.redact import redact_uri
 from msprior.runtime import ensure_ray
-from msprior.train.run import DEFAULT_CPUS_PER_WORKER, TrainError, _has_checkpoints, _join, _storage, check_name, \
+from msprior.flags import flag, like
+from msprior.train.run import DEFAULT_CPUS_PER_WORKER, TrainError, TrainRequest, _has_checkpoints, _join, _runs_root, check_name, \
     check_resources
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
@@ -52,10 +53,12 @@ def _absolute(path: str) -> str:
     return st.absolute(path)  # trials run in their own working directories
 
 
-def load_sweep(path: str) -> Dict[str, Any]:
-    p = Path(path)
-    if not p.exists():
-        raise TrainError(f"--sweep {path}: file not found")
+def load_sweep(name_or_path: str) -> Dict[str, Any]:
+    """A sweep file (shipped name or path), checked: known keys, sampler specs."""
+    from msprior.config import resolve_sweep_path
+
+    p = Path(resolve_sweep_path(name_or_path))
+    path = str(p)
     try:
         sweep = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
@@ -123,11 +126,11 @@ def search_space(search: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _trial(space: Dict[str, Any], *, base: str, overrides: Sequence[str], data, sweep_name: str,
-           train_kw: Dict[str, Any], parent_run_id: str, storage: str) -> None:
+           train_kw: Dict[str, Any], parent_run_id: str, runs_root: str) -> None:
     """One Tune trial: a driver function that runs one Ray Train training and returns.
 
     `data` is the sweep's table in the object store. A trial restored with its sweep continues
-    from its own checkpoints (the run folder `<storage>/<sweep>-<trial id>`).
+    from its own checkpoints (the run folder `<runs_root>/<sweep>-<trial id>`).
     """
     from ray import tune
 
@@ -136,8 +139,8 @@ def _trial(space: Dict[str, Any], *, base: str, overrides: Sequence[str], data, 
     name = f"{sweep_name}-{tune.get_context().get_trial_id()}"
     trial_overrides = list(overrides) + [f"{k}={json.dumps(v)}" for k, v in space.items()]
     train(base, data.table.db_path, name, overrides=trial_overrides, experiment=sweep_name, data=data,
-          parent_run_id=parent_run_id, tune_report=True, progress=False, storage_path=storage,
-          resume=_has_checkpoints(_join(storage, name)), **train_kw)
+          parent_run_id=parent_run_id, tune_report=True, progress=False, storage_path=runs_root,
+          resume=_has_checkpoints(_join(runs_root, name)), **train_kw)
 
 
 # --- the request and its plan -------------------------------------------------------------------
@@ -145,22 +148,24 @@ def _trial(space: Dict[str, Any], *, base: str, overrides: Sequence[str], data, 
 
 @dataclass
 class SweepRequest:
-    """One sweep as asked; `tune(sweep, db_path, name, **fields)` builds it. Flags win over the file."""
+    """One sweep as asked: the flags of `msprior tune` (they win over the sweep file's values)."""
 
-    sweep: str
-    db_path: str
-    name: str
-    num_samples: Optional[int] = None
-    gpus_per_trial: Optional[float] = None
-    num_workers: Optional[int] = None
-    max_steps: Optional[int] = None
-    val_every: Optional[int] = None
-    batch_size: Optional[int] = None  # windows per worker per step
-    overrides: Sequence[str] = ()
-    tracking_uri: Optional[str] = None
-    storage_path: Optional[str] = None
+    sweep: str = flag("default", "Shipped sweep name (msprior/configs/sweeps/) or a sweep YAML path.")
+    db_path: str = like(TrainRequest, "db_path")
+    name: str = like(TrainRequest, "name", help="Sweep name: the MLflow experiment (a parent run, one nested run "
+                                                "per trial) and the prefix of its trials' run folders.")
+    num_samples: Optional[int] = flag(None, "Trials; default: the sweep file's.")
+    gpus_per_trial: Optional[float] = flag(None, "GPU fraction per trial (0.5: two trials per GPU); default: the "
+                                                 "sweep file's.")
+    num_workers: Optional[int] = flag(None, "Ray Train workers per trial; default: the sweep file's.")
+    max_steps: Optional[int] = flag(None, "Steps per trial; default: the sweep file's.")
+    val_every: Optional[int] = flag(None, "Steps between validations (ASHA's time unit); default: the sweep file's.")
+    batch_size: Optional[int] = like(TrainRequest, "batch_size")
+    overrides: Sequence[str] = like(TrainRequest, "overrides", help="section.key=value for every trial, repeatable.")
+    tracking_uri: Optional[str] = like(TrainRequest, "tracking_uri")
+    storage_path: Optional[str] = like(TrainRequest, "storage_path")
+    resume: bool = flag(False, "Continue the preempted sweep NAME (finished trials are kept).")
     verbose: int = 1
-    resume: bool = False  # continue a preempted sweep of this name (Tune's own state + trial checkpoints)
 
 
 @dataclass
@@ -177,7 +182,7 @@ class SweepPlan:
     steps: int
     every: int
     bs: Optional[int]
-    storage: str
+    runs_root: str  # the folder (or s3:// prefix) that holds one folder per run
     sweep_dir: str
     parent: Optional[str] = None
     tracking: Dict[str, Any] = field(default_factory=dict)
@@ -201,17 +206,17 @@ def plan_sweep(req: SweepRequest) -> SweepPlan:
         steps=int(req.max_steps or tr.get("max_steps", 20000)),
         every=int(req.val_every or tr.get("val_every", 1000)),
         bs=req.batch_size or tr.get("batch_size"),
-        storage=_storage(req.storage_path), sweep_dir="")
-    p.sweep_dir = _join(p.storage, req.name)
+        runs_root=_runs_root(req.storage_path), sweep_dir="")
+    p.sweep_dir = _join(p.runs_root, req.name)
     # a bad base config / override / search key fails here, not late inside every trial
     p.base_cfg = resolve_config(base, p.overrides, batch_size=p.bs, max_steps=p.steps, val_every=p.every)
     check_search(req.sweep, p.base_cfg, spec.get("search") or {})
     started = sweep_exists(p.sweep_dir)
     if started and not req.resume:
-        raise TrainError(f"sweep {req.name!r} already exists in {p.storage}: pass --resume to continue it or "
+        raise TrainError(f"sweep {req.name!r} already exists in {p.runs_root}: pass --resume to continue it or "
                          "choose another --name")
     if req.resume and not started:
-        raise TrainError(f"--resume: no sweep {req.name!r} in {p.storage} (check --name / --storage_path)")
+        raise TrainError(f"--resume: no sweep {req.name!r} in {p.runs_root} (check --name / --storage_path)")
     return p
 
 
@@ -228,7 +233,7 @@ def sweep_exists(sweep_dir: str) -> bool:
 def load_shared(p: SweepPlan):
     """Open, split and check the table once; its arrays go to the object store for every trial."""
     from msprior import storage as st
-    from msprior.train.data import ReadSpec, open_table
+    from msprior.train.windows import ReadSpec, open_table
     from msprior.train.run import _check_table_vs_config
 
     cfg = p.base_cfg
@@ -273,7 +278,7 @@ def make_tuner(p: SweepPlan, data, concurrent: int):
                     tracking_uri=p.tracking["uri"])
     trainable = rtune.with_resources(rtune.with_parameters(
         _trial, base=p.base, overrides=p.overrides, data=data, sweep_name=p.req.name, train_kw=train_kw,
-        parent_run_id=p.parent, storage=p.storage), {"CPU": TRIAL_DRIVER_CPU})
+        parent_run_id=p.parent, runs_root=p.runs_root), {"CPU": TRIAL_DRIVER_CPU})
     space = search_space(p.spec.get("search") or {})
     if p.req.resume:
         return rtune.Tuner.restore(p.sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -283,7 +288,7 @@ def make_tuner(p: SweepPlan, data, concurrent: int):
         param_space=space,
         tune_config=rtune.TuneConfig(metric="val_loss", mode="min", scheduler=scheduler, num_samples=p.n,
                                      max_concurrent_trials=concurrent),
-        run_config=rtune.RunConfig(name=p.req.name, storage_path=p.storage, verbose=p.req.verbose,
+        run_config=rtune.RunConfig(name=p.req.name, storage_path=p.runs_root, verbose=p.req.verbose,
                                    callbacks=[_sweep_progress(p.req.name, p.n)]),
     )
 
@@ -335,7 +340,7 @@ def summarise(p: SweepPlan, grid) -> Dict[str, Any]:
 
     client, parent, name, uri = p.tracking["client"], p.parent, p.req.name, p.tracking["uri"]
     db_path = _absolute(p.req.db_path)
-    trials = [_trial_summary(r, name, p.storage, db_path, uri, client) for r in grid]
+    trials = [_trial_summary(r, name, p.runs_root, db_path, uri, client) for r in grid]
     ok = [t for t in trials if t["val_loss"] is not None]
     if not ok:
         client.set_terminated(parent, status="FAILED")
@@ -373,7 +378,7 @@ def tune(sweep: str, db_path: str, name: str, **kw: Any) -> Dict[str, Any]:
 def run_sweep(req: SweepRequest) -> Dict[str, Any]:
     import ray
 
-    from msprior.train.data import load_table
+    from msprior.train.windows import load_table
 
     p = plan_sweep(req)
     table, spec = load_shared(p)
@@ -395,7 +400,7 @@ def run_sweep(req: SweepRequest) -> Dict[str, Any]:
             ray.shutdown()
 
 
-def _trial_summary(result, sweep_name: str, storage: str, db_path: str, uri: str, client) -> Dict[str, Any]:
+def _trial_summary(result, sweep_name: str, runs_root: str, db_path: str, uri: str, client) -> Dict[str, Any]:
     """One trial's outcome from its Tune results; completes run.json / MLflow for stopped trials.
 
     A trial stopped by ASHA is killed mid-training: its own run.json and MLflow close never ran.
@@ -413,11 +418,11 @@ def _trial_summary(result, sweep_name: str, storage: str, db_path: str, uri: str
            "start_step": metrics.get("start_step"), "run_dir": None}
     if not trial_id or out["val_loss"] is None:
         return out
-    run_dir = out["run_dir"] = st.join(storage, f"{sweep_name}-{trial_id}")
+    run_dir = out["run_dir"] = st.join(runs_root, f"{sweep_name}-{trial_id}")
     if read_run_json(run_dir) is not None:
         return out
     df = result.metrics_dataframe
-    uri_of = (lambda p: f"s3://{p}") if st.is_s3(storage) else (lambda p: p)
+    uri_of = (lambda p: f"s3://{p}") if st.is_s3(runs_root) else (lambda p: p)
     rows = df.dropna(subset=["val_loss", "checkpoint_path"]) if df is not None else None
     if rows is None or rows.empty:
         return out

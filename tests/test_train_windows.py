@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from msprior.config import load_config
-from msprior.train.data import (DataError, WindowSampler, frames_from_arrow, open_table, read_split,
+from msprior.train.windows import (DataError, WindowSampler, frames_from_arrow, open_table, read_split,
                                 split_sources, unigram_entropy)
 from msprior.train.loop import shard_kwargs
 
@@ -154,7 +154,7 @@ def _edit_rows(path, column, value):
                                                         ("tokens", 8, "tokens")])
 def test_out_of_range_tokens_are_refused_naming_the_file(ray_session, tmp_path, column, value, conditioning):
     from tests._train_data import write_synthetic_table
-    from msprior.train.data import ReadSpec, load_table
+    from msprior.train.windows import ReadSpec, load_table
 
     write_synthetic_table(tmp_path / "t", num_files=4)  # vocab 16, 8 conditioning tokens
     bad = tmp_path / "t" / "latents" / "00000002.parquet"
@@ -170,7 +170,7 @@ def test_table_in_the_object_store_and_multi_part_windows(ray_session, tmp_path,
     """Groups of files load in Ray tasks; windows over the groups match windows over one array."""
     import ray
 
-    from msprior.train import data as D
+    from msprior.train import windows as D
     from tests._train_data import write_synthetic_table
 
     write_synthetic_table(tmp_path / "t", num_files=8, sources_per_file=2)

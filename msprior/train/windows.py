@@ -334,7 +334,7 @@ def load_table(table: Table, spec: ReadSpec) -> TableData:
     """
     import ray
 
-    from msprior.train import data as this  # a module-level function is what Ray pickles by reference
+    from msprior.train import windows as this  # a module-level function is what Ray pickles by reference
 
     task = ray.remote(num_cpus=LOAD_CPU, num_returns=3, max_retries=3)(this._load_part)
     by_file: Dict[str, List[str]] = {}
