@@ -291,6 +291,10 @@ class Encoder:
                      counts={k: int(np.asarray(v)[j]) for k, v in counts.items()})
 
 
+# what an encode row carries besides the data file's columns (tbl.SCHEMA): never written to the table
+ROW_EXTRA = {"n_chunks": pa.int32(), "error": pa.string(), "transient": pa.bool_(), "counts": pa.string()}
+
+
 def _rows_table(files, chunks, errors) -> pa.Table:
     """The encode output: every chunk row of each complete file, one row per failed file."""
     cols: Dict[str, list] = {k: [] for k in ("source", "chunk", "n_chunks", "start_s", "frames", "rave",
@@ -312,21 +316,12 @@ def _rows_table(files, chunks, errors) -> pa.Table:
             c = rows[i]
             add(source, i, len(rows), c["start_s"], c["frames"], c["rave"], c["tokens"],
                 np.asarray(c["features"], np.float32).ravel(), "", False, c.get("counts", {}))
-    return pa.table({
-        "source": pa.array(cols["source"], pa.string()), "chunk": pa.array(cols["chunk"], pa.int32()),
-        "n_chunks": pa.array(cols["n_chunks"], pa.int32()), "start_s": pa.array(cols["start_s"], pa.float64()),
-        "frames": pa.array(cols["frames"], pa.int32()),
-        "rave": pa.array(cols["rave"], pa.list_(pa.int16())), "tokens": pa.array(cols["tokens"], pa.list_(pa.int16())),
-        "features": pa.array(cols["features"], pa.list_(pa.float32())),
-        "error": pa.array(cols["error"], pa.string()), "transient": pa.array(cols["transient"], pa.bool_()),
-        "counts": pa.array(cols["counts"], pa.string()),
-    })
+    types = {**{f.name: f.type for f in tbl.SCHEMA}, **ROW_EXTRA}  # the table's columns, and the encode's own
+    return pa.table({k: pa.array(v, types[k]) for k, v in cols.items()})
+
 
 
 # --- write: bundles of complete files -> one data file + its ledger record (Ray write tasks) ----------
-
-
-DATA_COLUMNS = ["source", "chunk", "start_s", "frames", "rave", "tokens", "features"]
 
 
 def _complete_sources(t: pa.Table) -> Tuple[List[str], List[str]]:
@@ -389,8 +384,7 @@ def commit_bundle(t: pa.Table, s: Settings) -> Dict:
     stem = tbl.data_file_stem(ok or [src for src, _ in skipped])
     cond = bool(s.condition_ratio)
     if ok:
-        cols = DATA_COLUMNS if cond else DATA_COLUMNS[:5]
-        data = good.sort_by([("source", "ascending"), ("chunk", "ascending")]).select(cols)
+        data = good.sort_by([("source", "ascending"), ("chunk", "ascending")]).select(tbl.data_schema(cond).names)
         stats = file_stats(data, cond, good["counts"].to_pylist())
         buf = io.BytesIO()
         per_row = max(1, data.nbytes // max(1, data.num_rows))

@@ -34,6 +34,7 @@ INDEX = "index.parquet"
 INTENT = "intent.json"
 LEDGER = "ledger"
 FORMAT_VERSION = 2  # 1: one shard per source, no intent/ledger/index (still read)
+LEGACY_READ_THREADS = 16  # concurrent shard reads when a format-1 table is indexed
 
 SCHEMA = pa.schema([
     ("source", pa.string()),
@@ -56,32 +57,10 @@ INDEX_SCHEMA = pa.schema([
 ])
 
 
-def shard_name(source: str) -> str:
-    """One shard per source file, named from a hash of its path (stable across runs: resume)."""
-    return hashlib.sha1(source.encode("utf-8")).hexdigest()[:20] + ".parquet"
-
-
-def shard_bytes(rows: List[dict], conditioning: bool) -> bytes:
-    """Rows (dicts with numpy arrays) of one source -> Parquet file bytes, sorted by chunk."""
-    rows = sorted(rows, key=lambda r: r["chunk"])
-    cols = {
-        "source": pa.array([r["source"] for r in rows], pa.string()),
-        "chunk": pa.array([r["chunk"] for r in rows], pa.int32()),
-        "start_s": pa.array([r["start_s"] for r in rows], pa.float64()),
-        "frames": pa.array([r["frames"] for r in rows], pa.int32()),
-        "rave": pa.array([np.asarray(r["rave"], np.int16) for r in rows], pa.list_(pa.int16())),
-    }
-    schema = SCHEMA
-    if conditioning:
-        cols["tokens"] = pa.array([np.asarray(r["tokens"], np.int16) for r in rows], pa.list_(pa.int16()))
-        cols["features"] = pa.array([np.asarray(r["features"], np.float32).ravel() for r in rows],
-                                    pa.list_(pa.float32()))
-    else:
-        schema = pa.schema([f for f in SCHEMA if f.name not in ("tokens", "features")])
-    table = pa.table(cols, schema=schema)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
+def data_schema(conditioning: bool) -> pa.Schema:
+    """The columns of a data file: SCHEMA, less `tokens` and `features` for a table without
+    conditioning."""
+    return SCHEMA if conditioning else pa.schema([f for f in SCHEMA if f.name not in ("tokens", "features")])
 
 
 def load_manifest(table_path: str, s3: Optional[storage.S3Options] = None) -> Dict:
@@ -161,17 +140,31 @@ def read_index(table_path: str, s3: Optional[storage.S3Options] = None) -> pa.Ta
         return pq.read_table(path[len("s3://"):] if storage.is_s3(path) else path, filesystem=fs).cast(INDEX_SCHEMA)
     if storage.exists(storage.join(table_path, LEDGER), s3):  # a run still going (or killed): its commits
         return index_from_ledger(read_ledger(table_path, s3))
-    rows = {"source": [], "file": [], "chunks": [], "frames": []}
+    return _index_from_shards(table_path, s3)
+
+
+def _index_from_shards(table_path: str, s3: Optional[storage.S3Options]) -> pa.Table:
+    """A format-1 table (one shard per source, no index): its shards' `source` and `frames` columns,
+    read LEGACY_READ_THREADS at a time (object storage latency, not CPU, is what limits)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     fs, _ = storage.pyarrow_filesystem(table_path, s3)
-    for shard in _legacy_shards(table_path, s3):
-        t = pq.read_table(shard[len("s3://"):] if storage.is_s3(shard) else shard, columns=["source", "frames"],
-                          filesystem=fs)
-        rel = LATENTS + "/" + shard.rsplit("/", 1)[-1]
-        for source in sorted(set(t["source"].to_pylist())):
-            frames = [f for s_, f in zip(t["source"].to_pylist(), t["frames"].to_pylist()) if s_ == source]
-            for k, v in (("source", source), ("file", rel), ("chunks", len(frames)), ("frames", sum(frames))):
-                rows[k].append(v)
-    return pa.table(rows, schema=INDEX_SCHEMA)
+
+    def one(shard: str) -> pa.Table:
+        try:
+            t = pq.read_table(_fs_path(shard), columns=["source", "frames"], filesystem=fs)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise OSError(f"{shard}: unreadable ({str(e).splitlines()[0]})") from None
+        g = t.group_by("source").aggregate([("frames", "count"), ("frames", "sum")])
+        return pa.table({"source": g["source"], "file": pa.array([LATENTS + "/" + shard.rsplit("/", 1)[-1]] * g.num_rows),
+                         "chunks": g["frames_count"].cast(pa.int32()), "frames": g["frames_sum"].cast(pa.int64())},
+                        schema=INDEX_SCHEMA)
+
+    shards = _legacy_shards(table_path, s3)
+    if not shards:
+        return INDEX_SCHEMA.empty_table()
+    with ThreadPoolExecutor(min(LEGACY_READ_THREADS, len(shards))) as pool:
+        return pa.concat_tables(list(pool.map(one, shards))).sort_by("source")
 
 
 # --- the ledger: one JSON record per committed data file ---------------------------------------------

@@ -17,6 +17,7 @@ from msprior.model import Prior
 def validation_batches(config: Config, db_path: str, batches: int = 8, batch_size: int = 8, seed: int = 0):
     """`batches` fixed batches of validation windows (falls back to training files when the split
     holds no validation file, e.g. a one-file corpus)."""
+    from msprior.model import DatasetFacts
     from msprior.train import windows as D
 
     m = config.model
@@ -24,10 +25,8 @@ def validation_batches(config: Config, db_path: str, batches: int = 8, batch_siz
     arrow = D.read_split(table, val=True)
     if arrow.num_rows == 0:
         arrow = D.read_split(table, val=False)
-    facts = table.manifest.get("conditioning") or {}
-    features = (facts.get("features") or {}).get("size") or 0
-    frames = D.frames_from_arrow(arrow, int(table.manifest["rave"]["num_quantizers"]), m.conditioning,
-                                 m.cond_ratio, int(features))
+    facts = DatasetFacts.from_manifest(table.manifest)
+    frames = D.frames_from_arrow(arrow, facts.num_quantizers, m.conditioning, m.cond_ratio, facts.cond_features)
     sampler = D.WindowSampler(frames, m.seq_len, m.conditioning, m.cond_ratio, seed=seed)
     return [{k: torch.from_numpy(v) for k, v in sampler.sample(batch_size).items()} for _ in range(batches)]
 

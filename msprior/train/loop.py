@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from msprior.config import Config, scaled_lr
 from msprior.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from msprior.model import DatasetFacts
 from msprior.train.windows import WindowSampler, worker_parts
 from msprior.train.schedule import make_optimizer, make_scheduler
 
@@ -43,10 +44,9 @@ class LossModule(torch.nn.Module):
 
 
 def shard_kwargs(cfg: Config, manifest: Dict) -> Dict[str, Any]:
-    cond = cfg.model.conditioning
-    feats = ((manifest.get("conditioning") or {}).get("features") or {}).get("size", 0)
-    return dict(num_quantizers=int(manifest["rave"]["num_quantizers"]), conditioning=cond,
-                cond_ratio=cfg.model.cond_ratio, cond_features=int(feats or 0))
+    facts = DatasetFacts.from_manifest(manifest)
+    return dict(num_quantizers=facts.num_quantizers, conditioning=cfg.model.conditioning,
+                cond_ratio=cfg.model.cond_ratio, cond_features=facts.cond_features)
 
 
 def to_device(batch: Dict[str, np.ndarray], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -172,7 +172,7 @@ class Worker:
         import ray.train
         import ray.train.torch
 
-        from msprior.model import DatasetFacts, build_prior
+        from msprior.model import build_prior
 
         self.loop_cfg, self.cfg = loop_cfg, Config.from_dict(loop_cfg["config"])
         self.manifest = loop_cfg["manifest"]

@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 
 from msprior.errors import UserError
 
-COLUMNS = ("source", "chunk", "frames", "rave", "tokens", "features")
 PART_BYTES = 64 << 20  # token bytes one load task reads (a few large files, or many small ones)
 # at most this many data files per load task: a table of one small file per source is read by a
 # few tasks of many threads (starting a Ray worker costs seconds; one small file ~5 ms)
@@ -97,50 +96,14 @@ class Table:
                 "frames": int(pc.sum(self.index["frames"]).as_py() or 0)}
 
 
-def index_from_shards(db_path: str) -> pa.Table:
-    """The index of a table written before index.parquet existed (one shard per source under
-    latents/): the shards' `source` and `frames` columns, read READ_THREADS at a time.
-
-    To move into msprior/data/table.py (`read_index`'s fallback, which reads them one by one).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    import pyarrow.parquet as pq
-
-    from msprior import storage
-    from msprior.data.table import INDEX_SCHEMA, LATENTS, list_shards
-
-    fs, _ = storage.pyarrow_filesystem(db_path)
-
-    def one(shard: str) -> pa.Table:
-        try:
-            t = pq.read_table(shard[len("s3://"):] if storage.is_s3(shard) else shard, columns=["source", "frames"],
-                              filesystem=fs)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(f"{shard}: unreadable ({str(e).splitlines()[0]}); re-run preprocess") from None
-        g = t.group_by("source").aggregate([("frames", "count"), ("frames", "sum")])
-        rel = LATENTS + "/" + shard.rsplit("/", 1)[-1]
-        return pa.table({"source": g["source"], "file": pa.array([rel] * g.num_rows, pa.string()),
-                         "chunks": g["frames_count"].cast(pa.int32()), "frames": g["frames_sum"].cast(pa.int64())},
-                        schema=INDEX_SCHEMA)
-
-    shards = list_shards(db_path)
-    if not shards:
-        return INDEX_SCHEMA.empty_table()
-    with ThreadPoolExecutor(min(READ_THREADS, len(shards))) as pool:
-        return pa.concat_tables(list(pool.map(one, shards))).sort_by("source")
-
-
 def read_table_index(db_path: str) -> pa.Table:
     """The table's index, or a one-line error when the table holds nothing."""
-    from msprior import storage
-    from msprior.data.table import INDEX, read_index
+    from msprior.data.table import read_index
 
     try:
-        has_index = storage.exists(storage.join(db_path, INDEX))
-        index = read_index(db_path) if has_index else index_from_shards(db_path)
+        index = read_index(db_path)  # a format-1 table (no index) is indexed from its shards
     except (OSError, pa.ArrowInvalid) as e:
-        raise DataError(f"{db_path}/index.parquet: unreadable ({str(e).splitlines()[0]}); re-run preprocess") from None
+        raise DataError(f"{db_path}: table index unreadable ({str(e).splitlines()[0]}); re-run preprocess") from None
     if index.num_rows == 0:
         raise DataError(f"{db_path}/latents: no .parquet shards; run `msprior preprocess` first")
     return index
@@ -181,13 +144,12 @@ class ReadSpec:
     @classmethod
     def of(cls, table: Table, conditioning: str = "none", cond_ratio: int = 1) -> "ReadSpec":
         from msprior import storage
+        from msprior.model import DatasetFacts  # the one reader of the manifest's shapes
 
-        rave = table.manifest.get("rave", {})
-        cond = table.manifest.get("conditioning") or {}
-        return cls(db_path=table.db_path, columns=table.columns, num_quantizers=int(rave["num_quantizers"]),
-                   vocab_size=int(rave["vocab_size"]), conditioning=conditioning, cond_ratio=cond_ratio,
-                   cond_features=int((cond.get("features") or {}).get("size") or 0),
-                   cond_vocab=int((cond.get("tokens") or {}).get("vocab_size") or 0),
+        f = DatasetFacts.from_manifest(table.manifest)
+        return cls(db_path=table.db_path, columns=table.columns, num_quantizers=f.num_quantizers,
+                   vocab_size=f.vocab_size, conditioning=conditioning, cond_ratio=cond_ratio,
+                   cond_features=f.cond_features, cond_vocab=f.cond_vocab,
                    s3=storage.S3Options.from_env() if storage.is_s3(table.db_path) else None)
 
     def frames_kwargs(self) -> Dict:
