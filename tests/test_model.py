@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from msprior.config import load_config
-from msprior.model import DatasetFacts, alibi_slopes, build_prior
+from msprior.model import DatasetFacts, InputMajorLinear, alibi_slopes, build_prior, input_major_linears
 
 Q, V = 4, 16
 TINY = ["model.dim=32", "model.num_layers=2", "model.num_heads=4", "model.head_dim=8",
@@ -58,6 +58,28 @@ def test_streaming_equals_full_sequence(name, seq_len):
             h = stream(prior, x, cond_up, chunk)
             streamed = prior.predictor(h, prior.embedding(y))
             torch.testing.assert_close(streamed, full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_input_major_weights_stream_what_the_trained_layout_computes(name):
+    """The fp32 export's layout (weights [in, out], faster for batch-1 products on a CPU) changes no
+    output: streamed through it equals the trained model's full sequence; greedy frames are equal."""
+    import copy
+
+    prior, cfg = tiny(name, seq_len=48)
+    fast = copy.deepcopy(prior)
+    input_major_linears(fast)
+    left = [n for n, m in fast.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert left == ["predictor.film"] and any(isinstance(m, InputMajorLinear) for m in fast.modules())
+    B, T = 2, 100
+    x, y = torch.randint(0, V, (B, T, Q)), torch.randint(0, V, (B, T, Q))
+    cond, cond_up = conditioning(cfg, B, T)
+    with torch.no_grad():
+        full = prior.predictor(prior.context(x, cond), prior.embedding(y))
+        h = stream(fast, x, cond_up, 1)
+        torch.testing.assert_close(fast.predictor(h, fast.embedding(y)), full, atol=1e-4, rtol=0)
+        frames = [p.predict(stream(p, x, cond_up, 7)[:, -1], 0.0)[0] for p in (prior, fast)]
+    assert torch.equal(frames[0], frames[1])
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -412,6 +412,38 @@ class Int8SkipPredictor(nn.Module):
         return out
 
 
+class InputMajorLinear(nn.Module):
+    """nn.Linear with its weight stored input-major, [in, out], for batch-1 streaming on a CPU.
+
+    A generated frame is a chain of matrix-vector products that read every weight once, so their
+    speed is the speed of reading weights. On one core `x @ W` with W [in, out] contiguous reads at
+    ~26 GB/s, where F.linear's `x @ W.T` (PyTorch's [out, in] layout) reads at ~16 GB/s
+    (bench/realtime.py). Same math; made from a trained nn.Linear at export (fp32 only: int8
+    keeps nn.Linear, which dynamic quantisation replaces).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.has_bias = linear.bias is not None
+        bias = linear.bias.detach() if linear.bias is not None else torch.zeros(0)
+        self.bias = nn.Parameter(bias.clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.matmul(x, self.weight_t)  # leading dims fold into one [rows, in] x [in, out] product
+        return y + self.bias if self.has_bias else y
+
+
+def input_major_linears(module: nn.Module, keep: Tuple[str, ...] = ("predictor.film",)) -> None:
+    """Replace, in place, every nn.Linear of `module` (but those named in `keep`: the streaming
+    path reads `predictor.film.weight` itself) with an InputMajorLinear."""
+    for name, child in list(module.named_modules()):
+        for attr, sub in list(child.named_children()):
+            full = f"{name}.{attr}" if name else attr
+            if isinstance(sub, nn.Linear) and full not in keep:
+                setattr(child, attr, InputMajorLinear(sub))
+
+
 # --- conditioning ------------------------------------------------------------------------------
 
 
