@@ -207,21 +207,34 @@ def stage_preprocess(p: Plan) -> None:
     req = p.req
     min_frames = req.min_frames if req.min_frames is not None else p.cfg.model.seq_len + 1
     done = storage.exists(storage.join(p.table, "manifest.json"))
+    retry = _files_to_retry(p.table) if done else 0
     guard(p, "preprocess", {"audio": req.audio, "rave_sha256": p.rave_sha256, "num_secs": req.num_secs,
                             "resolution": req.resolution, "condition_ratio": req.condition_ratio,
                             "min_frames": min_frames}, done)
-    if done:
+    if done and not retry:
         p.echo(f"[preprocess] skipped: {p.table}/manifest.json exists")
         return
     from msprior.data import preprocess
 
     t0 = time.monotonic()
-    p.echo(f"[preprocess] {req.audio} -> {p.table}")
+    p.echo(f"[preprocess] resuming {p.table}: {retry} file(s) failed for a transient cause last time"
+           if retry else f"[preprocess] {req.audio} -> {p.table}")
     # a file shorter than one training window (seq_len + 1 frames) cannot train: skip and report it
     preprocess(PreprocessRequest(req.audio, p.table, req.rave, num_secs=req.num_secs, resolution=req.resolution,
                                  num_workers=req.num_workers, gpu=req.gpu, condition_ratio=req.condition_ratio,
                                  min_frames=min_frames), echo=p.echo)
     p.echo(f"[preprocess] done in {time.monotonic() - t0:.0f} s")
+
+
+def _files_to_retry(table: str) -> int:
+    """Files of a finished table that failed for a transient cause (S3 trouble, out of memory): a
+    re-run of the pipeline gives them another try (preprocess resumes: only they are read)."""
+    from msprior.data import load_report
+
+    try:
+        return int(load_report(table)["counts"].get("files_retry") or 0)
+    except (OSError, KeyError, ValueError):  # no report (a table of an older version): nothing known
+        return 0
 
 
 def _train_inputs(p: Plan) -> Dict[str, Any]:

@@ -130,5 +130,5 @@ def preview(ts_path: str, table: Optional[str], seconds: float, echo: Callable[[
     except Exception as e:  # a preview is a nicety: never fail a publish for it
         echo(f"no preview: {type(e).__name__}: {e}")
         return None
-    echo(f"preview {wav}")
+    echo(f"[register] audio preview {wav}")
     return wav
