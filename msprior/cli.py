@@ -42,6 +42,10 @@ def _root() -> None:
 
 
 # --- commands from request types ----------------------------------------------------------------
+
+# commands that start Ray or MLflow: their own output goes to a log file unless --verbose
+NOISY = {"preprocess", "train", "tune", "export", "pipeline", "demo"}
+_verbose = False  # set by main() from the global --verbose flag
 #
 # Every option comes from a field of a stage's request dataclass (msprior.flags.flag): its name, type,
 # default and help are declared there once, and the command hands the filled request to the stage.
@@ -84,8 +88,11 @@ def command(name: str, request: type, run: Callable[[Any], Any], only: Sequence[
     chosen = [f for f in flags.flag_fields(request) if not only or f.name in only]
 
     def callback(**values: Any) -> None:
-        run(request(**{k: tuple(v or ()) if _cli_type(hints[k]) == Optional[List[str]] else v
-                       for k, v in values.items()}))
+        req = request(**{k: tuple(v or ()) if _cli_type(hints[k]) == Optional[List[str]] else v
+                         for k, v in values.items()})
+        # the log file takes fds 1 and 2 only now: a usage error (parsed above) reaches the terminal
+        with console.session(name, quiet=name in NOISY and not _verbose):
+            run(req)
 
     callback.__signature__ = inspect.Signature([_parameter(f, hints[f.name]) for f in chosen])
     callback.__doc__ = run.__doc__
@@ -194,18 +201,13 @@ def _print_pull(reg: dict) -> None:
 # --- entry point -----------------------------------------------------------------------------
 
 
-# commands that start Ray or MLflow: their own output goes to a log file unless --verbose
-NOISY = {"preprocess", "train", "tune", "export", "pipeline", "demo"}
-
-
 def main(argv: Optional[List[str]] = None) -> None:
+    global _verbose
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "--verbose" in argv  # a global flag, anywhere on the line
+    _verbose = "--verbose" in argv  # a global flag, anywhere on the line
     argv = [a for a in argv if a != "--verbose"]
-    cmd = next((a for a in argv if not a.startswith("-")), "")
     try:
-        with console.session(cmd, quiet=cmd in NOISY and not verbose and "--help" not in argv):
-            app(args=argv)  # standalone: click prints usage errors and exits itself
+        app(args=argv)  # standalone: click prints usage errors and exits itself
     except (UserError, FileNotFoundError) as e:  # every stage's one-line errors derive from UserError
         log = f" (full log: {console.last_log})" if console.last_log else ""
         typer.secho(f"error: {redact_text(str(e))}{log}", err=True, fg="red")  # no password in a message

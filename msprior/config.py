@@ -207,11 +207,11 @@ def _resolve(name_or_path: Union[str, Path], folder: Path, what: str, names: Lis
     if _is_path(p):
         found = _existing_file(p)
         if found is None:
-            raise ConfigError(f"--{what} {p}: {what} file not found")
+            raise ConfigError(f"{what} file not found: {p}")
         return found
     candidate = folder / f"{p.name if p.parts[:1] == (folder.name,) and len(p.parts) == 2 else name_or_path}.yaml"
     if not candidate.is_file():
-        raise ConfigError(f"--{what} {str(name_or_path)!r}: unknown {what}; use one of {', '.join(names)} "
+        raise ConfigError(f"unknown {what} {str(name_or_path)!r}: use one of {', '.join(names)} "
                           "or a path to a .yaml file")
     return candidate
 

@@ -58,14 +58,18 @@ class PipelineRequest:
     name: Optional[str] = flag(None, "Run name; default <config>-<id of the RAVE model and table>.")
     overrides: Sequence[str] = like(TrainRequest, "overrides")
     tune: bool = flag(False, "Sweep configs with Ray Tune instead of one training.")
-    sweep: Optional[str] = like(SweepRequest, "sweep", default=None)
+    sweep: Optional[str] = like(SweepRequest, "sweep", default=None,
+                                help="With --tune: shipped sweep name or a sweep YAML path; default: default.")
     num_samples: Optional[int] = like(SweepRequest, "num_samples")
     gpus_per_trial: Optional[float] = like(SweepRequest, "gpus_per_trial")
     num_workers: int = flag(1, "Ray workers for encoding and for training.")
     gpu: bool = flag(False, "Use GPUs (encode and train).")
-    batch_size: Optional[int] = like(TrainRequest, "batch_size")
-    max_steps: Optional[int] = like(TrainRequest, "max_steps")
-    val_every: Optional[int] = like(TrainRequest, "val_every")
+    batch_size: Optional[int] = like(TrainRequest, "batch_size", help="Windows per worker per step; default: the "
+                                                                      "config's (with --tune: the sweep file's).")
+    max_steps: Optional[int] = like(TrainRequest, "max_steps", help="Training steps; default: the config's (with "
+                                                                    "--tune: the sweep file's).")
+    val_every: Optional[int] = like(TrainRequest, "val_every", help="Steps between validations and checkpoints; "
+                                                                    "default: the config's (with --tune: the sweep file's).")
     pretrained_embedding: bool = flag(False, "Start from the RAVE model's codebooks (discrete RAVE).")
     num_secs: float = like(PreprocessRequest, "num_secs")
     resolution: int = like(PreprocessRequest, "resolution")
@@ -115,6 +119,10 @@ def plan(req: PipelineRequest, echo: Callable[[str], Any] = print) -> Plan:
     name = req.name or f"{os.path.splitext(os.path.basename(req.config))[0]}-{corpus_id(rave_sha256, table)[:8]}"
     runs = storage.join(out, "runs")
     forced = _forced_stages(req.force)
+    if req.tune:  # a bad --sweep fails here, not after an hour of preprocessing
+        from msprior.config import resolve_sweep_path
+
+        req = dataclasses.replace(req, sweep=resolve_sweep_path(req.sweep or "default"))
     return Plan(req, cfg, name, rave_sha256, table, runs, storage.join(runs, name),
                 storage.join(out, "export", f"{name}.ts"), forced, echo)
 
@@ -211,6 +219,10 @@ def stage_preprocess(p: Plan) -> None:
     guard(p, "preprocess", {"audio": req.audio, "rave_sha256": p.rave_sha256, "num_secs": req.num_secs,
                             "resolution": req.resolution, "condition_ratio": req.condition_ratio,
                             "min_frames": min_frames}, done)
+    if retry and storage.exists(p.run_dir):  # a resumed training refuses a table that changed under it
+        p.echo(f"[preprocess] {retry} file(s) that failed for a transient cause stay out of the table: run "
+               f"{p.name} already started on it (--force train retries them, then trains again)")
+        retry = 0
     if done and not retry:
         p.echo(f"[preprocess] skipped: {p.table}/manifest.json exists")
         return

@@ -51,7 +51,7 @@ def test_overrides():
         load_config("decoder_only", ["model.num_layers=four"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config("decoder_only", ["num_layers"])
-    with pytest.raises(ConfigError, match="unknown config; use one of"):
+    with pytest.raises(ConfigError, match="unknown config 'nope': use one of"):
         load_config("nope")
 
 

@@ -39,9 +39,9 @@ def test_shipped_names_and_repository_paths_resolve_from_any_folder(tmp_path, mo
     assert resolve_sweep_path(str(own)) == str(own) and resolve_sweep_path("mine.yaml") == "mine.yaml"
     with pytest.raises(ConfigError, match="unknown sweep.*default"):
         resolve_sweep_path("defualt")
-    with pytest.raises(ConfigError, match="--sweep other.yaml: sweep file not found"):
+    with pytest.raises(ConfigError, match="sweep file not found: other.yaml"):
         resolve_sweep_path("other.yaml")
-    with pytest.raises(ConfigError, match="--config configs/nope.yaml: config file not found"):
+    with pytest.raises(ConfigError, match="config file not found: configs/nope.yaml"):
         resolve_config_path("configs/nope.yaml")
 
 

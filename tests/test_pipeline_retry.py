@@ -3,8 +3,9 @@
 The RAVE export here is the demo codec behind RAVE v1's interface whose `encode` raises "CUDA out
 of memory" on loud input (what a GPU encoder does under memory pressure; `is_transient` takes it
 for a passing failure). One loud file of four fails that way on every try: the first pipeline run
-finishes without it (it is reported "to retry"), and a re-run goes back into preprocess for it
-instead of skipping the finished table, then finishes again.
+finishes without it (it is reported "to retry"). A re-run keeps the table as it is while the run
+trained on it exists; once `--force train` has removed that run, the re-run goes back into
+preprocess for the file instead of skipping the finished table.
 """
 
 import json
@@ -75,8 +76,15 @@ def test_a_rerun_retries_files_that_failed_for_a_transient_cause(ray_session, tm
     (reason,) = [s["reason"] for s in report["skipped"] if s["source"].endswith("loud.wav")]
     assert "out of memory" in reason and "retried on resume" in reason
 
+    # a re-run while the run trained on this table exists: the file stays out (a resumed training
+    # would refuse a table that changed under it), and the run is kept
     assert _cli(argv) == 0
     second = capsys.readouterr().out
-    assert "[preprocess] resuming" in second and "1 file(s) failed for a transient cause" in second
-    assert "[preprocess] skipped" not in second and "[train] skipped" in second
-    assert json.loads((out / "data" / "report.json").read_text())["counts"]["files_ok"] == 3
+    assert "1 file(s) that failed for a transient cause stay out of the table" in second, second
+    assert "[preprocess] skipped" in second and "[train] skipped" in second
+    # --force train removes the run first: the file gets its retry, then training starts again
+    assert _cli(argv + ["--force", "train"]) == 0
+    third = capsys.readouterr().out
+    assert "[preprocess] resuming" in third and "1 file(s) failed for a transient cause" in third, third
+    assert "[train] skipped" not in third and "[train] done" in third
+    assert json.loads((out / "data" / "report.json").read_text())["counts"]["files_retry"] == 1  # fails every try

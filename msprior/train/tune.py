@@ -25,6 +25,7 @@ Sweep file (YAML):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -160,7 +161,7 @@ class SweepRequest:
     num_workers: Optional[int] = flag(None, "Ray Train workers per trial; default: the sweep file's.")
     max_steps: Optional[int] = flag(None, "Steps per trial; default: the sweep file's.")
     val_every: Optional[int] = flag(None, "Steps between validations (ASHA's time unit); default: the sweep file's.")
-    batch_size: Optional[int] = like(TrainRequest, "batch_size")
+    batch_size: Optional[int] = flag(None, "Windows per worker per step; default: the sweep file's, else the config's.")
     overrides: Sequence[str] = like(TrainRequest, "overrides", help="section.key=value for every trial, repeatable.")
     tracking_uri: Optional[str] = like(TrainRequest, "tracking_uri")
     storage_path: Optional[str] = like(TrainRequest, "storage_path")
@@ -192,7 +193,10 @@ def plan_sweep(req: SweepRequest) -> SweepPlan:
     """Everything that can be refused before Ray starts: file, name, keys, values, resume state."""
     from msprior.train.run import resolve_config
 
+    from msprior.config import resolve_sweep_path
+
     check_name(req.name)
+    req = dataclasses.replace(req, sweep=resolve_sweep_path(req.sweep))  # a shipped name -> its file
     spec = load_sweep(req.sweep)
     res, tr = spec.get("resources") or {}, spec.get("train") or {}
     base = spec.get("base", "decoder_only")
