@@ -42,13 +42,14 @@ def _root() -> None:
 
 
 # --- commands from request types ----------------------------------------------------------------
+#
+# Every option comes from a field of a stage's request dataclass (msprior.flags.flag): its name, type,
+# default and help are declared there once, and the command hands the filled request to the stage.
 
 # commands that start Ray or MLflow: their own output goes to a log file unless --verbose
 NOISY = {"preprocess", "train", "tune", "export", "pipeline", "demo"}
 _verbose = False  # set by main() from the global --verbose flag
-#
-# Every option comes from a field of a stage's request dataclass (msprior.flags.flag): its name, type,
-# default and help are declared there once, and the command hands the filled request to the stage.
+REPEATABLE = Optional[List[str]]  # what a sequence field becomes on the command line
 
 
 def _spellings(name: str) -> List[str]:
@@ -62,7 +63,7 @@ def _cli_type(hint: Any) -> Any:
     also takes library objects (TrainRequest.config: a name, a Config or a dict) is a string."""
     args = [a for a in get_args(hint) if a is not type(None)]
     if get_origin(hint) in (list, tuple, collections.abc.Sequence):
-        return Optional[List[str]]
+        return REPEATABLE
     if get_origin(hint) is Union:
         inner = str if str in args and len(args) > 1 else _cli_type(args[0])
         return Optional[inner] if type(None) in get_args(hint) else inner
@@ -71,7 +72,7 @@ def _cli_type(hint: Any) -> Any:
 
 def _parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
     meta, cli_type = f.metadata, _cli_type(hint)
-    default = ... if meta[flags.REQUIRED] else (None if cli_type == Optional[List[str]] else f.default)
+    default = ... if meta[flags.REQUIRED] else (None if cli_type == REPEATABLE else f.default)
     if meta[flags.ARGUMENT]:
         info = typer.Argument(default, help=meta[flags.HELP])
     else:
@@ -86,10 +87,10 @@ def command(name: str, request: type, run: Callable[[Any], Any], only: Sequence[
     `run(request)` does the work and its docstring is the command's help."""
     hints = get_type_hints(request)
     chosen = [f for f in flags.flag_fields(request) if not only or f.name in only]
+    repeatable = {f.name for f in chosen if _cli_type(hints[f.name]) == REPEATABLE}
 
     def callback(**values: Any) -> None:
-        req = request(**{k: tuple(v or ()) if _cli_type(hints[k]) == Optional[List[str]] else v
-                         for k, v in values.items()})
+        req = request(**{k: tuple(v or ()) if k in repeatable else v for k, v in values.items()})
         # the log file takes fds 1 and 2 only now: a usage error (parsed above) reaches the terminal
         with console.session(name, quiet=name in NOISY and not _verbose):
             run(req)

@@ -119,7 +119,7 @@ def plan(req: PipelineRequest, echo: Callable[[str], Any] = print) -> Plan:
     name = req.name or f"{os.path.splitext(os.path.basename(req.config))[0]}-{corpus_id(rave_sha256, table)[:8]}"
     runs = storage.join(out, "runs")
     forced = _forced_stages(req.force)
-    if req.tune:  # a bad --sweep fails here, not after an hour of preprocessing
+    if req.tune:  # the sweep file, resolved once: a bad --sweep fails here, not after preprocessing
         from msprior.config import resolve_sweep_path
 
         req = dataclasses.replace(req, sweep=resolve_sweep_path(req.sweep or "default"))
@@ -255,16 +255,9 @@ def _train_inputs(p: Plan) -> Dict[str, Any]:
               "tune": req.tune, "max_steps": req.max_steps, "batch_size": req.batch_size,
               "val_every": req.val_every, "pretrained_embedding": req.pretrained_embedding}
     if req.tune:
-        sweep = _sweep_file(req)
-        inputs.update(sweep=sweep, sweep_sha256=hashlib.sha256(open(sweep, "rb").read()).hexdigest(),
+        inputs.update(sweep=req.sweep, sweep_sha256=hashlib.sha256(open(req.sweep, "rb").read()).hexdigest(),
                       num_samples=req.num_samples)
     return inputs
-
-
-def _sweep_file(req: PipelineRequest) -> str:
-    from msprior.config import resolve_sweep_path
-
-    return resolve_sweep_path(req.sweep or "default")
 
 
 def stage_train(p: Plan) -> str:
@@ -285,8 +278,8 @@ def stage_train(p: Plan) -> str:
 
         from msprior.train.tune import sweep_exists
 
-        p.echo(f"[tune] sweep {_sweep_file(req)} over {p.table}")
-        result = run_tune(_sweep_file(req), p.table, p.name, num_samples=req.num_samples,
+        p.echo(f"[tune] sweep {req.sweep} over {p.table}")
+        result = run_tune(req.sweep, p.table, p.name, num_samples=req.num_samples,
                           gpus_per_trial=req.gpus_per_trial, num_workers=req.num_workers, max_steps=req.max_steps,
                           val_every=req.val_every, batch_size=req.batch_size, overrides=list(req.overrides),
                           tracking_uri=req.tracking_uri, storage_path=p.runs,

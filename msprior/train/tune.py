@@ -54,12 +54,11 @@ def _absolute(path: str) -> str:
     return st.absolute(path)  # trials run in their own working directories
 
 
-def load_sweep(name_or_path: str) -> Dict[str, Any]:
-    """A sweep file (shipped name or path), checked: known keys, sampler specs."""
-    from msprior.config import resolve_sweep_path
-
-    p = Path(resolve_sweep_path(name_or_path))
-    path = str(p)
+def load_sweep(path: str) -> Dict[str, Any]:
+    """A sweep file, checked: known keys, sampler specs (`plan_sweep` resolves a shipped name first)."""
+    p = Path(path)
+    if not p.exists():
+        raise TrainError(f"--sweep {path}: file not found")
     try:
         sweep = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
