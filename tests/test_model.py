@@ -138,10 +138,21 @@ def test_temperature_sampling_and_listen_scoring():
     given = torch.randint(0, V, (4, Q))
     scored, ppl = prior.predict(h, 0.0, given)
     assert torch.equal(scored, given)
-    # perplexity of given tokens = exp(mean NLL) from the teacher-forced logits of the same frame
+    # the original MSPrior's perplexity: exp(entropy) of each quantizer's predictive distribution
+    # (teacher-forced on the given tokens), averaged over quantizers
     logits = prior.predictor(h.unsqueeze(1), prior.embedding(given.unsqueeze(1)))[:, 0]
-    nll = -torch.log_softmax(logits, -1).gather(-1, given.unsqueeze(-1)).squeeze(-1).mean(-1)
-    torch.testing.assert_close(ppl, nll.exp(), atol=1e-4, rtol=1e-4)
+    logp = torch.log_softmax(logits, -1)
+    expected = torch.exp(-(logp.exp() * logp).sum(-1)).mean(-1)
+    torch.testing.assert_close(ppl, expected, atol=1e-4, rtol=1e-4)
+    assert bool((ppl >= 1.0).all() and (ppl <= V).all())
+
+
+def test_quantizer_losses_average_to_the_loss():
+    prior, _ = tiny("decoder_only")
+    batch = {"rave": torch.randint(0, V, (3, 20, Q))}
+    per_q = prior.quantizer_losses(batch)
+    assert per_q.shape == (Q,)
+    torch.testing.assert_close(per_q.mean(), prior.loss(batch), atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_draws_the_tempered_distribution():

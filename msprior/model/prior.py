@@ -601,20 +601,30 @@ class Prior(nn.Module):
         logits, target = self._qfirst_logits(batch)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
 
+    @torch.jit.unused
+    def quantizer_losses(self, batch: Dict[str, Tensor]) -> Tensor:
+        """Mean cross-entropy (nats per token) of each quantizer [Q] over the batch: the quality
+        measure of a prior (training's validation, `msprior evaluate`, bench/quality.py). Their
+        mean equals `loss(batch)`: every quantizer predicts the same number of tokens."""
+        logits, target = self._qfirst_logits(batch)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="none")
+        return ce.view(target.shape[0], -1).mean(dim=1)
+
     # -- sampling ------------------------------------------------------------------------------
 
     @torch.jit.export
     def predict(self, h: Tensor, temperature: float, given: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """One frame from the last context vector h [B, D].
 
-        Samples quantizer after quantizer (temperature 0 = argmax), or scores `given` tokens
-        [B, Q] (listen mode). Returns (tokens [B, Q] int64, perplexity [B]): the exponential of the
-        mean negative log-likelihood of the frame's tokens.
+        Samples quantizer after quantizer (temperature 0 = argmax), or reads `given` tokens
+        [B, Q] (listen mode). Returns (tokens [B, Q] int64, perplexity [B]): the original MSPrior's
+        perplexity, exp(entropy of quantizer q's predictive distribution) averaged over q: how many
+        tokens the model hesitates between (1 = certain, V = knows nothing), whatever was emitted.
         """
         h_norm = self.predictor.norm(h)
         film = torch.zeros(h.shape[0], 2 * h.shape[1], dtype=h.dtype, device=h.device)  # FiLM of tokens < q
         tokens: List[Tensor] = []  # [B, 1] each
-        picked: List[Tensor] = []  # their log-probabilities [B, 1]
+        spread: List[Tensor] = []  # exp(entropy) of each quantizer's distribution [B, 1]
         for q in range(self.num_quantizers):
             logits = self.predictor.step_logits(h_norm, film + self._film_which(q), q)
             logp = torch.log_softmax(logits.float(), dim=-1)
@@ -624,11 +634,10 @@ class Prior(nn.Module):
                 tok = logp.argmax(dim=-1, keepdim=True)
             else:
                 tok = sample_categorical(logp, temperature)
-            picked.append(logp.gather(1, tok))
+            spread.append(torch.exp(-(logp.exp() * logp).sum(dim=1, keepdim=True)))
             film = film + self._film_rows(tok.view(-1) + q * self.vocab_size)
             tokens.append(tok)
-        nll = -torch.cat(picked, dim=1).sum(dim=1)
-        return torch.cat(tokens, dim=1), torch.exp(nll / self.num_quantizers)
+        return torch.cat(tokens, dim=1), torch.cat(spread, dim=1).mean(dim=1)
 
     def _film_which(self, q: int) -> Tensor:
         """FiLM of "predicting quantizer q" (with the film bias) [2D]: precomputed when prepared."""
