@@ -715,9 +715,13 @@ def runtime_env(path: str = "cluster/runtime_env.yaml",
     `ray job submit --runtime-env-json "$(cluster/local.sh runtime-env)"`."""
     import yaml
 
+    from msprior.redact import redact_uri
+
     environ = os.environ if environ is None else environ
     env = yaml.safe_load(Path(path).read_text()) or {}
-    env.setdefault("env_vars", {}).update({k: environ[k] for k in FORWARDED_ENV if environ.get(k)})
+    # URIs travel without user-info or secret query parameters: a tracking URI's password would
+    # otherwise show in the dashboard and job logs (nodes read credentials from their own env).
+    env.setdefault("env_vars", {}).update({k: redact_uri(environ[k]) for k in FORWARDED_ENV if environ.get(k)})
     return env
 
 
