@@ -7,7 +7,9 @@ or child process lands there, and keeps a duplicate of the real terminal for msp
 everything meant for the user goes through `echo()` or `out()`. The log file's path is printed at
 the end. `--verbose` leaves the console as it is.
 
-A command moves its log next to its output with `place(folder)` once it knows that folder.
+A command moves its log next to its output with `place(folder)` once it knows that folder. Until
+then it lives in the user's own log folder (`user_log_dir()`, mode 0700), each file mode 0600 and
+created fresh, never through a symlink planted at its name.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import contextlib
 import datetime as _dt
 import os
 import shutil
+import stat
 import sys
-import tempfile
 from typing import Iterator, Optional, TextIO
+
+from msprior.errors import UserError
 
 _user: Optional[TextIO] = None  # the real terminal while a session redirects fds 1 and 2
 _log_path: Optional[str] = None
@@ -39,10 +43,49 @@ def log_path() -> Optional[str]:
     return _log_path
 
 
-def _redirect_to(path: str) -> None:
+# A log holds paths, hosts and error texts: only its user may read it. Created fresh (O_EXCL) and
+# never through a symlink (O_NOFOLLOW): a link planted at the name cannot redirect our output.
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+
+
+def user_log_dir() -> str:
+    """The per-user folder for logs, mode 0700: $XDG_STATE_HOME/msprior/logs (~/.local/state/...),
+    ~/Library/Logs/msprior on macOS. Refused when it is a symlink or someone else's."""
+    if sys.platform == "darwin":
+        folder = os.path.expanduser("~/Library/Logs/msprior")
+    else:
+        state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        folder = os.path.join(state, "msprior", "logs")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise UserError(f"log folder {folder}: not a folder of this user (a symlink?); remove it or set XDG_STATE_HOME")
+    if st.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def _create_log(path: str) -> int:
+    """A new log file, mode 0600, opened without following a symlink; its descriptor."""
+    return os.open(path, _LOG_FLAGS, 0o600)
+
+
+def _new_log(folder: str, stem: str):
+    """Create `<stem>.log` in `folder` (or `<stem>-2.log`, ... when the name is taken, by an earlier
+    command of this process or by something planted there); (its path, its open descriptor)."""
+    for n in range(1, 100):
+        path = os.path.join(folder, f"{stem}.log" if n == 1 else f"{stem}-{n}.log")
+        try:
+            return path, _create_log(path)
+        except FileExistsError:
+            continue
+    raise UserError(f"log folder {folder}: 99 logs named {stem}*; remove old logs there")
+
+
+def _redirect_to(path: str, fd: Optional[int] = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = _create_log(path) if fd is None else fd
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -67,8 +110,10 @@ def place(folder: str) -> None:
     try:
         os.rename(_log_path, target)  # the open descriptors follow the file
     except OSError:  # another filesystem: copy, then write to the copy from now on
-        shutil.copyfile(_log_path, target)
-        _redirect_to(target)
+        fd = _create_log(target)
+        with open(_log_path, "rb") as src, os.fdopen(os.dup(fd), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        _redirect_to(target, fd)
         os.unlink(_log_path)
     _log_path = target
 
@@ -80,10 +125,11 @@ def session(command: str, quiet: bool = True) -> Iterator[Optional[str]]:
     if not quiet or _user is not None:
         yield None
         return
+    from msprior.redact import install_log_redaction
+
+    install_log_redaction()  # log records of every library reach the log file redacted
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    folder = os.path.join(tempfile.gettempdir(), "msprior-logs")
-    os.makedirs(folder, exist_ok=True)
-    _log_path = os.path.join(folder, f"{command}-{stamp}-{os.getpid()}.log")
+    _log_path, log_fd = _new_log(user_log_dir(), f"{command}-{stamp}-{os.getpid()}")
     sys.stdout.flush()
     sys.stderr.flush()
     ray_was_up = _ray_is_up()
@@ -91,7 +137,7 @@ def session(command: str, quiet: bool = True) -> Iterator[Optional[str]]:
     # the terminal behind fd 1; under a test's capture (sys.stdout replaced), that capture
     real = sys.stdout is sys.__stdout__
     _user = os.fdopen(os.dup(saved_out), "w", buffering=1) if real else sys.stdout
-    _redirect_to(_log_path)
+    _redirect_to(_log_path, log_fd)
     failed = False
     try:
         yield _log_path

@@ -50,3 +50,52 @@ def test_preprocess_console_is_ours_and_the_log_holds_the_rest(tmp_path):
                  "--rave", rave, "--num_secs", "2", "--min_frames", "16", "--verbose", cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert FOREIGN.search(r.stdout + r.stderr)
+
+
+# --- the log file: the user's own folder, private files, no symlink following (issue 20, 16) ---
+
+
+def test_log_folder_and_file_are_private(tmp_path, monkeypatch):
+    import stat as st
+
+    from msprior import console
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    folder = tmp_path / "state" / "msprior" / "logs"
+    folder.mkdir(parents=True, mode=0o755)
+    folder.chmod(0o755)  # left open by someone's umask: tightened on use
+    with console.session("probe") as path:
+        os.write(1, b"to the log\n")
+    assert os.path.dirname(path) == str(folder)
+    assert st.S_IMODE(folder.stat().st_mode) == 0o700
+    assert st.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert open(path).read() == "to the log\n"
+
+
+def test_log_never_follows_a_planted_symlink(tmp_path):
+    """A symlink planted at the log's name (in a folder others could write) is neither followed
+    nor replaced: the log gets the next free name, the link's target stays as it was."""
+    from msprior import console
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "cmd.log").symlink_to(victim)
+    (tmp_path / "cmd-2.log").symlink_to(tmp_path / "dangling")  # a link to a file not yet made
+    path, fd = console._new_log(str(tmp_path), "cmd")
+    os.write(fd, b"log line\n")
+    os.close(fd)
+    assert path == str(tmp_path / "cmd-3.log")
+    assert victim.read_text() == "precious\n" and not (tmp_path / "dangling").exists()
+    assert os.path.islink(tmp_path / "cmd.log") and open(path).read() == "log line\n"
+
+
+def test_log_folder_that_is_a_symlink_is_refused(tmp_path, monkeypatch):
+    from msprior import console
+    from msprior.errors import UserError
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    (tmp_path / "state" / "msprior").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "state" / "msprior" / "logs").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="not a folder of this user"):
+        console.user_log_dir()

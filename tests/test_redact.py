@@ -36,3 +36,41 @@ def test_redact_text_and_credentials_from_the_environment(monkeypatch):
     assert with_credentials(None) is None
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert with_credentials("http://h:1") == "http://h:1"
+
+
+def test_redact_text_masks_the_secrets_of_the_environment(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-K7MDENG")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "dapi0123456789")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pa55word-x@mlflow:5000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")  # an identifier, not a secret
+    text = ("SignatureDoesNotMatch for wJalrXUtnFEMI-K7MDENG; token dapi0123456789 refused; "
+            "login pa55word-x failed at http://alice:pa55word-x@mlflow:5000/api; key AKIAEXAMPLE")
+    assert redact_text(text) == ("SignatureDoesNotMatch for ***; token *** refused; login *** failed at "
+                                 "http://mlflow:5000/api; key AKIAEXAMPLE")
+
+
+def test_log_records_are_redacted_by_every_handler(monkeypatch):
+    """The filter sits on Ray's and MLflow's loggers' handlers: a record of a child logger
+    (ray.tune.x) and its traceback are redacted before any handler writes them."""
+    import io
+    import logging
+
+    from msprior.redact import RedactedError, install_log_redaction
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    ray_logger = logging.getLogger("ray")
+    monkeypatch.setattr(ray_logger, "handlers", [handler])
+    monkeypatch.setattr(ray_logger, "propagate", False)
+    install_log_redaction()
+    try:
+        raise OSError("PUT http://u:pw1234567@s3:9000/b?X-Amz-Signature=abc failed (s3cr3t-value-xyz)")
+    except OSError:
+        logging.getLogger("ray.tune.trial").error("trial failed at %s", "http://u:pw1234567@mlflow:5000",
+                                                  exc_info=True)
+    text = stream.getvalue()
+    assert "trial failed at http://mlflow:5000" in text and "Traceback" in text
+    assert "pw1234567" not in text and "s3cr3t-value-xyz" not in text and "X-Amz-Signature" not in text, text
+    err = RedactedError.of(ValueError("bad http://u:pw1234567@h:1"))
+    assert str(err) == "ValueError: bad http://h:1"
