@@ -24,6 +24,7 @@ from msprior.export.publish import ExportRequest
 from msprior.pipeline import PipelineRequest
 from msprior.redact import redact_text, redact_uri
 from msprior.registry import PullRequest
+from msprior.train.evaluate import EvaluateRequest
 from msprior.train.run import TrainRequest, run_folder
 from msprior.train.tune import SweepRequest
 
@@ -158,6 +159,13 @@ def export_cmd(req: ExportRequest) -> None:
     export_and_publish(req, echo=console.echo)
 
 
+def evaluate_cmd(req: EvaluateRequest) -> None:
+    """Score a trained prior on a latent table (held-out material): cross-entropy per quantizer."""
+    from msprior.train.evaluate import evaluate
+
+    evaluate(req, echo=console.echo)
+
+
 def pull_cmd(req: PullRequest) -> None:
     """Download a registered nn~ model (.ts), verified against its sha256."""
     from msprior.registry import pull
@@ -187,6 +195,7 @@ command("preprocess", PreprocessRequest, preprocess_cmd)
 command("train", TrainRequest, train_cmd)
 command("tune", SweepRequest, tune_cmd)
 command("export", ExportRequest, export_cmd)
+command("evaluate", EvaluateRequest, evaluate_cmd)
 command("pull", PullRequest, pull_cmd)
 command("pipeline", PipelineRequest, pipeline_cmd)
 command("demo", DemoRequest, demo_cmd)

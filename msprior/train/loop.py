@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from msprior.config import Config, scaled_lr
 from msprior.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from msprior.model import DatasetFacts
+from msprior.train import quality
 from msprior.train.windows import WindowSampler, worker_parts
-from msprior.train.schedule import make_optimizer, make_scheduler
+from msprior.train.schedule import make_optimizer, make_scheduler, warmup_for
 
 TOPK = (1, 3, 5, 10)
 
@@ -60,32 +61,37 @@ def to_device(batch: Dict[str, np.ndarray], device: torch.device) -> Dict[str, t
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: List[Dict[str, torch.Tensor]], autocast) -> Dict[str, float]:
-    """Validation cross-entropy (nats), perplexity and top-k accuracy, summed over all ranks."""
+    """Validation cross-entropy (nats) per quantizer and mean, perplexity and top-k accuracy, summed
+    over all ranks. `val_ce_q<i>` is `prior.quantizer_losses`' measure (msprior.train.quality)."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(2 + len(TOPK), dtype=torch.float64)  # ce, count, top-k hits
+    nq = int(model.num_quantizers)  # not from a batch: a rank may hold no validation batch
+    sums = torch.zeros(nq + 1 + len(TOPK), dtype=torch.float64)  # ce per quantizer, count, top-k hits
     for b in batches:
         with autocast():
             logits = model.logits(b)
         logits = logits.float()  # [B, T, Q, V]
         target = b["rave"][:, 1:]
         v = logits.shape[-1]
-        sums[0] += F.cross_entropy(logits.reshape(-1, v), target.reshape(-1), reduction="sum").item()
-        sums[1] += target.numel()
+        ce = F.cross_entropy(logits.reshape(-1, v), target.reshape(-1), reduction="none")
+        sums[:nq] += ce.view(-1, nq).sum(dim=0).double().cpu()
+        sums[nq] += target.numel()
         kmax = min(max(TOPK), v)
         hits = (logits.topk(kmax, dim=-1).indices == target.unsqueeze(-1)).cumsum(-1)  # [B, T, Q, k]
         for i, k in enumerate(TOPK):
-            sums[2 + i] += hits[..., min(k, kmax) - 1].sum().item()
+            sums[nq + 1 + i] += hits[..., min(k, kmax) - 1].sum().item()
     if dist.is_initialized():
         dev = next(model.parameters()).device  # nccl reduces CUDA tensors only
         sums = sums.to(dev)
         dist.all_reduce(sums)
         sums = sums.cpu()
     model.train(was_training)
-    ce = (sums[0] / sums[1]).item()
+    per_q = sums[:nq] * nq / sums[nq]  # every quantizer predicts count / Q tokens
+    ce = per_q.mean().item()
     out = {"val_loss": ce, "val_ppl": math.exp(min(ce, 50.0))}
+    out.update({f"val_ce_q{q}": per_q[q].item() for q in range(nq)})
     for i, k in enumerate(TOPK):
-        out[f"val_top{k}"] = (sums[2 + i] / sums[1]).item()
+        out[f"val_top{k}"] = (sums[nq + 1 + i] / sums[nq]).item()
     return out
 
 
@@ -192,7 +198,8 @@ class Worker:
         # fused AdamW on CUDA: one kernel for all parameters, and no host sync in the step
         self.optimizer = make_optimizer([p for p in self.prior.parameters() if p.requires_grad], optim_cfg,
                                         fused=self.device.type == "cuda")
-        self.scheduler = make_scheduler(self.optimizer, optim_cfg)
+        # the warm-up follows the run's length (msprior.train.schedule.warmup_for)
+        self.scheduler = make_scheduler(self.optimizer, optim_cfg, self.cfg.train.max_steps)
         self.step, self.best, self.bad = 0, math.inf, 0
 
     def autocast(self):
@@ -234,8 +241,12 @@ class Worker:
         # seeded by (seed, rank, step): a resumed run draws fresh windows, each rank its own
         self.sampler = WindowSampler(parts, cfg.model.seq_len, kw["conditioning"], kw["cond_ratio"],
                                      seed=np.random.SeedSequence([cfg.train.seed, rank, self.step]).generate_state(1)[0])
+        every = ray.get(self.loop_cfg["val_batches"])
         self.val_batches = [to_device({k: v.copy() for k, v in b.items()}, self.device)  # own (writable) copies
-                            for b in ray.get(self.loop_cfg["val_batches"])[rank::world]]
+                            for b in every[rank::world]]
+        # the generation check (rank 0): validation tokens' histogram, windows that seed the streams
+        self.val_counts = quality.target_counts(every, DatasetFacts.from_manifest(self.manifest).vocab_size)
+        self.gen_batch = to_device({k: v[:quality.GEN_STREAMS].copy() for k, v in every[0].items()}, self.device)
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step on a fresh batch of windows; the loss stays on the device."""
@@ -254,7 +265,10 @@ class Worker:
 
     def validate(self) -> Dict[str, Any]:
         """Validation metrics, early-stopping state; returns the report (with `stop`)."""
-        metrics = evaluate(self.ema if self.ema is not None else self.prior, self.val_batches, self.autocast)
+        model = self.ema if self.ema is not None else self.prior
+        metrics = evaluate(model, self.val_batches, self.autocast)
+        if self.rank == 0:  # samples through the streaming path: the other ranks wait at the report
+            metrics.update(quality.generation_check(model, [self.gen_batch], model.vocab_size, self.val_counts))
         improved = metrics["val_loss"] < self.best
         self.best, self.bad = (metrics["val_loss"], 0) if improved else (self.best, self.bad + 1)
         t = self.cfg.train
@@ -296,6 +310,9 @@ class Logger:
         self.loss_sum, self.loss_n = torch.zeros((), device=w.device), 0
         self.last: Dict[str, float] = {}
         self.restart_clock()
+        if self.client is not None:  # the warm-up this run's length gave (schedule.warmup_for)
+            warmup = warmup_for(w.cfg.optim.warmup_steps, w.cfg.train.max_steps)
+            tracking.log_metrics(self.client, self.run_id, {"lr_warmup_steps": warmup}, w.step)
 
     def restart_clock(self) -> None:  # validation is not training throughput
         self.t, self.cpu, self.step = time.perf_counter(), time.process_time(), self.w.step
@@ -325,7 +342,7 @@ class Logger:
 
     def val(self, report: Dict[str, Any]) -> None:
         if self.client is not None:
-            metrics = {k: v for k, v in report.items() if k.startswith("val_") or k.startswith("top")}
+            metrics = {k: v for k, v in report.items() if k.startswith(("val_", "top", "gen_"))}
             self.tracking.log_metrics(self.client, self.run_id, {**metrics, "best_val_loss": report["best_val_loss"]},
                                       self.w.step)
         self.send("val", report)

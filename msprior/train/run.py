@@ -542,6 +542,7 @@ def run_training(req: TrainRequest) -> Dict[str, Any]:
     import ray
 
     from msprior.checkpoint import write_run_request
+    from msprior.train import quality
 
     p = plan(req)
     started_ray = ensure_ray(log_to_driver=not req.progress)
@@ -551,6 +552,7 @@ def run_training(req: TrainRequest) -> Dict[str, Any]:
         val_ref = validation_windows(p, data)
         write_run_request(p.run_dir, _request_record(p.cfg, p.table))
         start_tracking(req, p, data)
+        quality.log_floor(p.tracking, data, val_ref)  # the unigram floor of these validation windows, once
         printer = Progress(req.name) if req.progress else None
         trainer = make_trainer(req, p, data, val_ref, printer)
         result, wall = fit(trainer, p, printer)

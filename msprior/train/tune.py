@@ -355,6 +355,8 @@ def summarise(p: SweepPlan, grid) -> Dict[str, Any]:
     info = read_run_json(run_dir) or {}
     client.log_batch(parent, params=[Param(f"best.{k}", tracking._param_value(v)) for k, v in best["config"].items()])
     client.log_metric(parent, "best_val_loss", best["val_loss"])
+    for q, ce in enumerate(best.get("val_ce_q") or []):  # the best trial's best validation, per quantizer
+        client.log_metric(parent, f"best_val_ce_q{q}", ce)
     client.set_tag(parent, "msprior.best_trial", best["trial_id"])
     client.set_tag(parent, "msprior.best_run_dir", run_dir)
     if info.get("best_checkpoint"):
@@ -403,6 +405,21 @@ def run_sweep(req: SweepRequest) -> Dict[str, Any]:
             ray.shutdown()
 
 
+def _best_quantizer_ce(result) -> Optional[List[float]]:
+    """Per-quantizer validation CE (`val_ce_q<i>`) of the trial's best validation, from its Tune results."""
+    import re
+
+    df = result.metrics_dataframe
+    if df is None or "val_loss" not in df:
+        return None
+    cols = sorted((c for c in df.columns if re.fullmatch(r"val_ce_q\d+", c)), key=lambda c: int(c[len("val_ce_q"):]))
+    rows = df.dropna(subset=["val_loss"])
+    if rows.empty or not cols:
+        return None
+    best = rows.loc[rows["val_loss"].idxmin()]
+    return [float(best[c]) for c in cols]
+
+
 def _trial_summary(result, sweep_name: str, runs_root: str, db_path: str, uri: str, client) -> Dict[str, Any]:
     """One trial's outcome from its Tune results; completes run.json / MLflow for stopped trials.
 
@@ -417,7 +434,7 @@ def _trial_summary(result, sweep_name: str, runs_root: str, db_path: str, uri: s
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id")
     out = {"trial_id": trial_id, "config": result.config, "error": str(result.error) if result.error else None,
-           "val_loss": metrics.get("best_val_loss"), "step": metrics.get("step"),
+           "val_loss": metrics.get("best_val_loss"), "val_ce_q": _best_quantizer_ce(result), "step": metrics.get("step"),
            "start_step": metrics.get("start_step"), "run_dir": None}
     if not trial_id or out["val_loss"] is None:
         return out
