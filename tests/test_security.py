@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_train_windows import TINY
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 SECRET = "hunter2-Sup3rSecret"
@@ -169,3 +171,127 @@ def test_runtime_env_prints_no_password():
     assert out["env_vars"]["MLFLOW_TRACKING_URI"] == "https://mlflow.example.org:5000/?x=1"
     assert out["env_vars"]["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert out["env_vars"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000/"
+
+
+# --- item 12: a trial's error reaches Tune's files and sweep.json redacted ---------------------
+
+TINY_SWEEP = {"base": "decoder_only", "overrides": TINY, "search": {"optim.lr": {"choice": [0.003]}},
+              "num_samples": 1, "resources": {"num_workers": 1, "cpus_per_worker": 0.5},
+              "train": {"max_steps": 4, "val_every": 2, "batch_size": 4}}
+
+
+def _sweep_plan(tmp_path, name: str, **kw):
+    from msprior.train.tune import SweepRequest, plan_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump(TINY_SWEEP))
+    return plan_sweep(SweepRequest(sweep=str(sweep), db_path=kw.pop("db_path", str(tmp_path / "table")), name=name,
+                                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                   storage_path=str(tmp_path / "runs"), verbose=0, **kw))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_failed_trial_error_is_redacted_in_tune_files_and_results(ray_session, train_table, tmp_path, capfd):
+    """A real Tune trial (msprior's trial function, in a Ray worker) fails with a message that
+    carries a credential: Tune's error.txt / error.pkl / experiment state, the result's error,
+    the sweep's summary and error line, and the driver's output hold it redacted."""
+    from msprior.train import TrainError
+    from msprior.train.tune import _trial_summary, load_shared, make_tuner, start_parent, summarise
+    from msprior.train.windows import load_table
+
+    p = _sweep_plan(tmp_path, "leaky", db_path=train_table)
+    # a value only the trial sees (the driver checked the rest): its error names the credential
+    p.overrides.append(f'optim.grad_clip="http://alice:{SECRET}@mlflow.example.org:5000"')
+    start_parent(p)
+    data = load_table(*load_shared(p))
+    grid = make_tuner(p, data, concurrent=1).fit()
+    assert len(grid) == 1 and grid[0].error is not None
+    text = str(grid[0].error)
+    assert "optim.grad_clip must be a number" in text and "http://mlflow.example.org:5000" in text, text
+    summary = _trial_summary(grid[0], p.req.name, p.runs_root, p.req.db_path, p.tracking["uri"], p.tracking["client"])
+    assert summary["error"] and SECRET not in summary["error"]
+    with pytest.raises(TrainError, match="no trial reported a validation") as e:
+        summarise(p, grid)
+    assert SECRET not in str(e.value)
+    files = [f for f in Path(p.sweep_dir).rglob("*") if f.is_file()]
+    assert any(f.name == "error.txt" for f in files), files
+    leaked = [str(f) for f in files if SECRET.encode() in f.read_bytes()]
+    assert leaked == [], leaked
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err
+
+
+def test_trial_summary_redacts_the_error(monkeypatch):
+    """sweep.json's trial errors are redacted on the driver too (a Tune-level error never passes
+    through the trial function)."""
+    from types import SimpleNamespace
+
+    from msprior.train.tune import _trial_summary
+
+    result = SimpleNamespace(metrics={}, config={}, metrics_dataframe=None,
+                             error=RuntimeError(f"GET http://u:{SECRET}@h:1/x failed"))
+    out = _trial_summary(result, "s", "/runs", "/table", "sqlite:///x.db", client=None)
+    assert out["error"] == "GET http://h:1/x failed"
+
+
+# --- item 13: --resume unpickles only the tuner.pkl the sweep's own run wrote ------------------
+
+
+class _Payload:
+    """Unpickling it runs code: it creates the marker folder."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _plant_sweep(tmp_path) -> tuple:
+    import pickle
+
+    sweep_dir = tmp_path / "runs" / "owned"
+    sweep_dir.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    (sweep_dir / "tuner.pkl").write_bytes(pickle.dumps(_Payload(str(marker))))
+    return sweep_dir, marker
+
+
+def _parent_run(tmp_path, sweep_dir, digest=None) -> str:
+    from msprior.train import tracking
+    from msprior.train.tune import OWNER_TAG, SWEEP_DIR_TAG
+
+    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tags = {SWEEP_DIR_TAG: str(sweep_dir), **({OWNER_TAG: digest} if digest else {})}
+    return tracking.start_run(c, "owned", "owned-sweep", params={}, tags=tags)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("record", ["none", "other digest", "no parent run"])
+def test_resume_refuses_a_tuner_pkl_the_sweep_did_not_write(record, ray_session, train_table, tmp_path):
+    """Someone with write access to the runs bucket plants tuner.pkl (a pickle that runs code when
+    loaded) under a sweep's name: `--resume` refuses in one line and never unpickles it."""
+    from msprior.train import TrainError
+    from msprior.train.tune import SweepRequest, run_sweep
+
+    sweep_dir, marker = _plant_sweep(tmp_path)
+    if record != "no parent run":
+        _parent_run(tmp_path, sweep_dir, digest="0" * 64 if record == "other digest" else None)
+    p = _sweep_plan(tmp_path, "owned", db_path=train_table, resume=True)
+    with pytest.raises(TrainError, match="is not the one sweep 'owned' wrote") as e:
+        run_sweep(p.req)
+    assert len(str(e.value).splitlines()) == 1
+    assert not marker.exists()  # the pickle was never loaded
+
+
+def test_resume_accepts_the_tuner_pkl_its_owner_record_names(tmp_path):
+    import hashlib
+
+    from msprior.train.tune import check_owner
+
+    sweep_dir, marker = _plant_sweep(tmp_path)
+    _parent_run(tmp_path, sweep_dir, digest=hashlib.sha256((sweep_dir / "tuner.pkl").read_bytes()).hexdigest())
+    check_owner(_sweep_plan(tmp_path, "owned", resume=True))  # no error: the recorded digest matches
+    assert not marker.exists()

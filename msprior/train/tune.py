@@ -26,6 +26,7 @@ Sweep file (YAML):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from msprior.redact import redact_uri
+from msprior.redact import RedactedError, install_log_redaction, redact_text, redact_uri
 from msprior.runtime import ensure_ray
 from msprior.flags import flag, like
 from msprior.train.run import DEFAULT_CPUS_PER_WORKER, TrainError, TrainRequest, _has_checkpoints, _join, _runs_root, check_name, \
@@ -46,6 +47,7 @@ SAMPLERS = ("choice", "uniform", "loguniform", "randint", "quniform")
 SWEEP_KEYS = {"base", "overrides", "search", "scheduler", "num_samples", "resources", "train"}
 LOADED_ONCE = ("model.conditioning", "model.cond_ratio")  # with data.*: what the shared table depends on
 SWEEP_DIR_TAG = "msprior.sweep_dir"
+OWNER_TAG = "msprior.tuner_sha256"  # the owner record: digest of the tuner.pkl this sweep's run wrote
 
 
 def _absolute(path: str) -> str:
@@ -136,11 +138,15 @@ def _trial(space: Dict[str, Any], *, base: str, overrides: Sequence[str], data, 
 
     from msprior.train.run import train
 
+    install_log_redaction()
     name = f"{sweep_name}-{tune.get_context().get_trial_id()}"
     trial_overrides = list(overrides) + [f"{k}={json.dumps(v)}" for k, v in space.items()]
-    train(base, data.table.db_path, name, overrides=trial_overrides, experiment=sweep_name, data=data,
-          parent_run_id=parent_run_id, tune_report=True, progress=False, storage_path=runs_root,
-          resume=_has_checkpoints(_join(runs_root, name)), **train_kw)
+    try:
+        train(base, data.table.db_path, name, overrides=trial_overrides, experiment=sweep_name, data=data,
+              parent_run_id=parent_run_id, tune_report=True, progress=False, storage_path=runs_root,
+              resume=_has_checkpoints(_join(runs_root, name)), **train_kw)
+    except Exception as e:  # Tune writes it to error.txt/error.pkl, its results and the driver's log
+        raise RedactedError.of(e) from None
 
 
 # --- the request and its plan -------------------------------------------------------------------
@@ -221,6 +227,33 @@ def plan_sweep(req: SweepRequest) -> SweepPlan:
     if req.resume and not started:
         raise TrainError(f"--resume: no sweep {req.name!r} in {p.runs_root} (check --name / --storage_path)")
     return p
+
+
+def _tuner_digest(sweep_dir: str) -> Optional[str]:
+    from msprior import storage as st
+
+    path = st.join(sweep_dir, "tuner.pkl")
+    return hashlib.sha256(st.read_bytes(path)).hexdigest() if st.exists(path) else None
+
+
+def record_owner(p: SweepPlan) -> None:
+    """The owner record: the digest of the tuner.pkl this run's Tuner just wrote, as a tag of the
+    sweep's MLflow parent run (outside the bucket that holds the pickle)."""
+    p.tracking["client"].set_tag(p.parent, OWNER_TAG, _tuner_digest(p.sweep_dir))
+
+
+def check_owner(p: SweepPlan) -> None:
+    """Before `--resume` unpickles tuner.pkl (write access to the bucket must not become code
+    execution on the driver): its digest must be the one this sweep's parent run recorded."""
+    from msprior.train import tracking
+
+    client = tracking.client(tracking.default_tracking_uri(p.req.tracking_uri))
+    parent = tracking.find_run(client, p.req.name, p.sweep_dir, tag=SWEEP_DIR_TAG)
+    recorded = client.get_run(parent).data.tags.get(OWNER_TAG) if parent else None
+    if recorded is None or recorded != _tuner_digest(p.sweep_dir):
+        raise TrainError(f"--resume: {p.sweep_dir}/tuner.pkl is not the one sweep {p.req.name!r} wrote (no owner "
+                         "record in its MLflow run, or another digest); not loading it: start a new sweep with "
+                         "another --name")
 
 
 def sweep_exists(sweep_dir: str) -> bool:
@@ -386,6 +419,8 @@ def run_sweep(req: SweepRequest) -> Dict[str, Any]:
     from msprior.train.windows import load_table
 
     p = plan_sweep(req)
+    if req.resume:
+        check_owner(p)
     table, spec = load_shared(p)
     started_ray = ensure_ray(log_to_driver=req.verbose > 1)
     try:
@@ -394,6 +429,8 @@ def run_sweep(req: SweepRequest) -> Dict[str, Any]:
         data = load_table(table, spec)  # once, for every trial (and every restart of one)
         start_parent(p)
         tuner = make_tuner(p, data, concurrent)
+        if not req.resume:
+            record_owner(p)
         try:
             grid = tuner.fit()
         except BaseException:
@@ -433,7 +470,7 @@ def _trial_summary(result, sweep_name: str, runs_root: str, db_path: str, uri: s
 
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id")
-    out = {"trial_id": trial_id, "config": result.config, "error": str(result.error) if result.error else None,
+    out = {"trial_id": trial_id, "config": result.config, "error": redact_text(str(result.error)) if result.error else None,
            "val_loss": metrics.get("best_val_loss"), "val_ce_q": _best_quantizer_ce(result), "step": metrics.get("step"),
            "start_step": metrics.get("start_step"), "run_dir": None}
     if not trial_id or out["val_loss"] is None:
