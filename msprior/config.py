@@ -38,10 +38,12 @@ class ModelConfig:
     cond_ratio: int = 4  # decoder frames per conditioning frame (must match the latent table)
     cond_layers: int = 2  # transformer layers of the conditioning encoder
     pretrained_embedding_dim: int = 0  # >0: embedding = frozen RAVE codebooks of this dim, projected
+    predictor: str = "film"  # "film": one nonlinear FiLM per quantizer; "linear_film": shared linear FiLM (older runs)
 
     def validate(self, where: str) -> None:
         _choice(where, "model.family", self.family, ("transformer", "gru"))
         _choice(where, "model.conditioning", self.conditioning, ("none", "tokens", "features"))
+        _choice(where, "model.predictor", self.predictor, ("film", "linear_film"))
         for key in ("dim", "num_layers", "num_heads", "head_dim", "ff_mult", "seq_len", "cond_ratio"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}: model.{key} must be >= 1, got {getattr(self, key)}")
@@ -227,8 +229,16 @@ def resolve_sweep_path(name_or_path: Union[str, Path]) -> str:
 
 
 def load_config(name_or_path: Union[str, Path], overrides: Sequence[str] = ()) -> Config:
-    """Load a shipped config by name (`decoder_only`) or a YAML path, then apply overrides."""
-    path = resolve_config_path(name_or_path)
+    """Load a shipped config by name (`decoder_only`) or a YAML path, then apply overrides.
+
+    `recurrent+mine.yaml` (the original's repeated --config) loads the first and sets every key the
+    later ones write, in order; `decoder_only.gin` is the shipped `decoder_only`.
+    """
+    names = [n for n in str(name_or_path).split(LAYER)] if not Path(name_or_path).is_file() else [name_or_path]
+    if len(names) > 1:
+        layered = [o for n in names[1:] for o in _layer_overrides(n)]
+        return load_config(names[0], layered + list(overrides))
+    path = resolve_config_path(_gin_name(names[0]))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -239,6 +249,64 @@ def load_config(name_or_path: Union[str, Path], overrides: Sequence[str] = ()) -
     cfg = _build(Config, data, str(path), prefix="")
     cfg = apply_overrides(cfg, overrides, where=str(path))
     return cfg.validate(str(path))
+
+
+LAYER = "+"  # msprior.flags.JOIN: how the command line joins a repeated --config
+
+
+def _gin_name(name: Union[str, Path]) -> Union[str, Path]:
+    """The original's `decoder_only.gin` is our shipped `decoder_only`; another .gin file is refused."""
+    p = Path(name)
+    if p.suffix != ".gin":
+        return name
+    if p.stem in available_configs() and not p.is_file():
+        return p.stem
+    raise ConfigError(f"--config {name}: gin files are not read here; write the keys as YAML "
+                      f"(`msprior config --config {p.stem if p.stem in available_configs() else 'decoder_only'}` "
+                      "prints one) and pass its path, or use --override section.key=value")
+
+
+def _layer_overrides(name: str) -> List[str]:
+    """The keys a later --config sets, as overrides (a shipped name or a YAML path)."""
+    path = resolve_config_path(_gin_name(name))
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, optim, train, data)")
+    return [f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for section, keys in data.items() if section != "name" for key, value in (keys or {}).items()]
+
+
+# the original's gin macros and bindings -> our keys (msprior/configs/*.yaml)
+GIN_KEYS = {
+    "MODEL_DIM": "model.dim", "NUM_LAYERS": "model.num_layers", "NUM_HEADS": "model.num_heads",
+    "HEAD_DIM": "model.head_dim", "SEQ_LEN": "model.seq_len", "DROPOUT_RATE": "model.dropout",
+    "torch.optim.AdamW.lr": "optim.lr", "torch.optim.AdamW.betas": "optim.betas",
+    "utils.build_warmed_exponential_lr_scheduler.start_factor": "optim.warmup_start",
+    "utils.build_warmed_exponential_lr_scheduler.peak_iteration": "optim.warmup_steps",
+    "utils.build_warmed_exponential_lr_scheduler.decay_factor": "optim.decay",
+}
+GIN_FROM_DATA = {"NUM_TOKENS": "the vocabulary", "NUM_QUANTIZERS": "the number of quantizers"}
+
+
+def from_gin(item: str) -> str:
+    """An original gin binding (`NUM_LAYERS=4`, `torch.optim.AdamW.betas=(.9, .99)`) as our
+    `section.key=value`; our own form passes through; one that has no equivalent is a one-line error."""
+    key, _, raw = item.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if key.count(".") == 1 and key.split(".")[0] in _sections():
+        return item
+    if key in GIN_FROM_DATA:
+        raise ConfigError(f"--override {item!r}: {GIN_FROM_DATA[key]} is read from the latent table's manifest here; "
+                          "drop this override")
+    if key == "PRETRAINED_RAVE":
+        raise ConfigError(f"--override {item!r}: use --pretrained_embedding PATH")
+    ours = GIN_KEYS.get(key) or GIN_KEYS.get(key.replace("attention.", "").replace("msprior.", ""))
+    if ours is None:
+        raise ConfigError(f"--override {item!r}: no such setting here; use --override section.key=value with a key "
+                          "of `msprior config` (e.g. model.num_layers=4)")
+    if raw[:1] == "(" and raw[-1:] == ")":  # a gin tuple
+        raw = "[" + raw[1:-1] + "]"
+    return f"{ours}={raw}"
 
 
 def check_key(key: str, what: str) -> tuple:
@@ -261,7 +329,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str], where: str = "config"
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--override {item!r}: expected section.key=value, e.g. model.num_layers=4")
-        key, raw = item.split("=", 1)
+        key, raw = from_gin(item).split("=", 1)
         section, name = check_key(key, f"--override {item!r}")
         try:
             value = yaml.safe_load(raw)

@@ -68,15 +68,19 @@ def test_nn_host_drives_every_export(exported, tmp_path):
         assert r["methods"] == ["forward"], key
         assert r["forward_params"] == [Q + cond, RATIO, Q + 1, RATIO], key
         assert len(r["input_labels"]) == Q + cond and r["output_labels"][-1] == "(signal) perplexity"
-        assert r["attributes"] == ["temperature", "listen", "reset"]
-        assert r["types"] == {"temperature": [2], "listen": [3], "reset": [3]}
-        assert r["getters"] == {"temperature": [1.0], "listen": ["false"], "reset": ["false"]}  # lists
-        assert r["strings"]["temperature"] == "1.000000"
+        # the original's attributes, order and defaults (listen ON); booleans typed str (docs/NN_TILDE.md)
+        assert r["attributes"] == ["temperature", "listen", "learn_context", "reset"]
+        assert r["types"] == {"temperature": [2], "listen": [3], "learn_context": [3], "reset": [3]}
+        assert r["getters"] == {"temperature": [1.0], "listen": ["true"], "learn_context": ["false"],
+                                "reset": ["false"]}  # lists
+        assert r["strings"]["temperature"] == "1.000000" and r["strings"]["listen"] == "true"
         s = r["setters"]
         assert s["temperature=0.5"] == [0, [0.5]]
         assert s["temperature=-1.000000"][0] != 0 and s["temperature=-1.000000"][1] == [0.5]  # refused, unchanged
         assert s["listen=1.000000"] == [0, ["true"]] and s["listen=0.000000"] == [0, ["false"]]  # Pd's strings
         assert s["listen=bogus"][0] != 0
+        assert s["listen=1"] == [0, ["true"]] and s["listen=0"] == [0, ["false"]]  # Max's ints
+        assert s["learn_context=1.000000"] == [0, ["true"]] and s["learn_context=false"] == [0, ["false"]]
         assert r["set_sample_rate"] == 0
         assert r["listen_passthrough"] and r["listen_perplexity_finite"], key
         assert r["reset_code"] == 0 and r["reset_restores"], key
@@ -92,7 +96,8 @@ def test_nn_host_drives_every_export(exported, tmp_path):
 @pytest.mark.parametrize("config,continuous", VARIANTS)
 def test_generate_at_zero_temperature_is_greedy_sampling(exported, config, continuous):
     """Listen to a prefix, then generate at temperature 0: the frames of the unscripted model's
-    greedy `sample` (full recompute) from the same prefix (the seed frame of zeros first)."""
+    greedy `sample` (full recompute) from the same prefix (a stream that listens first has no seed
+    frame: the original's listen fed the frames it heard, nothing before them)."""
     run, ts = exported[_key(config, continuous)]
     m = torch.jit.load(ts)
     prior = load_trained(run).prior
@@ -111,10 +116,10 @@ def test_generate_at_zero_temperature_is_greedy_sampling(exported, config, conti
         y = torch.cat([m(x[:, :, n_prefix:n_prefix + 5]), m(x[:, :, n_prefix + 5:])], -1)  # two buffers
     got = quantize(y[:, :Q], V) if continuous else y[:, :Q].long()
 
-    # positions: the seed frame (zeros, with zero conditioning), the prefix, then the generated
-    # frames; a frame's conditioning is the value that arrived with it
-    context = torch.cat([torch.zeros(1, 1, Q, dtype=torch.long), tokens[:, :n_prefix]], 1)
-    ccond = torch.cat([torch.zeros(1, 1, cond_dec.shape[-1]), cond_dec.float()], 1)
+    # positions: the prefix, then the generated frames; a frame's conditioning is the value that
+    # arrived with it
+    context = tokens[:, :n_prefix]
+    ccond = cond_dec.float()
     expected = []
     with torch.no_grad():
         for _ in range(n_gen):
@@ -155,12 +160,12 @@ def test_int8_validation_cross_entropy(exported):
     """Dynamic int8 Linear weights barely move the teacher-forced cross-entropy (nats)."""
     import copy
 
-    from msprior.model import Int8SkipPredictor
+    from msprior.model import int8_predictor
 
     prior = load_trained(exported["decoder_only"][0]).prior
     batch = synthetic_batch(16, 17, "none", torch.Generator().manual_seed(7))
     split = copy.deepcopy(prior)
-    split.predictor = Int8SkipPredictor(split.predictor)  # per-quantizer heads, still fp32: same model
+    split.predictor = int8_predictor(split.predictor)  # per-quantizer heads, still fp32: same model
     with torch.no_grad():
         fp32 = float(prior.loss(batch))
         assert abs(float(split.loss(batch)) - fp32) < 1e-5
@@ -270,3 +275,105 @@ def test_loads_in_torch_2_5_1(exported, tmp_path):
     assert data["torch_version"].startswith("2.5.1") and not data["msprior_imported"]
     for r in data["reports"]:
         assert r["listen_passthrough"] and r["reset_restores"] and r["stream"]["finite"], r["path"]
+
+
+# --- the original's export command line (issue 19) ------------------------------------------------
+
+
+def _main(*argv: str) -> int:
+    from msprior.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(argv))
+    return done.value.code or 0
+
+
+def test_export_without_out_writes_run_name_ts(exported, capsys):
+    """`msprior export --run RUN` writes RUN/<run name>.ts and prints the path (the original's)."""
+    run = exported["decoder_only"][0]
+    assert _main("export", "--run", run, "--no-register", "--temporal_ratio", str(RATIO), "--ema_weights") == 0
+    out = os.path.join(run, "decoder_only.ts")  # run.json's name
+    assert os.path.exists(out) and out in capsys.readouterr().out
+    assert read_metadata(out)["weights"] == "raw"  # this run kept no EMA: its only weights
+    os.remove(out)
+
+
+def test_original_export_flags_that_differ_fail_in_one_line(exported, tmp_path, capsys):
+    run = exported["decoder_only"][0]
+    assert _main("export", "--run", run, "--no-register", "--temporal_ratio", "2048") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--temporal_ratio 2048" in err and f"{RATIO} samples per latent frame" in err and "\n" not in err
+    assert _main("export", "--run", run, "--no-register", "--vae_path", "vae.ts") == 2
+    err = capsys.readouterr().err.strip()
+    assert "encoder_decoder_continuous" in err and "\n" not in err
+    assert not os.path.exists(os.path.join(run, "decoder_only.ts"))
+
+
+def test_ema_weights_flag_picks_the_weights(exported, tmp_path):
+    """A run that kept EMA weights: `model` (EMA) by default and with --ema_weights, `raw_model` with
+    --no-ema_weights (the original's default was the raw weights)."""
+    from msprior.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(os.path.join(exported["decoder_only"][0], "checkpoints", "best"))
+    raw = {k: v + 1.0 if v.is_floating_point() else v for k, v in state["model"].items()}
+    ckpt = save_checkpoint(str(tmp_path / "ema"), {**state, "raw_model": raw})
+    for flag, expected in [(None, state["model"]), (True, state["model"]), (False, raw)]:
+        loaded = load_trained(ckpt, ema_weights=flag)
+        key = "embedding.table.weight"
+        assert torch.equal(loaded.prior.state_dict()[key], expected[key]), flag
+        assert loaded.state["weights"] == ("raw" if flag is False else "ema")
+
+
+def test_export_of_an_s3_run_lands_in_its_prefix(exported, s3_env, tmp_path, capsys):
+    """An s3:// run: `msprior export --run s3://...` writes the .ts into the run prefix."""
+    from msprior import storage
+    from msprior.checkpoint import read_run_json, write_run_json
+
+    run = exported["recurrent"][0]
+    prefix = "s3://test-bucket/runs-export/recurrent"
+    with open(os.path.join(run, "checkpoints", "best", "checkpoint.pt"), "rb") as f:
+        storage.write_bytes(f"{prefix}/checkpoints/best/checkpoint.pt", f.read())
+    info = read_run_json(run)
+    write_run_json(prefix, {**info, "best_checkpoint": f"{prefix}/checkpoints/best",
+                            "last_checkpoint": f"{prefix}/checkpoints/best"})
+    assert _main("export", "--run", prefix, "--no-register") == 0
+    out = f"{prefix}/recurrent.ts"
+    assert out in capsys.readouterr().out and storage.exists(out)
+    local = tmp_path / "pulled.ts"
+    local.write_bytes(storage.read_bytes(out))
+    assert torch.jit.load(str(local)).get_listen() == ["true"]
+
+
+@pytest.mark.parametrize("config", ["decoder_only", "recurrent"])
+def test_listen_outlet_is_the_originals_perplexity(exported, config):
+    """Listening, frame t's perplexity outlet is the original's: exp(entropy) of the model's prediction
+    of frame t + 1 given frames <= t, averaged over quantizers (the full-recompute model's, at
+    temperature 0 where the quantizer chain is the argmax one)."""
+    run, ts = exported[config]
+    m, prior = torch.jit.load(ts), load_trained(run).prior
+    tokens, _ = window(config, 20, seed=5)
+    m.set_temperature(0.0)
+    assert m.get_listen() == ["true"]  # the original's default
+    with torch.inference_mode():
+        y = torch.cat([m(tokens[:, :7].float().transpose(1, 2)), m(tokens[:, 7:].float().transpose(1, 2))], -1)
+        expected = torch.stack([prior.sample(tokens[:, : t + 1], None, temperature=0.0)[1][0] for t in range(20)])
+    assert torch.equal(y[0, :Q], tokens[0].T.float())  # latents passed through
+    assert torch.allclose(y[0, Q], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fresh_stream_generates_from_a_zero_seed(exported):
+    """Generating from a fresh (or reset) stream starts from a frame of zeros, as the original did."""
+    run, ts = exported["decoder_only"]
+    m, prior = torch.jit.load(ts), load_trained(run).prior
+    m.set_listen("false")
+    m.set_temperature(0.0)
+    with torch.inference_mode():
+        m(torch.zeros(1, Q, 3))  # some history, then a reset
+        m.set_reset("true")
+        got = m(torch.zeros(1, Q, 6))[0, :Q].T.long()
+    context = torch.zeros(1, 1, Q, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(6):
+            frame, _ = prior.sample(context, None, temperature=0.0)
+            context = torch.cat([context, frame.unsqueeze(1)], 1)
+    assert torch.equal(got, context[0, 1:])

@@ -19,11 +19,12 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
+from msprior import storage
 from msprior.config import Config
 from msprior.storage import sha256_file  # noqa: F401  (re-exported for the CLI and registry)
 from msprior.export.metadata import METADATA_FILE, read_metadata  # noqa: F401 (re-export)
 from msprior.export.scripted import ScriptedPrior
-from msprior.model import DatasetFacts, Int8SkipPredictor, Prior, build_prior, input_major_linears
+from msprior.model import DatasetFacts, Prior, build_prior, input_major_linears, int8_predictor
 from msprior.redact import redact_uri
 
 QUANTIZE_CHOICES = ("int8",)
@@ -41,25 +42,61 @@ class LoadedRun:
     state: Dict[str, Any]  # the checkpoint dict (with "run": run.json when loaded from a run)
 
 
-def load_trained(run: str, checkpoint: str = "best", tracking_uri: Optional[str] = None) -> LoadedRun:
+def _is_checkpoint(run: str) -> bool:
+    from msprior import checkpoint as ckpt
+
+    return str(run).endswith(".pt") or os.path.isfile(os.path.join(str(run), ckpt.CHECKPOINT_FILE))
+
+
+def load_trained(run: str, checkpoint: str = "best", tracking_uri: Optional[str] = None,
+                 ema_weights: Optional[bool] = None) -> LoadedRun:
     """The prior of a run directory / MLflow run id (`checkpoint` = best | last), or of one
-    checkpoint directory or checkpoint.pt file."""
+    checkpoint directory or checkpoint.pt file. `ema_weights`: None = the EMA weights when the run
+    kept them (the checkpoint's `model`), True = the same (the original's `--ema_weights`: "if
+    available"), False = the raw weights (`raw_model`, the original's default)."""
     from msprior import checkpoint as ckpt
 
     if checkpoint not in ("best", "last"):
         raise ExportError(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    is_checkpoint = str(run).endswith(".pt") or os.path.isfile(os.path.join(str(run), ckpt.CHECKPOINT_FILE))
     try:
-        state = ckpt.load_checkpoint(run) if is_checkpoint else ckpt.load_run(run, checkpoint, tracking_uri)
+        state = ckpt.load_checkpoint(run) if _is_checkpoint(run) else ckpt.load_run(run, checkpoint, tracking_uri)
     except ckpt.RunNotFound as e:
         raise ExportError(str(e)) from None
     for key in ("model", "config", "manifest"):
         if key not in state:
             raise ExportError(f"{run}: checkpoint has no {key!r} entry; not an msprior checkpoint")
+    raw = ema_weights is False and "raw_model" in state
+    state["weights"] = "raw" if raw or "raw_model" not in state else "ema"
     config = Config.from_dict(state["config"], where=f"{run} (checkpoint config)")
     prior = build_prior(config.model, DatasetFacts.from_manifest(state["manifest"]))
-    prior.load_state_dict(state["model"])
+    prior.load_state_dict(state["raw_model" if raw else "model"])
     return LoadedRun(prior.eval(), config, state["manifest"], state)
+
+
+def default_out(run: str, tracking_uri: Optional[str] = None) -> str:
+    """Where the original wrote an export: `RUN/<run name>.ts` (an s3:// run: in its prefix); a
+    single checkpoint: `<checkpoint dir>/<its name>.ts`."""
+    from msprior import checkpoint as ckpt
+
+    if _is_checkpoint(run):
+        folder = os.path.dirname(os.path.abspath(run)) if str(run).endswith(".pt") else os.path.abspath(run)
+        return os.path.join(folder, os.path.basename(folder) + ".ts")
+    try:
+        run_dir = ckpt.resolve_run_dir(run, tracking_uri)
+    except ckpt.RunNotFound as e:
+        raise ExportError(str(e)) from None
+    info = ckpt.read_run_json(run_dir) or {}
+    name = info.get("name") or os.path.basename(str(run_dir).rstrip("/"))
+    return storage.join(run_dir, f"{name}.ts") if storage.is_s3(run_dir) else os.path.join(os.path.abspath(run_dir), f"{name}.ts")
+
+
+def check_temporal_ratio(loaded: LoadedRun, temporal_ratio: Optional[int]) -> None:
+    """The original's `--temporal_ratio` (RAVE's samples per latent frame, default 1024): msprior reads
+    it from the latent table; a value given must agree with it."""
+    ratio = int(loaded.manifest["rave"]["ratio"])
+    if temporal_ratio is not None and temporal_ratio != ratio:
+        raise ExportError(f"--temporal_ratio {temporal_ratio}: this run's RAVE has {ratio} samples per latent frame "
+                          "(manifest rave.ratio), which the export uses; leave --temporal_ratio out")
 
 
 def quantize_int8(prior: Prior) -> Prior:
@@ -67,8 +104,8 @@ def quantize_int8(prior: Prior) -> Prior:
 
     `torch.ao.quantization.quantize_dynamic` is deprecated in favour of torchao, but its modules
     script and load in libtorch 2.5 (nn~ 1.6); torchao's tensor subclasses do not script. The
-    predictor's output projection becomes Q Linear heads first (Int8SkipPredictor). The FiLM
-    tables are precomputed in float first; `film` itself stays float (streaming reads its rows).
+    predictor's per-quantizer matrices become Linear heads first (`int8_predictor`); the
+    embedding rows the sampler gathers are precomputed in float first.
     """
     import warnings
 
@@ -76,9 +113,8 @@ def quantize_int8(prior: Prior) -> Prior:
 
     prior = copy.deepcopy(prior).eval()
     prior.prepare_stream()
-    prior.predictor = Int8SkipPredictor(prior.predictor)
-    names = {name: default_dynamic_qconfig for name, m in prior.named_modules()
-             if isinstance(m, nn.Linear) and name != "predictor.film"}
+    prior.predictor = int8_predictor(prior.predictor)
+    names = {name: default_dynamic_qconfig for name, m in prior.named_modules() if isinstance(m, nn.Linear)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation notice of torch.ao.quantization
         return quantize_dynamic(prior, names, dtype=torch.qint8, inplace=True)
@@ -110,6 +146,7 @@ def build_scripted(loaded: LoadedRun, batch_size: int = 1, continuous: Optional[
     if quantize == "int8":
         prior = quantize_int8(prior)
     else:
+        prior.prepare_stream()  # the sampler's lookup tables, from the float weights (int8: done above)
         input_major_linears(prior)  # batch-1 matrix-vector products read weights ~1.6x faster
     for p in prior.parameters():
         p.requires_grad_(False)
@@ -134,7 +171,10 @@ def _self_test(m: torch.jit.ScriptModule, batch_size: int, test_buffer: int = 81
                 if tuple(y.shape) != (b, out_ch, n // out_ratio) or y.dtype != torch.float32:
                     raise ExportError(f"self-test: forward returned {tuple(y.shape)} {y.dtype}, expected "
                                       f"{(b, out_ch, n // out_ratio)} float32")
-    m.set_listen("false")  # a fresh export generates
+        y = m.generate(torch.zeros(1, max(int(m.cond_channels), 1), n // in_ratio))
+        if tuple(y.shape) != (1, int(m.num_quantizers), n // in_ratio):
+            raise ExportError(f"self-test: generate returned {tuple(y.shape)}")
+    m.set_listen("true")  # a fresh export listens, as the original's (initial_listen=True)
     m.reset_stream()
 
 
@@ -147,6 +187,7 @@ def metadata(loaded: LoadedRun, scripted: torch.jit.ScriptModule, quantize: Opti
         "run_name": run.get("name") or loaded.config.name,
         "config_name": loaded.config.name,
         "checkpoint": checkpoint,
+        "weights": loaded.state.get("weights", "ema"),
         "step": loaded.state.get("step"),
         "val_loss": loaded.state.get("val_loss"),
         "best_val_loss": loaded.state.get("best_val_loss"),
@@ -158,6 +199,9 @@ def metadata(loaded: LoadedRun, scripted: torch.jit.ScriptModule, quantize: Opti
         "sr": int(rave["sr"]),
         "ratio": int(rave["ratio"]),
         "num_quantizers": int(scripted.num_quantizers),
+        # the RAVE the table was encoded with: `msprior combine` refuses a RAVE that differs
+        "rave": {k: rave.get(k) for k in ("sr", "ratio", "latent_size", "num_quantizers", "vocab_size",
+                                          "continuous", "resolution", "version")},
         "continuous": bool(scripted.continuous),
         "resolution": int(scripted.resolution),
         "conditioning": loaded.config.model.conditioning,
@@ -183,10 +227,13 @@ def save_scripted(scripted: torch.jit.ScriptModule, out: str, meta: Dict[str, An
     return out
 
 
-def export_run(run: str, out: str, checkpoint: str = "best", batch_size: int = 1,
+def export_run(run: str, out: Optional[str] = None, checkpoint: str = "best", batch_size: int = 1,
                continuous: Optional[bool] = None, quantize: Optional[str] = None,
-               tracking_uri: Optional[str] = None) -> str:
-    """Export `run` (run directory, s3:// URI, MLflow run id, or a checkpoint) to `out`; returns the path."""
-    loaded = load_trained(run, checkpoint, tracking_uri)
+               tracking_uri: Optional[str] = None, ema_weights: Optional[bool] = None,
+               temporal_ratio: Optional[int] = None) -> str:
+    """Export `run` (run directory, s3:// URI, MLflow run id, or a checkpoint) to `out` (a local
+    file; None: `default_out`, which is local for a local run); returns the path."""
+    loaded = load_trained(run, checkpoint, tracking_uri, ema_weights)
+    check_temporal_ratio(loaded, temporal_ratio)
     scripted = build_scripted(loaded, batch_size=batch_size, continuous=continuous, quantize=quantize)
-    return save_scripted(scripted, out, metadata(loaded, scripted, quantize, checkpoint))
+    return save_scripted(scripted, out or default_out(run, tracking_uri), metadata(loaded, scripted, quantize, checkpoint))

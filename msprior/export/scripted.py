@@ -8,14 +8,22 @@ What nn~'s backend does with it (read off its C++ source):
   * `get_attributes()`, `<attr>_params` (type ids 0 bool, 1 int, 2 float, 3 str), `get_<attr>()`
     returning a LIST, `set_<attr>(value) -> int` (0 = accepted).
 
-Streaming state: the Prior's caches hold every frame of the stream but the most recent one, which
-is kept in `last` (with its conditioning in `last_cond`): in listen mode the buffer is scored
-against what came before it; in generate mode each step feeds `last` and samples the next frame.
-A fresh stream starts from a seed frame of zeros, as the original MSPrior did.
+The patch contract is the original MSPrior's (acids-msprior 1.1.3, docs/NN_TILDE.md): attributes
+`temperature` (1.0), `listen` (ON), `learn_context` (off), `reset` (off); the last outlet is the
+original's perplexity, exp(entropy of the predictive distribution) averaged over quantizers.
 
-`listen` and `reset` are booleans typed as strings (type id 3) on purpose: nn~ hands a string
-attribute through untouched, while its own bool parser (`std::boolalpha`) reads Pd's "1.000000"
-as false. The setters here understand "true"/"false", "1"/"0", "on"/"off" and Pd's "1.000000".
+Streaming state: the Prior's caches hold every frame of the stream; `h_last` is the context after
+the latest one (`primed` says whether there is one). Listen feeds the buffer and outputs, for each
+frame, the perplexity of the model's prediction of the NEXT frame (the original's listen outlet);
+generate samples a frame from `h_last`, outputs it with the perplexity of the distribution it was
+drawn from, and feeds it. A fresh (or reset) stream that generates starts from a seed frame of
+zeros, as the original did; one that listens starts from the first frame it hears.
+
+`listen`, `learn_context` and `reset` are booleans typed as strings (type id 3) on purpose: nn~'s
+backend turns a Pd number into text ("0.000000") and its bool parser reads anything but "0" and
+"false" as TRUE, so `set listen 0` from Pd would switch listening ON; a string attribute reaches
+the setter untouched, and the setters here read "true"/"false", "1"/"0", "on"/"off" and Pd's
+"1.000000"/"0.000000" alike.
 """
 
 from typing import List, Optional, Tuple
@@ -75,6 +83,10 @@ class StreamingPrior(nn.Module):
         pass
 
 
+def _bool_str(b: bool) -> str:
+    return "true" if b else "false"
+
+
 class ScriptedPrior(nn.Module):
     prior: StreamingPrior
 
@@ -89,7 +101,7 @@ class ScriptedPrior(nn.Module):
         conditioning: str = "none",
         cond_channels: int = 0,
         cond_vocab: int = 0,
-        listen: bool = False,
+        listen: bool = True,
         temperature: float = 1.0,
         latent_loc: Optional[List[float]] = None,
         latent_scale: Optional[List[float]] = None,
@@ -97,9 +109,7 @@ class ScriptedPrior(nn.Module):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        prior = prior.eval()
-        if prior.film_rows.numel() == 0:  # int8 exports come prepared (from float weights)
-            prior.prepare_stream()
+        prior = prior.eval()  # prepared for streaming by the caller (msprior.export.run.build_scripted)
         # scripted on its own: a module typed by an interface must be a ScriptModule already
         self.prior = torch.jit.script(prior)
         self.num_quantizers = prior.num_quantizers
@@ -132,17 +142,22 @@ class ScriptedPrior(nn.Module):
         self.forward_output_labels: List[str] = [f"(signal) rave {kind} {i + 1}" for i in range(q)] + [
             "(signal) perplexity"
         ]
-        self._attributes: List[str] = ["none", "temperature", "listen", "reset"]
+        self._attributes: List[str] = ["none", "temperature", "listen", "learn_context", "reset"]
         self.register_buffer("temperature_params", torch.tensor([TYPE_FLOAT]))
         self.register_buffer("listen_params", torch.tensor([TYPE_STR]))
+        self.register_buffer("learn_context_params", torch.tensor([TYPE_STR]))
         self.register_buffer("reset_params", torch.tensor([TYPE_STR]))
 
         # -- attribute values and streaming state ---------------------------------------------
         self.temperature = float(temperature)
         self.listen = bool(listen)
+        self.initial_listen = bool(listen)
+        # the original fed it to a semantic VAE (its `--vae_path`, which msprior has not): kept so that
+        # a patch's `set learn_context` is accepted; it changes nothing here
+        self.learn_context = False
         self.pending_reset = False  # applied at the start of the next forward (audio thread)
-        self.register_buffer("last", torch.zeros(batch_size, q, dtype=torch.long))
-        self.register_buffer("last_cond", torch.zeros(batch_size, cond_channels))
+        self.primed = False  # h_last holds the context after the latest frame
+        self.register_buffer("h_last", torch.zeros(batch_size, 0))
         self.prior.init_stream(batch_size)
 
     # -- nn~ API --------------------------------------------------------------------------------
@@ -168,7 +183,7 @@ class ScriptedPrior(nn.Module):
 
     @torch.jit.export
     def get_listen(self) -> List[str]:
-        return ["true" if self.listen else "false"]
+        return [_bool_str(self.listen)]
 
     @torch.jit.export
     def set_listen(self, value: str) -> int:
@@ -179,8 +194,20 @@ class ScriptedPrior(nn.Module):
         return 0
 
     @torch.jit.export
+    def get_learn_context(self) -> List[str]:
+        return [_bool_str(self.learn_context)]
+
+    @torch.jit.export
+    def set_learn_context(self, value: str) -> int:
+        b = parse_bool(value)
+        if b is None:
+            return -1
+        self.learn_context = b
+        return 0
+
+    @torch.jit.export
     def get_reset(self) -> List[str]:
-        return ["true" if self.pending_reset else "false"]
+        return [_bool_str(self.pending_reset)]
 
     @torch.jit.export
     def set_reset(self, value: str) -> int:
@@ -209,21 +236,23 @@ class ScriptedPrior(nn.Module):
         listen, temperature = self.listen, self.temperature
         self.temperature = 1.0
         in_ch = int(self.forward_params[0])
+        dev = self.h_last.device
         for _ in range(3):
             for mode in [False, True]:
                 self.listen = mode
-                self.forward(torch.zeros(1, in_ch, 2, device=self.last.device))
+                self.forward(torch.zeros(1, in_ch, 2, device=dev))
                 if self.batch_size > 1:
-                    self.forward(torch.zeros(self.batch_size, in_ch, 2, device=self.last.device))
+                    self.forward(torch.zeros(self.batch_size, in_ch, 2, device=dev))
+            self.generate(torch.zeros(1, max(self.cond_channels, 1), 2, device=dev))
         self.listen, self.temperature = listen, temperature
         self.reset_stream()
 
     @torch.jit.export
     def reset_stream(self) -> None:
-        """Back to the state of a freshly loaded model (empty caches, zero seed frame)."""
+        """Back to the state of a freshly loaded model (empty caches, no frame yet)."""
         self.prior.init_stream(self.batch_size)
-        self.last = torch.zeros_like(self.last)
-        self.last_cond = torch.zeros_like(self.last_cond)
+        self.h_last = torch.zeros(self.batch_size, 0, device=self.h_last.device)
+        self.primed = False
         self.pending_reset = False
 
     # -- streaming ------------------------------------------------------------------------------
@@ -242,53 +271,79 @@ class ScriptedPrior(nn.Module):
             return quantize(z, self.resolution, self.latent_loc, self.latent_scale)
         return z.round().clamp(0, self.vocab_size - 1).long()
 
+    def _feed(self, tokens: Tensor, cond: Tensor) -> Tensor:
+        """Feed frames [B, n, Q] (with their conditioning [B, n, C]); the context after each [B, n, D]."""
+        h = self.prior.stream_context(tokens, self._cond(cond))
+        self.h_last = h[:, -1]
+        self.primed = True
+        return h
+
     def _listen(self, tokens: Tensor, cond: Tensor) -> Tensor:
-        """Feed the buffer; perplexity [B, n] of each frame given everything before it."""
+        """Feed the buffer; for each frame, the perplexity [B, n] of the prediction of the next one
+        (the original's listen outlet: the quantizers after the first are predicted from sampled ones)."""
         b, n = tokens.shape[0], tokens.shape[1]
-        inputs = torch.cat([self.last.unsqueeze(1), tokens[:, :-1]], dim=1)
-        cond_in = torch.cat([self.last_cond.unsqueeze(1), cond[:, :-1]], dim=1)
-        h = self.prior.stream_context(inputs, self._cond(cond_in))
-        _, perplexity = self.prior.predict(h.reshape(b * n, -1), 0.0, tokens.reshape(b * n, -1))
-        self.last = tokens[:, -1]
-        self.last_cond = cond[:, -1]
+        h = self._feed(tokens, cond)
+        _, perplexity = self.prior.predict(h.reshape(b * n, -1), self.temperature, None)
         return perplexity.view(b, n)
 
     def _generate(self, cond: Tensor) -> Tuple[Tensor, Tensor]:
-        """One new frame per input frame: tokens [B, n, Q] and their perplexity [B, n]."""
+        """One new frame per input frame: tokens [B, n, Q] and their perplexity [B, n]. A frame's
+        conditioning is the value that arrived with it."""
+        b = cond.shape[0]
+        if not self.primed:  # the seed frame of zeros (with zero conditioning), as the original
+            self._feed(torch.zeros(b, 1, self.num_quantizers, dtype=torch.long, device=cond.device),
+                       torch.zeros_like(cond[:, :1]))
         frames: List[Tensor] = []
         perplexities: List[Tensor] = []
         for t in range(cond.shape[1]):
-            h = self.prior.stream_context(self.last.unsqueeze(1), self._cond(self.last_cond.unsqueeze(1)))
-            tokens, perplexity = self.prior.predict(h[:, -1], self.temperature, None)
-            self.last = tokens
-            self.last_cond = cond[:, t]
+            tokens, perplexity = self.prior.predict(self.h_last, self.temperature, None)
+            self._feed(tokens.unsqueeze(1), cond[:, t : t + 1])
             frames.append(tokens)
             perplexities.append(perplexity)
         return torch.stack(frames, dim=1), torch.stack(perplexities, dim=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x [B, in_ch, n] (B <= batch_size) -> [B, Q + 1, n]."""
+    def _latents(self, tokens: Tensor) -> Tensor:
+        """Generated tokens [B, n, Q] -> what RAVE's decode takes [B, Q, n] (latents or indices)."""
+        if self.continuous:
+            z = dequantize(tokens, self.resolution, torch.rand(tokens.shape, device=tokens.device),
+                           loc=self.latent_loc, scale=self.latent_scale)
+        else:
+            z = tokens.float()
+        return z.transpose(1, 2)
+
+    def _padded(self, x: Tensor) -> Tensor:
+        """x [B, C, n] (B <= batch_size) -> [batch_size, n, C]: the caches are sized for batch_size."""
         b, n = x.shape[0], x.shape[2]
         if b > self.batch_size:
             raise ValueError("more parallel streams than the export's --batch_size")
         if self.pending_reset:
             self.reset_stream()
-        q = self.num_quantizers
         xs = x.float()
-        if b < self.batch_size:  # the caches are sized for batch_size streams: pad, then crop
+        if b < self.batch_size:
             xs = torch.cat([xs, torch.zeros(self.batch_size - b, xs.shape[1], n, dtype=xs.dtype, device=xs.device)], 0)
-        frames = xs.transpose(1, 2)  # [batch, n, in_ch]
+        return xs.transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, Q + C, n] (B <= batch_size) -> [B, Q + 1, n]: latents, then perplexity."""
+        b = x.shape[0]
+        q = self.num_quantizers
+        frames = self._padded(x)  # [batch, n, in_ch]
         cond = frames[:, :, q:]
         if self.listen:
             perplexity = self._listen(self._tokens(frames[:, :, :q]), cond)
-            latents = xs[:, :q]  # passed through unchanged
+            latents = frames[:, :, :q].transpose(1, 2)  # passed through unchanged
         else:
             tokens, perplexity = self._generate(cond)
-            if self.continuous:
-                latents = dequantize(tokens, self.resolution, torch.rand(tokens.shape, device=x.device),
-                                     loc=self.latent_loc, scale=self.latent_scale)
-            else:
-                latents = tokens.float()
-            latents = latents.transpose(1, 2)
+            latents = self._latents(tokens)
         out = torch.cat([latents, perplexity.unsqueeze(1).to(latents.dtype)], dim=1)
         return out[:b]
+
+    @torch.jit.export
+    def generate(self, x: Tensor) -> Tensor:
+        """Generate, whatever `listen` says (`msprior combine`'s `generate` method): x [B, max(C, 1), n]
+        holds only the conditioning channels (one ignored channel for an unconditioned prior);
+        returns what RAVE's decode takes [B, Q, n]. Same stream, attributes and reset as `forward`."""
+        b = x.shape[0]
+        frames = self._padded(x)
+        tokens, _ = self._generate(frames[:, :, : self.cond_channels])
+        return self._latents(tokens)[:b]

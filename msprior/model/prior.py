@@ -327,13 +327,10 @@ class MultivariateEmbedding(nn.Module):
 
 
 class SkipPredictor(nn.Module):
-    """Predicts a whole frame in one step: quantizer q's logits come from the context h
-    modulated (FiLM) by the summed embeddings of quantizers < q of the same frame (teacher-forced
-    in training, sampled one after the other at inference).
-
-    FiLM is linear in the summed embeddings, so streaming (`Prior.prepare_stream`) precomputes it
-    per (quantizer, token): a sampling step then adds one gathered row instead of running `film`.
-    """
+    """The predictor of msprior <= 0.1 (`model.predictor: linear_film`, kept so older runs still
+    load and export): quantizer q's logits come from the context h modulated by ONE linear FiLM
+    of the summed embeddings of quantizers < q, shared by every quantizer. It learns less than
+    FilmPredictor on every quantizer but the first (bench/quality.py)."""
 
     def __init__(self, dim: int, num_quantizers: int, vocab_size: int, dropout: float):
         super().__init__()
@@ -364,11 +361,138 @@ class SkipPredictor(nn.Module):
         q, b, t, d = z.shape
         return torch.baddbmm(self.out_b.unsqueeze(1), z.reshape(q, b * t, d), self.out_w).view(q, b, t, -1)
 
-    def step_logits(self, h_norm: Tensor, film: Tensor, q: int) -> Tensor:
-        """Logits [B, V] of quantizer q for one frame: h_norm [B, D], film [B, 2D] = FiLM(previous)."""
-        gamma, beta = film.chunk(2, dim=-1)
+    def step_logits(self, h_norm: Tensor, previous: Tensor, q: int) -> Tensor:
+        """Logits [B, V] of quantizer q for one frame: h_norm [B, D], previous [B, D] the summed
+        embeddings of the tokens already chosen for quantizers < q."""
+        gamma, beta = self.film(previous + self.which[q]).chunk(2, dim=-1)
         z = F.gelu(self.hidden(torch.addcmul(beta, h_norm, 1 + gamma)))
         return torch.addmm(self.out_b[q], z, self.out_w[q])
+
+
+class FilmPredictor(nn.Module):
+    """Predicts a whole frame in one step, quantizer after quantizer (RVQ: quantizer q refines
+    what quantizers < q left). Quantizer q sees the context h and the tokens of quantizers < q of
+    the same frame (teacher-forced in training, sampled one after the other at inference):
+
+        p_q          = sum of the embeddings of the frame's quantizers < q      (none for q = 0)
+        gamma, beta  = W2_q GELU(W1_q LN(drop(p_q)) + b1_q) + b2_q               one MLP per q
+        logits_q     = U_q GELU(LN(h) * (1 + gamma) + beta) + c_q
+
+    The original MSPrior's MultivariatePredictor (one nonlinear FiLM per quantizer) with its input
+    layer-normalised (a sum of q embeddings grows with q) and FiLM the identity at initialisation
+    (W2 = 0). Weights are stored quantizer-major and input-major ([Q, in, out]): training runs
+    the Q projections as one batched matmul, a streamed frame reads each as x @ W (the fast
+    batch-1 layout, see InputMajorLinear). Per streamed frame: Q-1 FiLM MLPs (3 D^2 multiply-adds
+    each) and Q output projections (D V each).
+    """
+
+    def __init__(self, dim: int, num_quantizers: int, vocab_size: int, dropout: float):
+        super().__init__()
+        self.num_quantizers = num_quantizers
+        self.dim = dim
+        n = max(num_quantizers - 1, 1)  # FiLM MLPs of quantizers 1..Q-1
+        self.norm = nn.LayerNorm(dim)
+        self.prev_norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.film_in = nn.Parameter(torch.randn(n, dim, dim) * 0.02)
+        self.film_in_b = nn.Parameter(torch.zeros(n, dim))
+        self.film_out = nn.Parameter(torch.zeros(n, dim, 2 * dim))  # FiLM = identity at init
+        self.film_out_b = nn.Parameter(torch.zeros(n, 2 * dim))
+        self.out_w = nn.Parameter(torch.randn(num_quantizers, dim, vocab_size) * 0.02)
+        self.out_b = nn.Parameter(torch.zeros(num_quantizers, vocab_size))
+
+    def forward(self, h: Tensor, target_emb: Tensor) -> Tensor:
+        """h [B, T, D], target_emb [B, T, Q, D] (per-quantizer embeddings) -> logits [B, T, Q, V]."""
+        return self.qfirst(h, target_emb.permute(2, 0, 1, 3)).permute(1, 2, 0, 3)
+
+    def _film(self, previous: Tensor) -> Tensor:
+        """previous [Q-1, N, D] (sums of embeddings of quantizers < q, q = 1..Q-1) -> [Q-1, N, 2D]."""
+        u = F.gelu(torch.baddbmm(self.film_in_b.unsqueeze(1), self.prev_norm(self.drop(previous)), self.film_in))
+        return torch.baddbmm(self.film_out_b.unsqueeze(1), u, self.film_out)
+
+    def _modulated(self, h: Tensor, target_emb: Tensor) -> Tensor:
+        """The features GELU(z) [Q, B*T, D] fed to each quantizer's output projection."""
+        q, b, t, d = target_emb.shape
+        h_norm = self.norm(h).reshape(1, b * t, d)
+        if q == 1:
+            return F.gelu(h_norm)
+        previous = (target_emb.cumsum(dim=0) - target_emb)[1:].reshape(q - 1, b * t, d)
+        gamma, beta = self._film(previous).chunk(2, dim=-1)
+        z = torch.cat([h_norm, torch.addcmul(beta, h_norm, 1 + gamma)], dim=0)
+        return F.gelu(z)
+
+    def qfirst(self, h: Tensor, target_emb: Tensor) -> Tensor:
+        """h [B, T, D], target_emb [Q, B, T, D] -> logits [Q, B, T, V] (quantizer-major)."""
+        q, b, t, _ = target_emb.shape
+        z = self._modulated(h, target_emb)
+        return torch.baddbmm(self.out_b.unsqueeze(1), z, self.out_w).view(q, b, t, -1)
+
+    def step_logits(self, h_norm: Tensor, previous: Tensor, q: int) -> Tensor:
+        """Logits [B, V] of quantizer q for one frame: h_norm [B, D] = norm(h), previous [B, D]
+        the summed embeddings of the tokens already chosen for quantizers < q."""
+        z = h_norm
+        if q > 0:
+            u = F.gelu(torch.addmm(self.film_in_b[q - 1], self.prev_norm(previous), self.film_in[q - 1]))
+            gamma, beta = torch.addmm(self.film_out_b[q - 1], u, self.film_out[q - 1]).chunk(2, dim=-1)
+            z = torch.addcmul(beta, h_norm, 1 + gamma)
+        return torch.addmm(self.out_b[q], F.gelu(z), self.out_w[q])
+
+
+def _linear_from(weight_t: Tensor, bias: Tensor) -> nn.Linear:
+    """nn.Linear computing x @ weight_t + bias (weight_t [in, out], input-major)."""
+    lin = nn.Linear(weight_t.shape[0], weight_t.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(weight_t.T)
+        lin.bias.copy_(bias)
+    return lin
+
+
+class Int8FilmPredictor(nn.Module):
+    """FilmPredictor with its per-quantizer matrices split into nn.Linear heads, so dynamic int8
+    (export --quantize int8) covers them: at 16 x 512 they are most of the weights read per frame.
+    Same weights and math."""
+
+    def __init__(self, predictor: FilmPredictor):
+        super().__init__()
+        self.num_quantizers = predictor.num_quantizers
+        self.dim = predictor.dim
+        self.norm = predictor.norm
+        self.prev_norm = predictor.prev_norm
+        self.drop = predictor.drop
+        p = predictor
+        self.films = nn.ModuleList([
+            nn.Sequential(_linear_from(p.film_in[i], p.film_in_b[i]), nn.GELU(), _linear_from(p.film_out[i], p.film_out_b[i]))
+            for i in range(p.film_in.shape[0])
+        ])
+        self.heads = nn.ModuleList([_linear_from(p.out_w[i], p.out_b[i]) for i in range(self.num_quantizers)])
+
+    @torch.jit.unused
+    def forward(self, h, target_emb):  # unannotated: TorchScript types an unused stub as Tensors
+        return self.qfirst(h, target_emb.permute(2, 0, 1, 3)).permute(1, 2, 0, 3)
+
+    @torch.jit.unused
+    def qfirst(self, h, target_emb):
+        """Teacher-forced logits [Q, B, T, V] (validation cross-entropy of the int8 model; eager only)."""
+        q, b, t, d = target_emb.shape
+        h_norm = self.norm(h).reshape(b * t, d)
+        previous = (target_emb.cumsum(dim=0) - target_emb).reshape(q, b * t, d)
+        out = [self.step_logits(h_norm, previous[i], i) for i in range(q)]
+        return torch.stack(out, dim=0).view(q, b, t, -1)
+
+    def step_logits(self, h_norm: Tensor, previous: Tensor, q: int) -> Tensor:
+        z = h_norm
+        if q > 0:
+            p = self.prev_norm(previous)
+            for i, film in enumerate(self.films):  # TorchScript cannot index a ModuleList by a variable
+                if i == q - 1:
+                    gamma, beta = film(p).chunk(2, dim=-1)
+                    z = torch.addcmul(beta, h_norm, 1 + gamma)
+        z = F.gelu(z)
+        out = z
+        for i, head in enumerate(self.heads):
+            if i == q:
+                out = head(z)
+        return out
 
 
 class Int8SkipPredictor(nn.Module):
@@ -402,14 +526,23 @@ class Int8SkipPredictor(nn.Module):
         z = SkipPredictor._modulated(self, h, target_emb)  # type: ignore[arg-type]
         return torch.stack([head(z[i]) for i, head in enumerate(self.heads)], dim=0)
 
-    def step_logits(self, h_norm: Tensor, film: Tensor, q: int) -> Tensor:
-        gamma, beta = film.chunk(2, dim=-1)
+    def step_logits(self, h_norm: Tensor, previous: Tensor, q: int) -> Tensor:
+        gamma, beta = self.film(previous + self.which[q]).chunk(2, dim=-1)
         z = F.gelu(self.hidden(torch.addcmul(beta, h_norm, 1 + gamma)))
         out = z
         for i, head in enumerate(self.heads):  # TorchScript cannot index a ModuleList by a variable
             if i == q:
                 out = head(z)
         return out
+
+
+def int8_predictor(predictor: nn.Module) -> nn.Module:
+    """The predictor with per-quantizer nn.Linear heads, ready for dynamic int8 (same math)."""
+    if isinstance(predictor, FilmPredictor):
+        return Int8FilmPredictor(predictor)
+    if isinstance(predictor, SkipPredictor):
+        return Int8SkipPredictor(predictor)
+    return predictor  # already split
 
 
 class InputMajorLinear(nn.Module):
@@ -434,9 +567,9 @@ class InputMajorLinear(nn.Module):
         return y + self.bias if self.has_bias else y
 
 
-def input_major_linears(module: nn.Module, keep: Tuple[str, ...] = ("predictor.film",)) -> None:
-    """Replace, in place, every nn.Linear of `module` (but those named in `keep`: the streaming
-    path reads `predictor.film.weight` itself) with an InputMajorLinear."""
+def input_major_linears(module: nn.Module, keep: Tuple[str, ...] = ()) -> None:
+    """Replace, in place, every nn.Linear of `module` (but those named in `keep`) with an
+    InputMajorLinear."""
     for name, child in list(module.named_modules()):
         for attr, sub in list(child.named_children()):
             full = f"{name}.{attr}" if name else attr
@@ -531,14 +664,14 @@ class Prior(nn.Module):
         else:
             self.decoder = TransformerStack(cfg, cfg.num_layers, cfg.seq_len, self.cond_window if self.conditioned else 0)
         self.norm = nn.LayerNorm(cfg.dim)
-        self.predictor = SkipPredictor(cfg.dim, facts.num_quantizers, facts.vocab_size, cfg.dropout)
+        predictor = FilmPredictor if cfg.predictor == "film" else SkipPredictor
+        self.predictor = predictor(cfg.dim, facts.num_quantizers, facts.vocab_size, cfg.dropout)
 
         # streaming positions: decoder frames and conditioning frames seen so far
         self.register_buffer("pos", torch.zeros(1, dtype=torch.long), persistent=False)
         self.register_buffer("cond_pos", torch.zeros(1, dtype=torch.long), persistent=False)
-        # prepare_stream: the predictor's FiLM per (quantizer, token) [Q*V, 2D] and per quantizer [Q, 2D]
-        self.register_buffer("film_rows", torch.zeros(0, 2 * cfg.dim), persistent=False)
-        self.register_buffer("film_which", torch.zeros(0, 2 * cfg.dim), persistent=False)
+        # prepare_stream: the embedding table's rows at model width [Q*V, D] (projected when pretrained)
+        self.register_buffer("emb_rows", torch.zeros(0, cfg.dim), persistent=False)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -622,11 +755,11 @@ class Prior(nn.Module):
         tokens the model hesitates between (1 = certain, V = knows nothing), whatever was emitted.
         """
         h_norm = self.predictor.norm(h)
-        film = torch.zeros(h.shape[0], 2 * h.shape[1], dtype=h.dtype, device=h.device)  # FiLM of tokens < q
+        previous = torch.zeros_like(h)  # summed embeddings of the tokens chosen for quantizers < q
         tokens: List[Tensor] = []  # [B, 1] each
         spread: List[Tensor] = []  # exp(entropy) of each quantizer's distribution [B, 1]
         for q in range(self.num_quantizers):
-            logits = self.predictor.step_logits(h_norm, film + self._film_which(q), q)
+            logits = self.predictor.step_logits(h_norm, previous, q)
             logp = torch.log_softmax(logits.float(), dim=-1)
             if given is not None:
                 tok = given[:, q : q + 1].long()
@@ -635,37 +768,28 @@ class Prior(nn.Module):
             else:
                 tok = sample_categorical(logp, temperature)
             spread.append(torch.exp(-(logp.exp() * logp).sum(dim=1, keepdim=True)))
-            film = film + self._film_rows(tok.view(-1) + q * self.vocab_size)
+            if q + 1 < self.num_quantizers:
+                previous = previous + self._emb_rows(tok.view(-1) + q * self.vocab_size).to(previous.dtype)
             tokens.append(tok)
         return torch.cat(tokens, dim=1), torch.cat(spread, dim=1).mean(dim=1)
 
-    def _film_which(self, q: int) -> Tensor:
-        """FiLM of "predicting quantizer q" (with the film bias) [2D]: precomputed when prepared."""
-        if self.film_which.numel() > 0:
-            return self.film_which[q]
-        return self.predictor.film(self.predictor.which[q])
-
-    def _film_rows(self, index: Tensor) -> Tensor:
-        """FiLM contribution (no bias) of embedding-table rows `index` [B] -> [B, 2D]."""
-        if self.film_rows.numel() > 0:
-            return self.film_rows.index_select(0, index)
-        return F.linear(self.embedding.rows(index), self.predictor.film.weight)
+    def _emb_rows(self, index: Tensor) -> Tensor:
+        """Embeddings [B, D] of flat table rows `index` [B] (row = q * V + token)."""
+        if self.emb_rows.numel() > 0:
+            return self.emb_rows.index_select(0, index)
+        return self.embedding.rows(index)
 
     @torch.jit.unused
     def prepare_stream(self) -> None:
-        """Precompute the predictor's FiLM per (quantizer, token) and per quantizer, so that each
-        sampling step is a row gather (export / realtime). Call again after the weights change;
-        `drop_stream_tables` forgets them (training)."""
-        film = self.predictor.film
+        """Precompute the embedding table at model width (export / realtime): a sampling step then
+        gathers a row instead of projecting a pretrained RAVE codebook entry. Call again after the
+        weights change; `drop_stream_tables` forgets it (training)."""
         with torch.no_grad():
-            rows = self.embedding.rows(torch.arange(self.num_quantizers * self.vocab_size, device=self.pos.device))
-            self.film_rows = F.linear(rows, film.weight)  # [Q*V, 2D]
-            self.film_which = film(self.predictor.which)  # [Q, 2D]
+            self.emb_rows = self.embedding.rows(torch.arange(self.num_quantizers * self.vocab_size, device=self.pos.device))
 
     @torch.jit.unused
     def drop_stream_tables(self) -> None:
-        self.film_rows = self.film_rows[:0]
-        self.film_which = self.film_which[:0]
+        self.emb_rows = self.emb_rows[:0]
 
     @torch.jit.ignore
     def sample(self, context: Tensor, cond: Optional[Tensor] = None, temperature: float = 1.0) -> Tuple[Tensor, Tensor]:
