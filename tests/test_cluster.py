@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 import zipfile
@@ -90,6 +91,98 @@ def test_launcher_yaml_shape():
     torch_pin = re.search(r"TORCH\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text()).group(1)
     assert any(torch_pin in cmd for cmd in c["setup_commands"])
     assert any("constraints.txt" in cmd for cmd in c["setup_commands"])
+
+
+# --- least privilege on AWS (cluster/iam/, cluster/aws-setup.sh) -----------------------------
+
+IAM = CLUSTER / "iam"
+
+
+def test_launcher_creates_no_role_and_no_open_ssh(monkeypatch):
+    """Every node type names its instance profile and security group: Ray's own bootstrap steps
+    (what `ray up` runs) then leave both alone, instead of creating a head role with
+    AmazonEC2FullAccess + AmazonS3FullAccess and a group with SSH from 0.0.0.0/0. Offline: with a
+    field missing they would call AWS and fail here."""
+    from ray.autoscaler._private.aws import config as aws
+
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    full = ray_validate(load(CLUSTER / "aws.yaml"))
+    full["head_node"] = {}
+    before = copy.deepcopy(full)
+    assert aws._configure_iam_role(full) == before and full["head_node"] == {}
+    assert aws._configure_security_group(full) == before
+    profiles = {t: n["node_config"]["IamInstanceProfile"]["Arn"] for t, n in full["available_node_types"].items()}
+    assert profiles == {"head": "arn:aws:iam::ACCOUNT_ID:instance-profile/msprior-head",
+                        "gpu": "arn:aws:iam::ACCOUNT_ID:instance-profile/msprior-worker"}
+
+
+def _statements(name: str) -> list:
+    return json.loads((IAM / name).read_text())["Statement"]
+
+
+def test_iam_policies_are_scoped_to_the_bucket_and_the_cluster():
+    cluster_name = load(CLUSTER / "aws.yaml")["cluster_name"]
+    bucket = {"arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/*"}
+    for name in ("msprior-node-policy.json", "msprior-head-policy.json"):
+        for st in _statements(name):
+            assert st["Effect"] == "Allow" and "NotAction" not in st and "NotResource" not in st
+            for action in st["Action"]:
+                assert "*" not in action, (name, action)  # no s3:*, ec2:*, iam:*
+                if action.startswith("s3:"):
+                    assert st["Resource"] in bucket, (name, st)
+                if action in ("ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"):
+                    assert st["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == cluster_name
+                if action == "ec2:CreateTags":
+                    assert st["Condition"]["StringEquals"], st  # while launching, or on our nodes
+                if action == "iam:PassRole":
+                    assert st["Resource"] == "arn:aws:iam::ACCOUNT_ID:role/msprior-worker"
+    node_actions = {a for st in _statements("msprior-node-policy.json") for a in st["Action"]}
+    assert all(a.startswith("s3:") for a in node_actions)
+
+
+def _fake_aws(tmp_path) -> Path:
+    """An `aws` CLI stand-in (no cloud here) that records each call and answers the look-ups."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "aws"
+    script.write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        echo "$*" >> {tmp_path / 'calls'}
+        case "$*" in
+          "sts get-caller-identity"*) echo 123456789012 ;;
+          "iam get-"*) exit 254 ;;
+          "ec2 describe-vpcs"*) echo vpc-0abc ;;
+          "ec2 describe-security-groups"*) echo None ;;
+          "ec2 create-security-group"*) echo sg-0123 ;;
+        esac
+        """))
+    script.chmod(0o755)
+    return bin_dir
+
+
+def test_aws_setup_opens_ssh_to_the_given_cidr_only(tmp_path):
+    out = tmp_path / "aws.local.yaml"
+    env = {**os.environ, "PATH": f"{_fake_aws(tmp_path)}:{os.environ['PATH']}", "AWS_LOCAL_YAML": str(out)}
+    run = lambda *a: subprocess.run([str(CLUSTER / "aws-setup.sh"), *a], cwd=ROOT, env=env,  # noqa: E731
+                                    text=True, capture_output=True, timeout=60)
+    for bad in (["my-bucket", "0.0.0.0/0"], ["my-bucket", "10.0.0.0/8"], ["My_Bucket", "203.0.113.7/32"], ["b"]):
+        r = run(*bad)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (bad, r.stderr)
+        assert not (tmp_path / "calls").exists()  # refused before any AWS call
+    r = run("my-bucket", "203.0.113.7/32")
+    assert r.returncode == 0, r.stderr
+    calls = (tmp_path / "calls").read_text()
+    assert "IpProtocol=tcp,FromPort=22,ToPort=22,IpRanges=[{CidrIp=203.0.113.7/32}]" in calls
+    assert "0.0.0.0/0" not in calls and "FullAccess" not in calls
+    assert '"arn:aws:s3:::my-bucket/*"' in calls and "BUCKET" not in calls
+    cfg = ray_validate(load(out))
+    for node in cfg["available_node_types"].values():
+        assert node["node_config"]["SecurityGroupIds"] == ["sg-0123"]
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::123456789012:")
 
 
 # --- KubeRay manifests (cluster/kuberay/*.yaml) -----------------------------------------------
@@ -184,6 +277,42 @@ def test_kuberay_manifests_agree():
     assert env["excludes"] == shared["excludes"] and env["env_vars"] == shared["env_vars"]
     # A working_dir inside the image is uploaded by the submitter pod: HTTPMode could not.
     assert env["working_dir"].startswith("/") and job["spec"]["submissionMode"] == "K8sJobMode"
+
+
+# core/v1 ServiceAccount, the fields msprior uses, closed like the KubeRay subset schema
+SERVICE_ACCOUNT_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "automountServiceAccountToken"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "v1"}, "kind": {"const": "ServiceAccount"},
+        "automountServiceAccountToken": {"type": "boolean"},
+        "metadata": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+            "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}},
+}
+
+
+def test_kuberay_pods_run_as_scoped_service_accounts(kuberay_validator):
+    """Head and workers run as their own ServiceAccounts (IRSA: the bucket-only IAM policy), the
+    workers without a Kubernetes token; the file grants no RBAC of its own."""
+    import jsonschema
+
+    accounts = {d["metadata"]["name"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "serviceaccounts.yaml").read_text())}
+    for doc in accounts.values():
+        jsonschema.validate(doc, SERVICE_ACCOUNT_SCHEMA)
+        assert doc["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == "arn:aws:iam::ACCOUNT_ID:role/msprior-k8s-node"
+    for path in MANIFESTS:
+        doc = load(path)
+        assert schema_errors(kuberay_validator, doc) == []
+        spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+        head = spec["headGroupSpec"]["template"]["spec"]
+        assert head["serviceAccountName"] == "msprior-head" and accounts["msprior-head"]["automountServiceAccountToken"]
+        for group in spec["workerGroupSpecs"]:
+            pod = group["template"]["spec"]
+            assert pod["serviceAccountName"] == "msprior-worker" and pod["automountServiceAccountToken"] is False
+    assert accounts["msprior-worker"]["automountServiceAccountToken"] is False
+    assert set(accounts) == {"msprior-head", "msprior-worker"}
 
 
 def test_rayjob_entrypoint_flags_exist():
