@@ -122,12 +122,12 @@ def place(folder: str) -> None:
 def session(command: str, quiet: bool = True) -> Iterator[Optional[str]]:
     """Send fds 1 and 2 to a log file for the duration of a command; yields the log path."""
     global _user, _log_path
+    from msprior.redact import install_log_redaction
+
+    install_log_redaction()  # log records and a crash's traceback are written redacted
     if not quiet or _user is not None:
         yield None
         return
-    from msprior.redact import install_log_redaction
-
-    install_log_redaction()  # log records of every library reach the log file redacted
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     _log_path, log_fd = _new_log(user_log_dir(), f"{command}-{stamp}-{os.getpid()}")
     sys.stdout.flush()

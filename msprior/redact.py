@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlencode
 
@@ -103,9 +104,19 @@ _FILTER = RedactFilter()
 LOGGERS = ("", "msprior", "ray", "mlflow", "ray.tune", "ray.train", "ray.data")
 
 
+def _excepthook(kind, value, tb) -> None:
+    """An uncaught exception's traceback, redacted, on stderr (Python's own hook prints it raw)."""
+    import traceback
+
+    sys.stderr.write(redact_text("".join(traceback.format_exception(kind, value, tb))))
+
+
 def install_log_redaction(names=LOGGERS) -> None:
     """Put `RedactFilter` on our loggers and Ray's and MLflow's, and on every handler they have
-    now (a logger's own filters skip records of its children; its handlers' filters see them)."""
+    now (a logger's own filters skip records of its children; its handlers' filters see them);
+    an uncaught exception's traceback is printed redacted too."""
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _excepthook
     handlers = [logging.lastResort] if logging.lastResort else []
     for name in names:
         logger = logging.getLogger(name)

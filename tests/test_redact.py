@@ -74,3 +74,15 @@ def test_log_records_are_redacted_by_every_handler(monkeypatch):
     assert "pw1234567" not in text and "s3cr3t-value-xyz" not in text and "X-Amz-Signature" not in text, text
     err = RedactedError.of(ValueError("bad http://u:pw1234567@h:1"))
     assert str(err) == "ValueError: bad http://h:1"
+
+
+def test_an_uncaught_exception_prints_redacted():
+    """The last boundary: a crash's traceback on stderr (Python's own hook prints it raw)."""
+    import subprocess
+    import sys
+
+    code = ("from msprior.redact import install_log_redaction\ninstall_log_redaction()\n"
+            "raise ConnectionError('MLflow at http://bob:pw-987654@mlflow:5000 refused')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" in r.stderr
+    assert "ConnectionError: MLflow at http://mlflow:5000 refused" in r.stderr and "pw-987654" not in r.stderr
