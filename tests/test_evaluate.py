@@ -125,3 +125,14 @@ def test_generation_check_samples_through_the_streaming_path(run_dir, train_tabl
         frame, _ = prior.eval().sample(ctx, temperature=0.0)
         assert torch.equal(frame, gen[:, t]), t
         ctx = torch.cat([ctx, frame[:, None]], dim=1)
+
+
+def test_evaluate_agrees_with_the_bench_scorer(run_dir, train_table):
+    """bench/quality.py scores msprior's prior on its own held-out windows: the same numbers (1e-3)."""
+    from bench.quality_msprior import heldout_windows, score, table_chunks
+    from msprior.export.run import load_trained
+    from msprior.train.evaluate import EvaluateRequest, evaluate
+
+    bench = score(load_trained(run_dir).prior, heldout_windows(table_chunks(train_table), 16))
+    r = evaluate(EvaluateRequest(run=run_dir, db_path=train_table), echo=lambda s: None)
+    assert r["ce_q"] == pytest.approx(bench, abs=1e-3)
