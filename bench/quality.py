@@ -78,6 +78,11 @@ def parse_args(argv=None):
     p.add_argument("--no_original", action="store_true", help="never train the original; use cached results only")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training (the machine is shared)")
     p.add_argument("--label", default="", help="name of msprior's rows in the table")
+    p.add_argument("--only", choices=["original", "msprior"], default=None,
+                   help="train one tool only (the other's cached results, if any, are still reported)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings run at once (each its own process when > 1)")
+    p.add_argument("--msprior_job", type=int, default=None, help=argparse.SUPPRESS)  # internal: one seed
+    p.add_argument("--job_out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -94,10 +99,13 @@ def preprocess(audio: str, out: str, log: str) -> None:
         return
     cmd = [sys.executable, "-m", "msprior", "preprocess", "--audio", audio, "--out_path", out, "--rave", RAVE,
            "--num_secs", repr(corpus.FILE_SECS), "--condition_ratio", "0"]
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
-    if r.returncode != 0:
-        raise SystemExit(f"bench/quality: msprior preprocess failed (exit {r.returncode}); see {log}")
+    for attempt in range(3):  # a re-run resumes; Ray's dashboard was seen to time out on a loaded machine
+        with open(log, "w") as f:
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        if r.returncode == 0:
+            return
+        print(f"msprior preprocess failed (exit {r.returncode}, try {attempt + 1} of 3); see {log}", flush=True)
+    raise SystemExit(f"bench/quality: msprior preprocess failed 3 times; see {log}")
 
 
 def tokens(args) -> dict:
@@ -182,7 +190,7 @@ def run_original(args, meta, seed: int) -> dict:
         res = json.load(open(out))
         res["cached"] = True
         return res
-    if args.no_original:
+    if args.no_original or args.only == "msprior":
         return {}
     py = orig_venv(args.cache)
     os.makedirs(work, exist_ok=True)
@@ -234,6 +242,40 @@ def run_msprior(args, meta, seed: int) -> dict:
             "overrides": args.override, "params": sum(p.numel() for p in prior.parameters())}
 
 
+def msprior_in_subprocess(args, meta, seed: int, argv) -> dict:
+    """run_msprior in its own process (own RNG and threads): this script with --msprior_job."""
+    out = os.path.join(args.cache, "results", f"job-{os.getpid()}-seed{seed}.json")
+    log = out[:-5] + ".log"
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__)] + list(argv) +
+                           ["--msprior_job", str(seed), "--job_out", out], stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        raise SystemExit(f"bench/quality: msprior seed {seed} failed (exit {r.returncode}); see {log}")
+    res = json.load(open(out))
+    os.remove(out)
+    return res
+
+
+def run_all(args, meta, seeds, argv):
+    """Both tools for every seed, `--jobs` trainings at a time (the original's longest first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def job(tool_seed):
+        tool, seed = tool_seed
+        if tool == "original":
+            return run_original(args, meta, seed)
+        if args.only == "original":
+            return {}
+        if args.jobs > 1:
+            return msprior_in_subprocess(args, meta, seed, argv)
+        return run_msprior(args, meta, seed)
+
+    todo = [("original", s) for s in seeds] + [("msprior", s) for s in seeds]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        done = list(pool.map(job, todo))
+    return [r for r in done[:len(seeds)] if r], [r for r in done[len(seeds):] if r]
+
+
 def _chunks(path: str):
     z = np.load(path)
     starts = np.concatenate([[0], np.cumsum(z["lengths"])[:-1]])
@@ -276,16 +318,19 @@ def gain_ratio(report: dict):
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     if len(seeds) < 1:
         raise SystemExit("bench/quality: --seeds needs at least one seed")
     t0 = time.time()
     meta = tokens(args)
+    if args.msprior_job is not None:
+        ms.write_json(args.job_out, run_msprior(args, meta, args.msprior_job))
+        return
     windows = np.load(os.path.join(meta["dir"], "heldout_windows.npy"))
     unigram = ms.unigram_ce(_chunks(os.path.join(meta["dir"], "train.npz")), windows, meta["vocab_size"])
-    original = [r for r in (run_original(args, meta, s) for s in seeds) if r]
-    msprior = [run_msprior(args, meta, s) for s in seeds]
+    original, msprior = run_all(args, meta, seeds, argv)
     label = args.label or ("msprior" + (f" ({', '.join(args.override)})" if args.override else "")
                            + ("" if args.msprior_train == "inprocess" else ", `msprior train`"))
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
@@ -299,7 +344,7 @@ def main(argv=None) -> None:
     print(f"\ncorpus {meta['corpus']}: {meta['train_chunks']} training chunks ({meta['train_frames']} frames), "
           f"{meta['heldout_windows']} held-out windows of {args.seq_len + 1} frames; {args.steps} steps, batch "
           f"{args.batch_size}; params original {original[0]['params'] if original else '?'}, msprior "
-          f"{msprior[0]['params']}\n")
+          f"{msprior[0]['params'] if msprior else '?'}\n")
     print(table(report))
     g = report["gain_ratio"]
     print(f"\ngain ratio (unigram - msprior) / (unigram - original): {g:.3f}" if g is not None else "\nno original results")

@@ -91,6 +91,7 @@ def first_buffers(path: str, warm: bool, sr: int, n_vec: int = 4096, count: int 
     host = Host(path)
     if warm:
         host.model.set_sample_rate(sr)  # nn~: once on load, on the loading thread
+    host.set("listen", "false")  # generate (exports start listening, the original's default)
     rng = np.random.default_rng(0)
     out = {}
     for phase in ("load", "reset"):
@@ -167,6 +168,7 @@ def main() -> None:
         if label != "fp32 [out,in]":
             paths[label] = save_scripted(m, os.path.join(tmp, f"{label}.ts"), {})
         m.set_temperature(1.0)
+        m.set_listen("false")  # exports start listening (the original's default)
         x = torch.zeros(1, args.quantizers, 1)  # one frame, generate mode
         with torch.inference_mode():
             m.set_sample_rate(args.sr)  # warm-up, as nn~ triggers it on load

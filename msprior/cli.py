@@ -20,6 +20,7 @@ from msprior import console, flags
 from msprior.data.preprocess import PreprocessRequest
 from msprior.demo import CodecRequest, DemoRequest
 from msprior.errors import UserError
+from msprior.export.combine import CombineRequest
 from msprior.export.publish import ExportRequest
 from msprior.pipeline import PipelineRequest
 from msprior.redact import redact_text, redact_uri
@@ -77,8 +78,7 @@ def _parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
     if meta[flags.ARGUMENT]:
         info = typer.Argument(default, help=meta[flags.HELP])
     else:
-        names = [meta[flags.NAMES]] if meta[flags.NAMES] and "/" in meta[flags.NAMES] else \
-            _spellings(meta[flags.NAMES] or f"--{f.name}")
+        names = _spellings(meta[flags.NAMES] or f"--{f.name}")  # "--a_b/--no-a_b": "--a-b/--no-a-b" too
         info = typer.Option(default, *names, help=meta[flags.HELP])
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=cli_type)
 
@@ -153,7 +153,7 @@ def tune_cmd(req: SweepRequest) -> None:
 
 def export_cmd(req: ExportRequest) -> None:
     """Export a trained prior as a TorchScript model for nn~ (Max/MSP, PureData) and register it."""
-    console.place(os.path.dirname(os.path.abspath(req.out)))
+    console.place(os.path.dirname(os.path.abspath(req.out)) if req.out else req.run if os.path.isdir(req.run) else ".")
     from msprior.export.publish import export_and_publish
 
     export_and_publish(req, echo=console.echo)
@@ -164,6 +164,29 @@ def evaluate_cmd(req: EvaluateRequest) -> None:
     from msprior.train.evaluate import evaluate
 
     evaluate(req, echo=console.echo)
+
+
+def combine_cmd(req: CombineRequest) -> None:
+    """Put a prior export and a streaming RAVE export in one nn~ file: RAVE's encode/decode/forward, the
+    prior as `prior`, the prior's attributes, and `generate` (control inlets in, audio out)."""
+    from msprior.export.combine import combine
+
+    combine(req, echo=console.echo)
+
+
+@dataclasses.dataclass
+class CompactRequest:
+    """The original's `compact` flags, accepted so that its command line gets a useful answer."""
+
+    db: str = flags.flag(help="The original's LMDB database (a latent table here).")
+    max_elm: Optional[int] = flags.flag(None, "The original's number of entries to keep.")
+
+
+def compact_cmd(req: CompactRequest) -> None:
+    """Not needed here (the original copied the first N entries of an LMDB database to DB_compact)."""
+    raise UserError(f"compact --db {req.db}: not needed here: a latent table is zstd Parquet read through its index "
+                    "(nothing to compact); to train on less material, run `msprior preprocess` on a subset of "
+                    "the audio folder")
 
 
 def pull_cmd(req: PullRequest) -> None:
@@ -196,6 +219,8 @@ command("train", TrainRequest, train_cmd)
 command("tune", SweepRequest, tune_cmd)
 command("export", ExportRequest, export_cmd)
 command("evaluate", EvaluateRequest, evaluate_cmd)
+command("combine", CombineRequest, combine_cmd)
+command("compact", CompactRequest, compact_cmd)
 command("pull", PullRequest, pull_cmd)
 command("pipeline", PipelineRequest, pipeline_cmd)
 command("demo", DemoRequest, demo_cmd)

@@ -2,12 +2,16 @@
 
 It loads the file with `torch.jit.load` ONLY (it never imports msprior) and reproduces the backend:
   * methods from `get_methods()`, each with its `<method>_params` = [in_ch, in_ratio, out_ch, out_ratio];
-  * `perform`: per-channel audio buffers of n_vec samples -> (B, in_ch, n_vec / in_ratio) by taking
-    the LAST sample of each in_ratio block; the output is upsampled by sample-and-hold
-    (`repeat_interleave(out_ratio)`) and must have exactly n_vec samples, else it is refused;
+  * `perform`: per-channel audio buffers of n_vec samples, channel-major (buffer c * B + b is channel
+    c of stream b) -> (B, in_ch, n_vec / in_ratio) by taking the LAST sample of each in_ratio block;
+    the output is upsampled by sample-and-hold (`repeat_interleave(out_ratio)`), stream-major, and
+    must have exactly n_vec samples, else it is refused;
   * attributes from `get_attributes()` ("none" ignored), typed by `<attr>_params`; setters get the
-    message's strings converted like the backend does (bool via std::boolalpha, int via stoi, float
-    via stof, str untouched) and a non-zero return is a failure; getters must return a list.
+    message's strings converted like the backend does (parsing_utils.cpp: bool is false only for "0"
+    and "false", int via stoi, float via stof, str untouched) and a non-zero return is a failure;
+    getters must return a list (or a tuple).
+  * Pd hands a number in a `set` message over as `std::to_string(float)`: `set listen 0` arrives as
+    "0.000000" (`pd_arg` below).
 
 Run as a script (`python nn_host.py REPORT.json MODEL.ts [MODEL.ts ...]`) it drives each model
 through the checks of tests/test_export.py and a 60 s stream in 4096-sample buffers, toggling
@@ -31,8 +35,13 @@ class HostError(RuntimeError):
     pass
 
 
-def to_bool(s: str) -> bool:  # `is >> std::boolalpha >> b`: only "true" parses as true
-    return s.strip().lower() == "true"
+def to_bool(s: str) -> bool:  # parsing_utils.cpp: anything but "0" and "false" is TRUE
+    return not (s == "0" or s == "false")
+
+
+def pd_arg(value) -> str:
+    """A `set` argument as nn~'s Pd frontend passes it on: a float atom becomes std::to_string."""
+    return f"{float(value):.6f}" if isinstance(value, (int, float)) else str(value)
 
 
 def to_int(s: str) -> int:  # std::stoi: leading integer
@@ -68,7 +77,7 @@ class Host:
         in_dim, in_ratio, out_dim, out_ratio = self.params(method)
         n_vec = buffers.shape[1]
         x = torch.from_numpy(np.ascontiguousarray(buffers, dtype=np.float32)).reshape(1, -1, n_vec)
-        x = x.reshape(n_batches, in_dim, -1, in_ratio).select(-1, -1)
+        x = x.reshape(in_dim, n_batches, -1, in_ratio).select(-1, -1).permute(1, 0, 2)
         with torch.inference_mode():
             y = getattr(self.model, method)(x)
         y = y.repeat_interleave(out_ratio).reshape(n_batches, out_dim, -1)
@@ -87,7 +96,7 @@ class Host:
 
     def get(self, attr: str) -> list:
         value = getattr(self.model, f"get_{attr}")()
-        if not isinstance(value, (list, tuple)):
+        if not isinstance(value, (list, tuple)):  # Backend::get_attribute: toList, else toTuple
             raise HostError(f"get_{attr} returned {type(value).__name__}, not a list (nn~ 1.6's get breaks)")
         return list(value)
 
@@ -111,7 +120,8 @@ class Host:
 
 
 def _signal(rng: np.random.Generator, m, n_batches: int, n_vec: int) -> np.ndarray:
-    """Per-channel audio-rate buffers holding one value per RAVE frame (what a [nn~ rave encode] sends)."""
+    """Per-channel audio-rate buffers holding one value per RAVE frame (what a [nn~ rave encode] sends),
+    channel-major as nn~ hands them to the backend."""
     q, ratio = int(m.num_quantizers), int(m.ratio)
     frames = n_vec // ratio
     if bool(m.continuous):
@@ -126,7 +136,7 @@ def _signal(rng: np.random.Generator, m, n_batches: int, n_vec: int) -> np.ndarr
     held = np.concatenate([lat, cond], 1).astype(np.float32).repeat(ratio, axis=2)
     if n_vec % ratio:
         held = np.concatenate([held, held[:, :, -1:].repeat(n_vec % ratio, 2)], 2)
-    return held.reshape(n_batches * (q + c), n_vec)
+    return held.transpose(1, 0, 2).reshape((q + c) * n_batches, n_vec)
 
 
 def check_model(path: str, seconds: float = 60.0, n_vec: int = 4096, seed: int = 0) -> Dict:
@@ -145,7 +155,8 @@ def check_model(path: str, seconds: float = 60.0, n_vec: int = 4096, seed: int =
     codes = {}
     for attr, value in [("temperature", "0.5"), ("temperature", "-1.000000"), ("temperature", "0.000000"),
                         ("listen", "1.000000"), ("listen", "0.000000"), ("listen", "true"), ("listen", "bogus"),
-                        ("listen", "false"), ("reset", "0.000000")]:
+                        ("listen", "false"), ("listen", "1"), ("listen", "0"), ("reset", "0.000000"),
+                        ("learn_context", pd_arg(1)), ("learn_context", "false")]:
         codes[f"{attr}={value}"] = [host.set(attr, value), host.get(attr)]
     r["setters"] = codes
     r["set_sample_rate"] = int(m.set_sample_rate(48000))
@@ -157,7 +168,7 @@ def check_model(path: str, seconds: float = 60.0, n_vec: int = 4096, seed: int =
     host.set("listen", "true")
     x = _signal(rng, m, batch, n_vec)
     y = host.perform(x, batch)
-    xin = x.reshape(batch, in_ch, n_vec)[:, :q]
+    xin = x.reshape(in_ch, batch, n_vec).transpose(1, 0, 2)[:, :q]
     yout = y.reshape(batch, out_ch, n_vec)
     r["listen_passthrough"] = bool(np.array_equal(xin, yout[:, :q]))
     r["listen_perplexity_finite"] = bool(np.isfinite(yout[:, q]).all() and (yout[:, q] >= 1.0 - 1e-4).all())
@@ -221,6 +232,7 @@ def first_buffers(path: str, n_vec: int, sr: int, count: int = 10) -> Dict[str, 
     not asserted (no timing assertions in tests); bench/realtime.py reports them against a buffer."""
     host = Host(path)
     host.model.set_sample_rate(sr)
+    host.set("listen", "false")  # exports start listening, as the original's
     rng = np.random.default_rng(0)
     out: Dict[str, List[float]] = {}
     for phase in ("load", "reset"):

@@ -322,6 +322,10 @@ def test_ema_weights_flag_picks_the_weights(exported, tmp_path):
         key = "embedding.table.weight"
         assert torch.equal(loaded.prior.state_dict()[key], expected[key]), flag
         assert loaded.state["weights"] == ("raw" if flag is False else "ema")
+    for flag, weights in [("--no-ema_weights", "raw"), ("--ema-weights", "ema")]:  # both spellings
+        out = str(tmp_path / f"{weights}.ts")
+        assert _main("export", "--run", ckpt, "--out", out, "--no-register", flag) == 0
+        assert read_metadata(out)["weights"] == weights
 
 
 def test_export_of_an_s3_run_lands_in_its_prefix(exported, s3_env, tmp_path, capsys):

@@ -36,13 +36,14 @@ ALLOWED: Dict[str, Set[str]] = {
               "tracking", "redact"},
     "export": {"errors", "storage", "config", "model", "checkpoint", "metadata", "redact", "latent_bins"},
     "registry": {"errors", "flags", "redact", "storage", "tracking", "metadata"},
+    "combine": {"errors", "flags", "metadata", "rave"},  # msprior/export/combine.py: prior + RAVE in one .ts
     "publish": {"errors", "flags", "redact", "storage", "export", "registry", "checkpoint", "tracking", "metadata",
                 "train", "config", "model"},
     "pipeline": {"errors", "flags", "console", "redact", "storage", "config", "data", "train", "checkpoint",
                  "export", "publish", "registry", "tracking"},
     "demo": {"flags", "codec", "data", "pipeline"},
     "cli": {"errors", "flags", "console", "redact", "config", "codec", "data", "train", "export", "publish",
-            "registry", "pipeline", "demo"},
+            "registry", "pipeline", "demo", "combine"},
     "devstack": set(),  # not in the wheel: tests and cluster/local.sh
 }
 
@@ -53,6 +54,8 @@ def _part(module: str) -> str | None:
         return None
     if parts[1] == "export" and len(parts) > 2 and parts[2] in ("publish", "evaluate"):
         return "publish"  # after an export: int8 effect on validation windows, preview, registration
+    if parts[1] == "export" and len(parts) > 2 and parts[2] == "combine":
+        return "combine"  # reads a RAVE export (msprior.rave), which the export of a run never needs
     if parts[1] == "export" and len(parts) > 2 and parts[2] == "metadata":
         return "metadata"  # the export's metadata contract, a leaf that the registry reads
     return parts[1]

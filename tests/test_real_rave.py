@@ -149,6 +149,7 @@ def _export_and_pull(run_dir: str, tmp: Path, name: str, *extra: str) -> torch.j
 def _generate(prior: torch.jit.ScriptModule, frames: int) -> torch.Tensor:
     """A generated stream from the exported prior, as nn~ calls it: latents [1, Q, frames]."""
     in_ch, ratio, out_ch, _ = prior.forward_params.tolist()
+    prior.set_listen("false")  # exports start listening (the original's default): generate
     with torch.no_grad():
         y = prior.forward(torch.zeros(1, in_ch, frames))
     assert y.shape == (1, out_ch, frames) and torch.isfinite(y).all()

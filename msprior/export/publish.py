@@ -24,7 +24,8 @@ class ExportRequest:
     """What `msprior export` is asked: one nn~ file from a run, then (by default) its registration."""
 
     run: str = flag(help="Run directory (local or s3://), MLflow run id, or a checkpoint dir/file.")
-    out: str = flag("model.ts", "Output TorchScript file for nn~.")
+    out: Optional[str] = flag(None, "Output TorchScript file for nn~ (local). Default: RUN/<run name>.ts, as the "
+                                    "original (an s3:// run: in its prefix).")
     checkpoint: str = flag("best", "best | last checkpoint of the run.")
     batch_size: int = flag(1, "Parallel streams (nn~ mc channels); any training batch size.")
     continuous: bool = flag(False, "Latents in/out (continuous RAVE); the manifest decides anyway.")
@@ -33,20 +34,41 @@ class ExportRequest:
     register: bool = flag(True, "Register a version in MLflow.", names="--register/--no-register")
     tracking_uri: Optional[str] = flag(None, "MLflow tracking URI (default: the run's).")
     preview_secs: float = flag(PREVIEW_SECS, "Seconds of generated audio logged with the registered version (0: none).")
+    ema_weights: Optional[bool] = flag(None, "The original's flag: the EMA weights if the run kept them (msprior's "
+                                             "default too); --no-ema_weights: the raw weights.",
+                                       names="--ema_weights/--no-ema_weights")
+    temporal_ratio: Optional[int] = flag(None, "The original's flag (RAVE's samples per frame): read from the latent "
+                                               "table here; a value given must agree with it.")
+    vae_path: Optional[str] = flag(None, "The original's semantic VAE: not supported (one-line error naming the "
+                                         "replacement).")
 
 
 def export_and_publish(req: ExportRequest, echo: Callable[[str], Any] = print) -> Optional[Dict[str, Any]]:
     """`msprior export`: write the nn~ file; register it unless asked not to (registration's dict)."""
-    from msprior.export.run import export_run, sha256_file
+    import tempfile
 
-    path = export_run(req.run, req.out, checkpoint=req.checkpoint, batch_size=req.batch_size,
-                      continuous=True if req.continuous else None, quantize=req.quantize,
-                      tracking_uri=req.tracking_uri)
-    echo(f"exported {path} (sha256 {sha256_file(path)[:12]})")
-    if not req.register:
-        return None
-    return publish(path, run=req.run, checkpoint=req.checkpoint, name=req.name, tracking_uri=req.tracking_uri,
-                   preview_secs=req.preview_secs, measure_int8=req.quantize == "int8", echo=echo)
+    from msprior.export.run import ExportError, default_out, export_run, sha256_file
+
+    if req.vae_path:
+        raise ExportError(f"--vae_path {req.vae_path}: msprior has no semantic-VAE conditioning; its seq2seq "
+                          "configs condition on audio features (encoder_decoder_continuous) or their k-means "
+                          "tokens (encoder_decoder), computed by `msprior preprocess`")
+    out = req.out or default_out(req.run, req.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="msprior-export-") as tmp:
+        local = os.path.join(tmp, os.path.basename(out)) if storage.is_s3(out) else out
+        path = export_run(req.run, local, checkpoint=req.checkpoint, batch_size=req.batch_size,
+                          continuous=True if req.continuous else None, quantize=req.quantize,
+                          tracking_uri=req.tracking_uri, ema_weights=req.ema_weights,
+                          temporal_ratio=req.temporal_ratio)
+        if storage.is_s3(out):
+            with open(local, "rb") as f:
+                storage.write_bytes(out, f.read())
+            path = out
+        echo(f"exported {path} (sha256 {sha256_file(local)[:12]})")
+        if not req.register:
+            return None
+        return publish(local, run=req.run, checkpoint=req.checkpoint, name=req.name, tracking_uri=req.tracking_uri,
+                       preview_secs=req.preview_secs, measure_int8=req.quantize == "int8", echo=echo)
 
 
 def publish(ts_path: str, *, run: Optional[str] = None, checkpoint: str = "best", name: Optional[str] = None,
