@@ -237,7 +237,8 @@ def run_msprior(args, meta, seed: int) -> dict:
         prior, steps_done = ms.load_product_run(run_dir)
     torch.set_num_threads(args.threads)
     ce = ms.score(prior, windows, args.batch_size)
-    return {"tool": "msprior", "seed": seed, "steps": args.steps, "steps_done": steps_done, "train_s": round(secs, 1),
+    check = ms.shared_check(prior, windows, os.path.join(meta["tables"], "heldout"), args.seq_len, ce)
+    return {**check, "tool": "msprior", "seed": seed, "steps": args.steps, "steps_done": steps_done, "train_s": round(secs, 1),
             "ce": ce, "mean": float(np.mean(ce)), "mode": args.msprior_train, "run_dir": run_dir,
             "overrides": args.override, "params": sum(p.numel() for p in prior.parameters())}
 

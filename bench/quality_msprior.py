@@ -153,6 +153,22 @@ def load_product_run(run_dir: str):
     return prior.eval(), int(state.get("step", -1))
 
 
+def shared_check(prior, windows: np.ndarray, heldout_db: str, seq_len: int, ce: List[float]) -> Dict:
+    """When msprior has the shared scorer (msprior.train.quality: training's validation and
+    `msprior evaluate`), check that it cuts the same held-out windows from the held-out table and
+    scores this prior as `score` did. {} when the module is not there."""
+    try:
+        from msprior.train import quality as Q
+
+        theirs = Q.held_out_windows(heldout_db, seq_len).rave
+        ce2 = Q.quantizer_ce(prior, Q.Windows(rave=windows))
+    except (ImportError, AttributeError) as e:
+        return {"shared_scorer": f"unavailable ({e.__class__.__name__})"}
+    key = lambda a: sorted(w.tobytes() for w in np.ascontiguousarray(a, dtype=np.int16))  # noqa: E731
+    return {"shared_windows_equal": key(theirs) == key(windows),
+            "shared_ce_max_abs_diff": float(np.max(np.abs(np.asarray(ce2) - np.asarray(ce))))}
+
+
 def write_json(path: str, data: Dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
