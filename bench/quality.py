@@ -224,7 +224,7 @@ def run_msprior(args, meta, seed: int) -> dict:
     if args.msprior_train == "inprocess":
         train = [c for c in _chunks(os.path.join(meta["dir"], "train.npz"))]
         facts = DatasetFacts(num_quantizers=meta["num_quantizers"], vocab_size=meta["vocab_size"])
-        prior, secs = ms.train_inprocess(cfg, facts, train, seed, args.steps, args.threads)
+        prior, secs, cpu = ms.train_inprocess(cfg, facts, train, seed, args.steps, args.threads)
         steps_done, run_dir = args.steps, None
     else:
         runs = os.path.join(args.cache, "msprior-runs")
@@ -235,11 +235,13 @@ def run_msprior(args, meta, seed: int) -> dict:
         secs = ms.train_product(os.path.join(meta["tables"], "train"), runs, name, overrides, seed, args.steps,
                                 args.batch_size, log)
         prior, steps_done = ms.load_product_run(run_dir)
+        cpu = None  # in Ray's workers
     torch.set_num_threads(args.threads)
     ce = ms.score(prior, windows, args.batch_size)
     check = ms.shared_check(prior, windows, os.path.join(meta["tables"], "heldout"), args.seq_len, ce)
     return {**check, "tool": "msprior", "seed": seed, "steps": args.steps, "steps_done": steps_done, "train_s": round(secs, 1),
-            "ce": ce, "mean": float(np.mean(ce)), "mode": args.msprior_train, "run_dir": run_dir,
+            "train_cpu_s": None if cpu is None else round(cpu, 1), "ce": ce, "mean": float(np.mean(ce)),
+            "mode": args.msprior_train, "run_dir": run_dir,
             "overrides": args.override, "params": sum(p.numel() for p in prior.parameters())}
 
 

@@ -125,7 +125,7 @@ def train(work: str, db_path: str, args) -> dict:
         sys.argv += ["--override", b]
     cwd = os.getcwd()
     os.chdir(work)  # the script writes runs/NAME under the current folder
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     try:
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:  # absl's app.run exits after main
@@ -135,7 +135,8 @@ def train(work: str, db_path: str, args) -> dict:
         os.chdir(cwd)
     if "model" not in fitted:
         raise SystemExit("quality_orig: the train script returned without fitting")
-    return {"model": fitted["model"], "steps_done": int(fitted["step"]), "train_s": time.time() - t0}
+    return {"model": fitted["model"], "steps_done": int(fitted["step"]), "train_s": time.time() - t0,
+            "train_cpu_s": time.process_time() - c0}
 
 
 def score(model, windows: np.ndarray, batch_size: int) -> list:
@@ -188,7 +189,8 @@ def main() -> None:
     windows = np.load(os.path.join(args.tokens, "heldout_windows.npy"))
     ce = score(run["model"], windows, args.batch_size)
     result = {"tool": "original", "seed": args.seed, "steps": args.steps, "steps_done": run["steps_done"],
-              "train_s": round(run["train_s"], 1), "ce": ce, "mean": float(np.mean(ce)),
+              "train_s": round(run["train_s"], 1),
+              "train_cpu_s": round(run["train_cpu_s"], 1), "ce": ce, "mean": float(np.mean(ce)),
               "train_tokens_sha256": db_hash, "params": sum(p.numel() for p in run["model"].parameters()),
               "windows": int(len(windows)), "bindings": args.binding}
     with open(args.out, "w") as f:
