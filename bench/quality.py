@@ -25,13 +25,16 @@ msprior's training (--msprior_train):
       `msprior evaluate --run RUN --db_path <cache>/tables/<corpus>/heldout` can score), loaded
       with msprior.checkpoint.load_run (last checkpoint); its own warm-up rule applies.
 
-Rerun msprior's side alone (the original's cached results are reused; ablate with --override):
+Rerun msprior's side alone against the original's cached results (same corpus flags and steps as
+the cached run; results under <cache>/original/<key>/seed<S>/result.json), ablating with --override:
 
-    cd /work/main && .venv/bin/python bench/quality.py --seeds 0,1 --steps 1512 \\
-        --override model.dropout=0.01            # any msprior config key, repeatable
+    cd /work/main && .venv/bin/python bench/quality.py --minutes 28.5 --heldout 5 --seeds 0,1 \
+        --steps 500 --jobs 2 --only msprior --override model.dropout=0.01   # any msprior key, repeatable
 
-Full run (first time: corpus, tables, venv of the original, both tools): the same command; the
-issue's corpus size: --minutes 28.5 --heldout 5. Develop with --minutes 8 --steps 20.
+Without --only both tools train (the original only where its result is not cached; --retrain_original
+forces it). The issue's full length is --steps 1512 (the original's results at 1512 steps were not
+cached yet on 2026-12-06: the machine's load made them take hours). --jobs N runs N trainings at once,
+each in its own process with --threads torch threads. Develop with --minutes 8 --seeds 0 --steps 20.
 """
 
 from __future__ import annotations
@@ -75,7 +78,6 @@ def parse_args(argv=None):
     p.add_argument("--override", action="append", default=[], help="msprior config key=value (repeatable)")
     p.add_argument("--msprior_train", choices=["inprocess", "product"], default="inprocess")
     p.add_argument("--retrain_original", action="store_true", help="ignore the original's cached results")
-    p.add_argument("--no_original", action="store_true", help="never train the original; use cached results only")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training (the machine is shared)")
     p.add_argument("--label", default="", help="name of msprior's rows in the table")
     p.add_argument("--only", choices=["original", "msprior"], default=None,
@@ -190,7 +192,7 @@ def run_original(args, meta, seed: int) -> dict:
         res = json.load(open(out))
         res["cached"] = True
         return res
-    if args.no_original or args.only == "msprior":
+    if args.only == "msprior":
         return {}
     py = orig_venv(args.cache)
     os.makedirs(work, exist_ok=True)
@@ -239,10 +241,10 @@ def run_msprior(args, meta, seed: int) -> dict:
     torch.set_num_threads(args.threads)
     ce = ms.score(prior, windows, args.batch_size)
     check = ms.shared_check(prior, windows, os.path.join(meta["tables"], "heldout"), args.seq_len, ce)
-    return {**check, "tool": "msprior", "seed": seed, "steps": args.steps, "steps_done": steps_done, "train_s": round(secs, 1),
-            "train_cpu_s": None if cpu is None else round(cpu, 1), "ce": ce, "mean": float(np.mean(ce)),
-            "mode": args.msprior_train, "run_dir": run_dir,
-            "overrides": args.override, "params": sum(p.numel() for p in prior.parameters())}
+    return {**check, "tool": "msprior", "seed": seed, "steps": args.steps, "steps_done": steps_done,
+            "train_s": round(secs, 1), "train_cpu_s": None if cpu is None else round(cpu, 1), "ce": ce,
+            "mean": float(np.mean(ce)), "mode": args.msprior_train, "run_dir": run_dir, "overrides": args.override,
+            "params": sum(p.numel() for p in prior.parameters())}
 
 
 def msprior_in_subprocess(args, meta, seed: int, argv) -> dict:
