@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from msprior.errors import UserError
 from msprior.data.preprocess import PreprocessRequest
 from msprior.export.publish import ExportRequest
 from msprior.flags import flag, like
-from msprior.train.run import TrainRequest
+from msprior.train.run import TrainRequest, check_name
 from msprior.train.tune import SweepRequest
 from msprior.redact import redact_uri
 
@@ -117,6 +118,7 @@ def plan(req: PipelineRequest, echo: Callable[[str], Any] = print) -> Plan:
     table = storage.join(out, "data")
     # a default run name that differs per corpus (RAVE model + table), so registered names never collide
     name = req.name or f"{os.path.splitext(os.path.basename(req.config))[0]}-{corpus_id(rave_sha256, table)[:8]}"
+    check_name(name, "--name")  # one folder under <out>/runs: `--name ../..` never reaches outside --out
     runs = storage.join(out, "runs")
     forced = _forced_stages(req.force)
     if req.tune:  # the sweep file, resolved once: a bad --sweep fails here, not after preprocessing
@@ -185,9 +187,9 @@ def invalidate(p: Plan) -> None:
         for path in _outputs(p, stage):
             if storage.exists(path):
                 p.echo(f"[{stage}] --force: removing {path}")
-                _remove(path)
+                _remove(path, p.req.out)
     for stage in p.forced:
-        _remove(p.record_path(stage))
+        _remove(p.record_path(stage), p.req.out)
 
 
 def _outputs(p: Plan, stage: str) -> List[str]:
@@ -202,9 +204,23 @@ def _outputs(p: Plan, stage: str) -> List[str]:
     return [p.run_dir, *trials, sweep_record]
 
 
-def _remove(path: str) -> None:
+def _remove(path: str, root: str) -> None:
+    """Delete `path` (strictly inside the output root `root`); a folder only once we hold its lease:
+    a table or run another process is writing is refused in one line, never deleted under it."""
+    from msprior.data.lease import Lease
+
     fs, local = storage.filesystem(path)
-    if fs.exists(local):
+    _, top = storage.filesystem(root)
+    local, top = posixpath.normpath(local), posixpath.normpath(top)  # s3 keys are not resolved by the filesystem
+    if not (local.rstrip("/") + "/").startswith(top.rstrip("/") + "/") or local.rstrip("/") == top.rstrip("/"):
+        raise PipelineError(f"--force: {path} is not inside --out {root}; nothing deleted")
+    if not fs.exists(local):
+        return
+    if not fs.isdir(local):
+        fs.rm(local)
+        return
+    what = "preprocess" if fs.exists(local.rstrip("/") + "/intent.json") else "training"
+    with Lease.acquire(path, storage.S3Options.from_env() if storage.is_s3(path) else None, what=what):
         fs.rm(local, recursive=True)
 
 
@@ -220,9 +236,8 @@ def stage_preprocess(p: Plan) -> None:
                             "resolution": req.resolution, "condition_ratio": req.condition_ratio,
                             "min_frames": min_frames}, done)
     if retry and storage.exists(p.run_dir):  # a resumed training refuses a table that changed under it
-        p.echo(f"[preprocess] {retry} file(s) that failed for a transient cause stay out of the table: run "
-               f"{p.name} already started on it (--force train retries them, then trains again)")
-        retry = 0
+        raise PipelineError(f"[preprocess] {retry} file(s) failed for a transient cause and are not in {p.table}, "
+                            f"and run {p.name} already started on it: pass --force train to retry them and train again")
     if done and not retry:
         p.echo(f"[preprocess] skipped: {p.table}/manifest.json exists")
         return
@@ -232,9 +247,18 @@ def stage_preprocess(p: Plan) -> None:
     p.echo(f"[preprocess] resuming {p.table}: {retry} file(s) failed for a transient cause last time"
            if retry else f"[preprocess] {req.audio} -> {p.table}")
     # a file shorter than one training window (seq_len + 1 frames) cannot train: skip and report it
-    preprocess(PreprocessRequest(req.audio, p.table, req.rave, num_secs=req.num_secs, resolution=req.resolution,
-                                 num_workers=req.num_workers, gpu=req.gpu, condition_ratio=req.condition_ratio,
-                                 min_frames=min_frames), echo=p.echo)
+    args = PreprocessRequest(req.audio, p.table, req.rave, num_secs=req.num_secs, resolution=req.resolution,
+                             num_workers=req.num_workers, gpu=req.gpu, condition_ratio=req.condition_ratio,
+                             min_frames=min_frames)
+    preprocess(dataclasses.replace(args), echo=p.echo)
+    if _files_to_retry(p.table):  # one more pass over only those files: a passing cause may have passed
+        p.echo(f"[preprocess] retrying {_files_to_retry(p.table)} file(s) that failed for a transient cause")
+        preprocess(dataclasses.replace(args), echo=p.echo)
+    left = _files_to_retry(p.table)
+    if left:  # never train on part of the corpus without saying so
+        raise PipelineError(f"[preprocess] {left} file(s) failed for a transient cause twice and are not in "
+                            f"{p.table} (see its report.json): re-run the same command to retry them; "
+                            "training does not start on part of the corpus")
     p.echo(f"[preprocess] done in {time.monotonic() - t0:.0f} s")
 
 

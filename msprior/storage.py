@@ -214,7 +214,7 @@ def create_exclusive(path: str, data: bytes, s3: Optional[S3Options] = None) -> 
             r = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except Exception as e:
             if _is_precondition(e) or isinstance(e, FileExistsError):
-                raise Conflict(path) from None
+                return _ours_or_conflict(path, data, s3)
             raise
         return str(r.get("ETag", ""))
     # the whole content first under a temp name, then a hard link: link() fails when the name exists
@@ -230,11 +230,24 @@ def create_exclusive(path: str, data: bytes, s3: Optional[S3Options] = None) -> 
             os.fsync(f.fileno())
         os.link(tmp, p)
     except FileExistsError:
-        raise Conflict(path) from None
+        return _ours_or_conflict(path, data, s3)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return _local_tag(data)
+
+
+def _ours_or_conflict(path: str, data: bytes, s3: Optional[S3Options]) -> str:
+    """A conditional write answered "precondition failed": when what is stored now is exactly what
+    we wrote, it is our own earlier attempt whose answer was lost (the retry of a PUT that landed),
+    so the write succeeded; else `Conflict`. Callers make each write's bytes unique to the writer."""
+    try:
+        current, tag = read_versioned(path, s3)
+    except FileNotFoundError:
+        raise Conflict(path) from None
+    if current != data:
+        raise Conflict(path) from None
+    return tag
 
 
 def _local_tag(data: bytes) -> str:
@@ -269,6 +282,46 @@ def read_versioned(path: str, s3: Optional[S3Options] = None) -> Tuple[bytes, st
     return data, _local_tag(data)
 
 
+def read_aged(path: str, s3: Optional[S3Options] = None) -> Tuple[bytes, str, float]:
+    """(bytes, version tag, seconds since it was last written), the age on the storage's own clock:
+    S3's `Date` answer header minus the object's `LastModified` (both stamped by the server, 1 s
+    resolution); locally a fresh probe file's mtime minus the file's (one file server's clock, also
+    on a network mount). Never a difference between two hosts' clocks."""
+    fs, p = filesystem(path, s3)
+    if is_s3(path):
+        import email.utils
+
+        import fsspec.asyn
+
+        bucket, key = _s3_split(p)
+
+        async def get():
+            r = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+            async with r["Body"] as body:
+                data = await body.read()
+            now = email.utils.parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
+            return data, str(r.get("ETag", "")), (now - r["LastModified"]).total_seconds()
+
+        try:
+            return fsspec.asyn.sync(fs.loop, get)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            if "NoSuchKey" in str(e) or "404" in str(e):
+                raise FileNotFoundError(path) from None
+            raise
+    with open(p, "rb") as f:
+        data = f.read()
+        written = os.fstat(f.fileno()).st_mtime
+    probe = os.path.join(os.path.dirname(p), f".tmp-{uuid.uuid4().hex}-clock")
+    try:
+        with open(probe, "wb") as f:
+            now = os.fstat(f.fileno()).st_mtime
+    finally:
+        os.unlink(probe)
+    return data, _local_tag(data), now - written
+
+
 def replace_if(path: str, data: bytes, tag: str, s3: Optional[S3Options] = None) -> str:
     """Replace `path` only if its version tag is still `tag`; return the new tag. Raises `Conflict`."""
     fs, p = filesystem(path, s3)
@@ -278,7 +331,7 @@ def replace_if(path: str, data: bytes, tag: str, s3: Optional[S3Options] = None)
             r = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=tag)
         except Exception as e:
             if _is_precondition(e) or isinstance(e, (FileNotFoundError, FileExistsError)):
-                raise Conflict(path) from None
+                return _ours_or_conflict(path, data, s3)
             raise
         return str(r.get("ETag", ""))
     # compare-and-swap under an flock on a sidecar file; the swap itself is a rename, so readers
@@ -294,6 +347,8 @@ def replace_if(path: str, data: bytes, tag: str, s3: Optional[S3Options] = None)
         except FileNotFoundError:
             raise Conflict(path) from None
         if _local_tag(current) != tag:
+            if current == data:  # our own earlier attempt of this very write
+                return _local_tag(data)
             raise Conflict(path)
         write_bytes(path, data)
     finally:
@@ -306,6 +361,20 @@ def replace_if(path: str, data: bytes, tag: str, s3: Optional[S3Options] = None)
 _TRANSIENT_WORDS = ("timeout", "timed out", "throttl", "slowdown", "slow down", "too many requests",
                     "connection", "connect", "service unavailable", "internal error", "bad gateway",
                     "requesttimeout", "broken pipe", "reset by peer", "temporarily", "out of memory")
+
+
+STORAGE_FULL = "storage full (no space left on device)"
+
+
+def is_storage_full(e: Optional[BaseException]) -> bool:
+    """ENOSPC or EDQUOT anywhere in the chain: our disk, never the input's fault."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def is_transient(e: BaseException) -> bool:

@@ -157,7 +157,7 @@ def test_rerun_adds_nothing_and_resume_fills_gaps(tables, corpus, codecs, tmp_pa
         (table / name).unlink()
     idx = read_index(str(table))  # from the ledger while no index exists
     assert sorted(idx["source"].to_pylist()) == corpus[1]
-    victim = sorted(table.glob("ledger/*.json"))[0]
+    victim = sorted(table.glob("ledger/part-*.json"))[0]
     lost = {s for s, _, _ in json.loads(victim.read_text())["sources"]}
     victim.unlink()
     (table / "latents" / ".tmp-deadbeef-part-x.parquet").write_bytes(b"partial")

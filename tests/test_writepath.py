@@ -3,6 +3,7 @@ writes, float64 statistics at scale, streaming decode and on-the-fly chunking, t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -54,7 +55,7 @@ def test_dead_owner_is_taken_over_and_finds_out(table_path):
     dead = Lease.acquire(table_path, ttl_s=1.0, run_id="dead")
     dead._stop.set()  # the owner stops beating (a SIGKILLed run, a paused VM)
     dead._thread.join()
-    time.sleep(1.3)
+    time.sleep(2.5)  # past the TTL on the storage's clock (S3 stamps whole seconds)
     with Lease.acquire(table_path, ttl_s=30, run_id="next") as nxt:
         assert nxt.took_over["run_id"] == "dead"
         assert not dead.renew() and dead.lost  # its next heartbeat loses the compare-and-swap
@@ -217,8 +218,8 @@ def test_transient_failures_are_not_committed_and_come_back_on_resume(tmp_path):
     t = t.filter(~((np.asarray(t["source"].to_pylist()) == "partial.wav") & (np.asarray(t["chunk"].to_pylist()) == 1)))
     s = Settings(audio_root="", out_path=out, run_id="r1", sr=44100, ratio=1024, chunk_samples=1024, min_frames=1,
                  resolution=64, batch_size=1, condition_ratio=0, centroids=None, scale=None, s3=storage.S3Options())
-    with Lease.acquire(out, ttl_s=30, run_id="r1"):
-        entry = commit_bundle(t, s)
+    with Lease.acquire(out, ttl_s=30, run_id="r1") as lease:
+        entry = commit_bundle(t, dataclasses.replace(s, epoch=lease.epoch))
     assert [x[0] for x in entry["sources"]] == ["good.wav"] and entry["skipped"][0][0] == "bad.wav"
     assert {x[0] for x in entry["failed"]} == {"flaky.wav", "partial.wav"}
     (rec,) = tbl.read_ledger(out)

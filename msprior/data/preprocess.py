@@ -39,7 +39,10 @@ import pyarrow.parquet as pq
 from msprior import __version__, console, storage
 from msprior.data import audio as audio_mod
 from msprior.data import features as feat
+from msprior.data import commit as commit_mod
+from msprior.data import faults
 from msprior.data import table as tbl
+from msprior.data.commit import commit_bundle, file_stats  # noqa: F401  (the commit lives in data/commit.py)
 from msprior.data.lease import Lease
 from msprior.errors import UserError
 from msprior.flags import flag
@@ -101,6 +104,8 @@ class Settings:
     latent_loc: Optional[Tuple[float, ...]] = None  # continuous RAVE: the latent bins' fitted affine
     progress: object = None  # a ray.util.queue.Queue the encoders report (files, seconds of audio) to
     latent_scale: Optional[Tuple[float, ...]] = None
+    epoch: int = 0  # the lease epoch every commit is fenced on (msprior.data.lease.fence)
+    faults: Optional[Dict[str, str]] = None  # fault-injection settings of the driver (tests only)
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,9 @@ def _file_events(source: str, path: str, s: Settings):
         yield ("error", source, str(e), False)
         return
     except Exception as e:  # one file's failure never stops the corpus
+        if storage.is_storage_full(e):  # our disk, not the file: retried on resume, and the run stops
+            yield ("error", source, f"{storage.STORAGE_FULL}: {e}"[:300], True)
+            return
         msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         yield ("error", source, msg, storage.is_transient(e))
         return
@@ -324,79 +332,6 @@ def _rows_table(files, chunks, errors) -> pa.Table:
 # --- write: bundles of complete files -> one data file + its ledger record (Ray write tasks) ----------
 
 
-def _complete_sources(t: pa.Table) -> Tuple[List[str], List[str]]:
-    """(sources whose chunks 0..n-1 are all here, sources with some chunk missing)."""
-    seen: Dict[str, set] = defaultdict(set)
-    want: Dict[str, int] = {}
-    for src, c, n in zip(t["source"].to_pylist(), t["chunk"].to_pylist(), t["n_chunks"].to_pylist()):
-        seen[src].add(c)
-        want[src] = n
-    ok = sorted(s for s in seen if seen[s] == set(range(want[s])))
-    return ok, sorted(set(seen) - set(ok))
-
-
-def file_stats(data: pa.Table, conditioning: bool, counts: Optional[List[str]] = None) -> Dict:
-    """A data file's ledger statistics: its sources (source, chunks, frames), frames, float64
-    feature moments and summed counters."""
-    per: Dict[str, List[int]] = {}
-    for src, f in zip(data["source"].to_pylist(), data["frames"].to_pylist()):
-        per.setdefault(src, [0, 0])
-        per[src][0] += 1
-        per[src][1] += f
-    out = {"rows": data.num_rows, "frames": int(sum(v[1] for v in per.values())),
-           "sources": [[s, c, f] for s, (c, f) in sorted(per.items())], "features": None, "counters": {}}
-    if conditioning and data.num_rows:
-        flat = data["features"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        out["features"] = tbl.moments(flat.reshape(-1, len(feat.feature_names())))
-    for c in counts or []:
-        for k, v in json.loads(c).items():
-            out["counters"][k] = out["counters"].get(k, 0) + int(v)
-    return out
-
-
-def _lease_is_ours(s: Settings) -> None:
-    from msprior.data.lease import LEASE, LeaseLost
-
-    try:
-        data = storage.retry(lambda: storage.read_bytes(storage.join(s.out_path, LEASE), s.s3))
-    except FileNotFoundError:
-        data = b"{}"
-    if json.loads(data).get("run_id") != s.run_id:
-        raise LeaseLost(f"{s.out_path}: another run took this table's lease over; nothing committed")
-
-
-def commit_bundle(t: pa.Table, s: Settings) -> Dict:
-    """Write one bundle of encode rows: the complete files' chunks into one Parquet file, then its
-    ledger record (the commit). Returns the record plus `failed` (transient failures, not committed:
-    a resume retries them)."""
-    err = t.filter(pc.not_equal(t["error"], ""))
-    good = t.filter(pc.equal(t["error"], ""))
-    ok, partial = _complete_sources(good)
-    failed = [[r["source"], r["error"]] for r in err.to_pylist() if r["transient"]]
-    failed += [[src, "not all chunks reached the write task; retried on resume"] for src in partial]
-    skipped = [[r["source"], r["error"]] for r in err.to_pylist() if not r["transient"]]
-    if partial:
-        good = good.filter(pc.is_in(good["source"], pa.array(ok, pa.string())))
-    entry: Dict = {"run_id": s.run_id, "file": None, "skipped": skipped, "failed": failed,
-                   "created": _now()}
-    if not ok and not skipped:
-        return entry
-    stem = tbl.data_file_stem(ok or [src for src, _ in skipped])
-    cond = bool(s.condition_ratio)
-    if ok:
-        data = good.sort_by([("source", "ascending"), ("chunk", "ascending")]).select(tbl.data_schema(cond).names)
-        stats = file_stats(data, cond, good["counts"].to_pylist())
-        buf = io.BytesIO()
-        per_row = max(1, data.nbytes // max(1, data.num_rows))
-        pq.write_table(data, buf, compression="zstd", row_group_size=max(1, s.row_group_bytes // per_row))
-        entry.update(stats, file=f"{tbl.LATENTS}/{stem}.parquet", bytes=buf.tell())
-        path = storage.join(s.out_path, entry["file"])
-        storage.retry(lambda: storage.write_bytes(path, buf.getvalue(), s.s3))
-    _lease_is_ours(s)
-    tbl.write_ledger_entry(s.out_path, stem, {k: v for k, v in entry.items() if k != "failed"}, s.s3)
-    return entry
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -420,7 +355,15 @@ def _make_sink(s: Settings):
             tables = [t for t in tables if t.num_rows]
             if not tables:
                 return {"file": None, "skipped": [], "failed": []}
-            return commit_bundle(pa.concat_tables(tables, promote_options="default"), s)
+            t = pa.concat_tables(tables, promote_options="default")
+            try:
+                return commit_bundle(t, s)
+            except OSError as e:
+                if not storage.is_storage_full(e):
+                    raise
+                why = f"{storage.STORAGE_FULL}: {e}"[:300]  # the table's disk: every file retried on resume
+                return {"file": None, "skipped": [], "failed": [[src, why] for src in sorted(set(t["source"].to_pylist()))]}
+
 
         def on_write_complete(self, write_result) -> None:
             self.returns = list(write_result.write_returns)
@@ -531,9 +474,17 @@ def _list_corpus(audio: str, s3: storage.S3Options):
     return audio_root, good, ignored
 
 
-def _request_fields(req: PreprocessRequest, rave: RaveInfo) -> Dict:
-    """The settings a resume must share with the run that started the table."""
-    return {"rave.sha256": rave.sha256, "rave.resolution": rave.facts["resolution"],
+def listing_digest(corpus) -> str:
+    """sha256 of the corpus listing (every audio file's path under the root and its size, sorted)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{rel}\t{size}" for rel, _, size in sorted(corpus[1])).encode()).hexdigest()
+
+
+def _request_fields(req: PreprocessRequest, rave: RaveInfo, corpus) -> Dict:
+    """The request a resume must repeat: the same corpus (root and listing) and the same settings."""
+    return {"audio.root": req.audio, "audio.listing_sha256": listing_digest(corpus),
+            "rave.sha256": rave.sha256, "rave.resolution": rave.facts["resolution"],
             "chunk.num_secs": float(req.num_secs), "chunk.min_frames": int(req.min_frames),
             "conditioning.ratio": int(req.condition_ratio),
             "conditioning.tokens": int(req.condition_tokens) if req.condition_ratio else None}
@@ -626,12 +577,13 @@ def _intent(req: PreprocessRequest, rave: RaveInfo, corpus, s3, run_id: str, ray
     settings, RAVE facts and the conditioning centroids, fitted once and never again."""
     out = req.out_path
     path = storage.join(out, tbl.INTENT)
-    want = _request_fields(req, rave)
+    want = _request_fields(req, rave, corpus)
     if storage.exists(path, s3):
         intent = json.loads(storage.read_bytes(path, s3))
+        was = {"audio.root": intent.get("audio"), **intent["request"]}  # older intents: no listing digest
         for name, value in want.items():
-            if intent["request"].get(name) != value:
-                raise PreprocessError(f"--out_path {out} holds a table made with {name}={intent['request'].get(name)}, "
+            if name in was and was.get(name) != value:
+                raise PreprocessError(f"--out_path {out} holds a table made with {name}={was.get(name)}, "
                                       f"this run has {value}; use a new --out_path (or the same settings to resume)")
         return intent
     if storage.exists(storage.join(out, tbl.MANIFEST), s3):
@@ -676,24 +628,6 @@ def _conditioning_arrays(intent: Dict, out: str, s3) -> Tuple[Optional[np.ndarra
         raise PreprocessError(f"{storage.join(out, tbl.CENTROIDS)} is not the file {tbl.INTENT} recorded; "
                               "the table was edited: use a new --out_path")
     return np.load(io.BytesIO(data)), np.asarray(cond["tokens"]["scale"], np.float32)
-
-
-def _sweep_uncommitted(out: str, entries: List[Dict], s3) -> int:
-    """Delete data files without a ledger record and temp files a killed run left (we hold the lease)."""
-    committed = {e["file"] for e in entries if e.get("file")}
-    fs, root = storage.filesystem(out, s3)
-    n = 0
-    for sub in (tbl.LATENTS, tbl.LEDGER):
-        d = f"{root}/{sub}"
-        if not fs.exists(d):
-            continue
-        for p in fs.find(d):
-            rel = p[len(root) + 1:].replace(os.sep, "/")
-            name = rel.rsplit("/", 1)[-1]
-            if name.startswith(".tmp-") or (sub == tbl.LATENTS and rel not in committed):
-                fs.rm_file(p)
-                n += 1
-    return n
 
 
 def _pending(files, entries: List[Dict]) -> Tuple[list, int]:
@@ -761,39 +695,6 @@ def _encode_pending(pending, s: Settings, req: PreprocessRequest, rave: RaveInfo
     finally:
         ctx.max_errored_blocks = saved
     return sink.returns
-
-
-def _drop_duplicates(entries: List[Dict], s: Settings) -> List[Dict]:
-    """A source committed twice (a write task retried after its commit, with another grouping):
-    keep the first record's copy, rewrite the later files without it. Rare; reads only those files."""
-    seen, out = set(), []
-    for e in sorted(entries, key=lambda e: e["stem"]):
-        srcs = {src for src, _, _ in e.get("sources", [])}
-        dup = srcs & seen
-        seen |= srcs
-        if not dup:
-            out.append(e)
-            continue
-        fs, _ = storage.pyarrow_filesystem(s.out_path, s.s3)
-        t = pq.read_table(tbl._fs_path(storage.join(s.out_path, e["file"])), filesystem=fs)
-        t = t.filter(pc.invert(pc.is_in(t["source"], pa.array(sorted(dup), pa.string()))))
-        t = t.append_column("n_chunks", pa.array([0] * t.num_rows, pa.int32()))
-        rows = t.to_pylist()
-        counts = {r["source"]: 0 for r in rows}
-        for r in rows:
-            counts[r["source"]] += 1
-        t = t.set_column(t.schema.get_field_index("n_chunks"), "n_chunks",
-                         pa.array([counts[r["source"]] for r in rows], pa.int32()))
-        n = t.num_rows
-        t = t.append_column("error", pa.array([""] * n)).append_column("transient", pa.array([False] * n))
-        t = t.append_column("counts", pa.array(["{}"] * n))
-        new = commit_bundle(t, s) if n else None
-        storage.delete(tbl.ledger_path(s.out_path, e["stem"]), s.s3)
-        storage.delete(storage.join(s.out_path, e["file"]), s.s3)
-        if new and new.get("file"):
-            new["stem"] = new["file"].rsplit("/", 1)[-1][: -len(".parquet")]
-            out.append(new)
-    return out
 
 
 class _Progress(threading.Thread):
@@ -898,15 +799,18 @@ def _manifest(intent: Dict, entries: List[Dict], report: Dict) -> Dict:
                 "tokens": {k: v for k, v in c["tokens"].items() if k != "sha256"}}
     return {"format_version": tbl.FORMAT_VERSION, "msprior_version": __version__, "created": intent["created"],
             "audio": intent["audio"], "rave": rave, "chunk": intent["chunk"], "conditioning": cond,
-            "counts": counts}
+            "counts": counts, "content_sha256": tbl.index_digest(tbl.index_from_ledger(entries))}
 
 
 def _finish(req, intent, corpus, entries, returns, pending, s3) -> Tuple[Dict, Dict]:
     """index.parquet, report.json, then manifest.json (last: its presence means the table is done)."""
     out = req.out_path
     tbl.write_index(out, tbl.index_from_ledger(entries), s3)
+    faults.point("finish.after_index")
     report = _report(req, intent, corpus, entries, returns, pending)
     storage.write_bytes(storage.join(out, tbl.REPORT), json.dumps(report, indent=1).encode(), s3)
+    faults.point("finish.after_report")
+    _stop_if_storage_full(report, out)
     if not report["counts"]["files_ok"]:
         raise _nothing_encoded(req.audio, out, report["skipped"])
     manifest = _manifest(intent, entries, report)
@@ -935,8 +839,8 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
         intent = _intent(req, rave, corpus, s3, run_id, ray_up)
         intent["this_run"] = run_id
         centroids, scale = _conditioning_arrays(intent, req.out_path, s3)
-        entries = tbl.read_ledger(req.out_path, s3)
-        _sweep_uncommitted(req.out_path, entries, s3)
+        entries = commit_mod.seal(req.out_path, s3, lease.epoch)  # a fenced-out writer's later records never count
+        commit_mod.sweep(req.out_path, s3)
         pending, already = _pending(corpus[1], entries)
         s = Settings(audio_root=corpus[0], out_path=req.out_path, run_id=run_id, sr=intent["rave"]["sr"],
                      ratio=intent["rave"]["ratio"], chunk_samples=intent["chunk"]["frames"] * intent["rave"]["ratio"],
@@ -945,7 +849,8 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
                      threads=req.threads_per_worker or max(1, (os.cpu_count() or 1) // req.num_workers),
                      gpu=req.gpu, target_bytes=int(req.target_file_mb * 2**20),
                      decode_threads=req.decode_threads, latent_loc=_tuple(intent["rave"].get("latent_loc")),
-                     latent_scale=_tuple(intent["rave"].get("latent_scale")))
+                     latent_scale=_tuple(intent["rave"].get("latent_scale")), epoch=lease.epoch,
+                     faults=faults.spec() or None)
         returns = []
         if pending:
             ray_up()
@@ -959,9 +864,18 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
                 if progress:
                     progress.close()
         lease.check()
-        entries = _drop_duplicates(tbl.read_ledger(req.out_path, s3), s)
+        entries = commit_mod.drop_duplicates(tbl.read_ledger(req.out_path, s3), s)
+        lease.check()
         report, manifest = _finish(req, intent, corpus, entries, returns, pending, s3)
     return _summary(req, t0, ray_up.init_s, run_id, entries, report, manifest, already, echo)
+
+
+def _stop_if_storage_full(report: Dict, out_path: str) -> None:
+    """A full disk is a storage error that stops the run (one line), never a bad audio file."""
+    full = [s for s in report["skipped"] if storage.STORAGE_FULL in s["reason"]]
+    if full:
+        raise PreprocessError(f"{len(full)} file(s) not encoded: {full[0]['reason'].splitlines()[0][:200]}; free "
+                              f"space (the temp folder or {out_path}) and run the same command again to resume them")
 
 
 def _summary(req, t0, ray_init_s, run_id, entries, report, manifest, already, echo) -> Dict:

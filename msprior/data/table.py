@@ -7,6 +7,7 @@ Layout and columns are specified in docs/ARCHITECTURE.md ("Latent table"). In sh
     latents/part-<h>.parquet     data files, many sources each, written by Ray write tasks
     ledger/part-<h>.json         one record per committed data file: a data file without its
                                  record is not part of the table (readers never see it)
+    ledger/_seal.json            records of earlier lease epochs that count (msprior.data.commit)
     index.parquet                one row per committed source (compiled from the ledger)
     manifest.json, report.json   written last
 """
@@ -33,6 +34,7 @@ LATENTS = "latents"
 INDEX = "index.parquet"
 INTENT = "intent.json"
 LEDGER = "ledger"
+SEAL = "_seal.json"  # in ledger/: which records of earlier lease epochs are committed
 FORMAT_VERSION = 2  # 1: one shard per source, no intent/ledger/index (still read)
 LEGACY_READ_THREADS = 16  # concurrent shard reads when a format-1 table is indexed
 
@@ -190,17 +192,41 @@ def write_ledger_entry(table_path: str, stem: str, entry: Dict, s3: Optional[sto
     storage.retry(lambda: storage.write_bytes(ledger_path(table_path, stem), data, s3))
 
 
-def read_ledger(table_path: str, s3: Optional[storage.S3Options] = None) -> List[Dict]:
-    """Every committed record of the table (sorted by name); each gets `"stem"`."""
+def read_seal(table_path: str, s3: Optional[storage.S3Options] = None) -> Optional[Dict]:
+    """`ledger/_seal.json`: {"epoch": E, "stems": [...]}, written by the owner of lease epoch E when it
+    took the table: the records of earlier epochs that are committed. None for a table never resumed."""
+    path = storage.join(table_path, LEDGER, SEAL)
+    try:
+        return json.loads(storage.retry(lambda: storage.read_bytes(path, s3)))
+    except FileNotFoundError:
+        return None
+
+
+def is_committed(entry: Dict, seal: Optional[Dict]) -> bool:
+    """A record is part of the table if the latest seal lists it or it is of the seal's epoch or later:
+    a record a fenced-out writer landed after a newer owner sealed the ledger is not."""
+    if seal is None:
+        return True
+    return int(entry.get("epoch", 0)) >= int(seal["epoch"]) or entry["stem"] in set(seal["stems"])
+
+
+def read_ledger(table_path: str, s3: Optional[storage.S3Options] = None, everything: bool = False) -> List[Dict]:
+    """Every committed record of the table (sorted by name); each gets `"stem"`. `everything` also
+    returns the records the seal rules out (the sweep deletes them)."""
     base = storage.join(table_path, LEDGER)
     files = storage.retry(lambda: storage.list_files(base, s3))
+    seal = None if everything else read_seal(table_path, s3)
     out = []
     for rel, _ in files:
-        if not rel.endswith(".json") or "/" in rel:
+        if not rel.endswith(".json") or "/" in rel or rel.startswith("_"):
             continue
-        e = json.loads(storage.retry(lambda: storage.read_bytes(storage.join(base, rel), s3)))
+        try:
+            e = json.loads(storage.retry(lambda: storage.read_bytes(storage.join(base, rel), s3)))
+        except FileNotFoundError:  # removed since the listing (a duplicate dropped by the writer)
+            continue
         e["stem"] = rel[: -len(".json")]
-        out.append(e)
+        if is_committed(e, seal):
+            out.append(e)
     return out
 
 
@@ -214,6 +240,18 @@ def index_from_ledger(entries: List[Dict]) -> pa.Table:
     return pa.table({"source": list(rows), "file": [v[0] for v in rows.values()],
                      "chunks": [v[1] for v in rows.values()], "frames": [v[2] for v in rows.values()]},
                     schema=INDEX_SCHEMA)
+
+
+def index_digest(index: pa.Table) -> str:
+    """sha256 of a table's committed content as its index states it: every (source, chunks, frames),
+    sorted; which data file holds a source is left out (bundles form in the order tasks finish)."""
+    rows = sorted(zip(index["source"].to_pylist(), index["chunks"].to_pylist(), index["frames"].to_pylist()))
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def content_digest(table_path: str, s3: Optional[storage.S3Options] = None) -> str:
+    """`index_digest` of the table at `table_path` (the manifest's `content_sha256`)."""
+    return index_digest(read_index(table_path, s3))
 
 
 def moments(x: np.ndarray) -> Dict:

@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 from msprior import console
 from msprior.errors import UserError
 from msprior.flags import flag
+from msprior.train import run_lease
 
 from msprior.config import Config, load_config
 from msprior.redact import redact_uri
@@ -545,6 +546,7 @@ def run_training(req: TrainRequest) -> Dict[str, Any]:
     from msprior.train import quality
 
     p = plan(req)
+    writer = run_lease.start(p.run_dir, req.name, "" if req.data is not None else p.table.db_path)  # one writer per run
     started_ray = ensure_ray(log_to_driver=not req.progress)
     try:
         check_resources(req.num_workers, req.cpus_per_worker, req.gpus)
@@ -558,5 +560,6 @@ def run_training(req: TrainRequest) -> Dict[str, Any]:
         result, wall = fit(trainer, p, printer)
         return finish(req, p, result, wall)
     finally:
+        writer.release()
         if started_ray:
             ray.shutdown()

@@ -1,0 +1,53 @@
+"""One writer per run folder, and no training on a table while it is being written.
+
+A training holds `<run folder>/lease.json` (msprior.data.lease: an epoch, a heartbeat judged on the
+storage's clock, same-host dead-process takeover) from its start until it ends: a second training
+of the same name, or a `--resume` of a live run, is refused in one line naming the holder. A run
+whose lease is taken over (paused past its TTL) is interrupted, so two runs never interleave their
+checkpoints. A table whose preprocess lease is live is refused: its index may change under us.
+"""
+
+from __future__ import annotations
+
+import _thread
+import sys
+from typing import Optional
+
+from msprior import storage
+from msprior.data.lease import Lease, LeaseHeld, live_owner
+from msprior.errors import UserError
+
+
+class RunBusy(UserError):
+    """Another process writes this run folder, or the table is being written."""
+
+
+def start(run_dir: str, name: str, db_path: str = "", ttl_s: Optional[float] = None) -> Lease:
+    """Take the run folder's lease (released by the caller) after checking that `db_path` is not
+    being written. A lease taken over later interrupts the main thread: the training stops."""
+    check_table_idle(db_path)
+    s3 = storage.S3Options.from_env() if storage.is_s3(run_dir) else None
+    try:
+        lease = Lease.acquire(run_dir, s3, ttl_s, what="training")
+    except LeaseHeld as e:
+        holder = str(e).split("(", 1)[1].split(")")[0] if "(" in str(e) else str(e)
+        raise RunBusy(f"run {name!r} is being written by another training ({holder}); wait for it to end, "
+                      "or choose another --name") from None
+
+    def lost() -> None:
+        sys.stderr.write(f"error: run {name!r}: another training took over {run_dir}; this one stops writing\n")
+        _thread.interrupt_main()
+
+    lease.on_lost = lost
+    return lease
+
+
+def check_table_idle(db_path: str) -> None:
+    """Refuse a table that a live preprocess is writing (its index and manifest may change)."""
+    if not db_path:
+        return
+    s3 = storage.S3Options.from_env() if storage.is_s3(db_path) else None
+    owner = live_owner(db_path, s3)
+    if owner is not None and owner.get("what", "preprocess") == "preprocess":
+        raise RunBusy(f"{db_path}: a preprocess is writing this table (host {owner.get('host')}, pid "
+                      f"{owner.get('pid')}, heartbeat {owner['age_s']:.0f} s ago); train once it has finished")

@@ -1,0 +1,37 @@
+"""A resume is the same request: the same audio root and the same listing (paths and sizes), not
+only the same settings; two corpora never mix in one table."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from msprior.codec import save_codec
+from msprior.data.preprocess import PreprocessError, PreprocessRequest
+from msprior.data.preprocess import preprocess as _preprocess
+from msprior.data.synthetic import write_corpus
+
+pytestmark = pytest.mark.timeout(600)
+OPTS = dict(num_secs=2.0, min_frames=16, batch_size=8, condition_ratio=0, progress=False)
+
+
+def run(audio, out, rave):
+    return _preprocess(PreprocessRequest(str(audio), str(out), rave, **OPTS))
+
+
+def test_resume_refuses_another_audio_root_or_listing(ray_session, tmp_path):
+    write_corpus(str(tmp_path / "a"), n_files=2, seconds=3.0, seed=0)
+    rave = save_codec(str(tmp_path / "codec.ts"), discrete=True)
+    table = tmp_path / "table"
+    assert run(tmp_path / "a", table, rave)["files_encoded"] == 2
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same files under another root
+    with pytest.raises(PreprocessError, match=r"made with audio\.root=.*/a, this run has .*/b") as e:
+        run(tmp_path / "b", table, rave)
+    assert "\n" not in str(e.value)
+    write_corpus(str(tmp_path / "a" / "more"), n_files=1, seconds=3.0, seed=1)  # the corpus grew
+    with pytest.raises(PreprocessError, match=r"audio\.listing_sha256"):
+        run(tmp_path / "a", table, rave)
+    shutil.rmtree(tmp_path / "a" / "more")
+    again = run(tmp_path / "a", table, rave)  # the same request resumes (nothing left to do)
+    assert again["files_encoded"] == 0 and again["files_already_done"] == 2
