@@ -136,3 +136,17 @@ def test_evaluate_agrees_with_the_bench_scorer(run_dir, train_table):
     bench = score(load_trained(run_dir).prior, heldout_windows(table_chunks(train_table), 16))
     r = evaluate(EvaluateRequest(run=run_dir, db_path=train_table), echo=lambda s: None)
     assert r["ce_q"] == pytest.approx(bench, abs=1e-3)
+
+
+@pytest.mark.parametrize("config", ["recurrent", "encoder_decoder", "encoder_decoder_continuous"])
+def test_generation_check_of_every_family(config, tmp_path):
+    """GRU state and conditioned streams (tokens, features at the decoder rate) go through the check."""
+    from msprior.export.run import load_trained
+    from tests.export_runs import synthetic_batch
+
+    cfg_run = make_run(str(tmp_path), config, steps=2)
+    prior = load_trained(cfg_run).prior
+    batch = synthetic_batch(3, 17, load_trained(cfg_run).config.model.conditioning, torch.Generator().manual_seed(0))
+    counts = quality.target_counts([{"rave": batch["rave"].numpy()}], 16)
+    m = quality.generation_check(prior, [batch], 16, counts, streams=3, frames=16)
+    assert all(math.isfinite(v) for v in m.values()), m
