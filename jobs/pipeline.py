@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python jobs/pipeline.py \\
         --audio s3://bucket/corpus --rave s3://bucket/rave.ts --out s3://bucket/msprior/NAME \\
-        --config decoder_only --name NAME [--tune] [--num_workers 4 --gpu] [--override k=v ...]
+        --config decoder_only --name NAME [--tune] [--num_workers 4 --gpu 0] [--override k=v ...]
 
 Inside a job, `ray.init()` (called by each stage) attaches to the cluster that runs the job.
 Re-submitting after a failure continues where it stopped: finished stages are skipped. A

@@ -11,6 +11,7 @@ import collections.abc
 import dataclasses
 import inspect
 import os
+import re
 import sys
 from typing import Any, Callable, List, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
@@ -73,7 +74,7 @@ def _cli_type(hint: Any) -> Any:
 
 
 def _parameter(f: dataclasses.Field, hint: Any) -> inspect.Parameter:
-    meta, cli_type = f.metadata, _cli_type(hint)
+    meta, cli_type = f.metadata, REPEATABLE if f.metadata.get(flags.REPEAT) else _cli_type(hint)
     default = ... if meta[flags.REQUIRED] else (None if cli_type == REPEATABLE else f.default)
     if meta[flags.ARGUMENT]:
         info = typer.Argument(default, help=meta[flags.HELP])
@@ -89,9 +90,15 @@ def command(name: str, request: type, run: Callable[[Any], Any], only: Sequence[
     hints = get_type_hints(request)
     chosen = [f for f in flags.flag_fields(request) if not only or f.name in only]
     repeatable = {f.name for f in chosen if _cli_type(hints[f.name]) == REPEATABLE}
+    joined = {f.name: f.default for f in chosen if f.metadata.get(flags.REPEAT)}  # --config a --config b
+
+    def value(k: str, v: Any) -> Any:
+        if k in joined:
+            return flags.JOIN.join(v) if v else joined[k]
+        return tuple(v or ()) if k in repeatable else v
 
     def callback(**values: Any) -> None:
-        req = request(**{k: tuple(v or ()) if k in repeatable else v for k, v in values.items()})
+        req = request(**{k: value(k, v) for k, v in values.items()})
         # the log file takes fds 1 and 2 only now: a usage error (parsed above) reaches the terminal
         with console.session(name, quiet=name in NOISY and not _verbose):
             run(req)
@@ -236,11 +243,21 @@ def _print_pull(reg: dict) -> None:
 # --- entry point -----------------------------------------------------------------------------
 
 
+def _bare_gpu(argv: List[str]) -> List[str]:
+    """A bare `--gpu` (this tool's older switch) is `--gpu 0`: the original's flag takes an index."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a == "--gpu" and (i + 1 == len(argv) or not re.fullmatch(r"-?\d+", argv[i + 1])):
+            out.append("0")
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     global _verbose
     argv = list(sys.argv[1:] if argv is None else argv)
     _verbose = "--verbose" in argv  # a global flag, anywhere on the line
-    argv = [a for a in argv if a != "--verbose"]
+    argv = _bare_gpu([a for a in argv if a != "--verbose"])
     try:
         app(args=argv)  # standalone: click prints usage errors and exits itself
     except (UserError, FileNotFoundError) as e:  # every stage's one-line errors derive from UserError

@@ -17,16 +17,20 @@ HELP = "help"  # metadata keys
 NAMES = "names"  # explicit option names, e.g. "--register/--no-register"; default --<field name>
 REQUIRED = "required"  # required on the command line though the library has a default
 ARGUMENT = "argument"  # a positional argument instead of an option
+REPEAT = "repeat"  # a str field the command line takes repeatedly (the original's multi flags); joined by JOIN
+JOIN = "+"  # `--config recurrent --config mine.yaml` -> "recurrent+mine.yaml" (config.load_config layers them)
 
 
 def flag(default: Any = MISSING, help: str = "", *, names: Optional[str] = None, required: bool = False,
-         argument: bool = False) -> Any:
+         argument: bool = False, repeat: bool = False) -> Any:
     """A dataclass field that the CLI shows as `--<name>` (and `--<dashed-name>`) with this help.
 
     No `default`: required everywhere. `required=True`: required on the command line only (the
-    library call may leave it empty, e.g. when a sweep hands over a loaded table).
+    library call may leave it empty, e.g. when a sweep hands over a loaded table). `repeat=True`: a
+    string the command line may give several times, joined with JOIN.
     """
-    meta = {HELP: help, NAMES: names, REQUIRED: required or default is MISSING, ARGUMENT: argument}
+    meta = {HELP: help, NAMES: names, REQUIRED: required or default is MISSING, ARGUMENT: argument,
+            REPEAT: repeat}
     return field(default=default, metadata=meta)
 
 

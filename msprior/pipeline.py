@@ -64,7 +64,7 @@ class PipelineRequest:
     num_samples: Optional[int] = like(SweepRequest, "num_samples")
     gpus_per_trial: Optional[float] = like(SweepRequest, "gpus_per_trial")
     num_workers: int = flag(1, "Ray workers for encoding and for training.")
-    gpu: bool = flag(False, "Use GPUs (encode and train).")
+    gpu: Optional[int] = like(TrainRequest, "gpu")
     batch_size: Optional[int] = like(TrainRequest, "batch_size", help="Windows per worker per step; default: the "
                                                                       "config's (with --tune: the sweep file's).")
     max_steps: Optional[int] = like(TrainRequest, "max_steps", help="Training steps; default: the config's (with "

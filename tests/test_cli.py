@@ -79,7 +79,7 @@ def test_a_command_line_becomes_the_stage_request(monkeypatch, tmp_path):
     assert e.value.code == 0
     (req,) = seen
     assert req == TrainRequest(db_path="s3://b/table", name="x", overrides=("model.dim=64", "train.batch_size=8"),
-                               max_steps=5, gpu=True, storage_path=str(tmp_path))
+                               max_steps=5, gpu=0, storage_path=str(tmp_path))  # a bare --gpu is --gpu 0
 
 
 def test_export_register_switch_and_pipeline_force(monkeypatch, tmp_path):

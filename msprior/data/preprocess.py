@@ -29,14 +29,14 @@ from collections import defaultdict
 from contextlib import contextmanager
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from msprior import __version__, console, storage
+from msprior import __version__, console, devices, storage
 from msprior.data import audio as audio_mod
 from msprior.data import features as feat
 from msprior.data import commit as commit_mod
@@ -44,6 +44,7 @@ from msprior.data import faults
 from msprior.data import table as tbl
 from msprior.data.commit import commit_bundle, file_stats  # noqa: F401  (the commit lives in data/commit.py)
 from msprior.data.lease import Lease
+from msprior.devices import CPU_HELP, GPU_HELP
 from msprior.errors import UserError
 from msprior.flags import flag
 from msprior.runtime import ensure_ray
@@ -64,10 +65,24 @@ class PreprocessRequest:
     resolution: int = flag(64, "Bins per latent dimension (continuous RAVE only).")
     batch_size: int = flag(64, "Chunks per RAVE encode call.")
     num_workers: int = flag(1, "Encoder actors (each loads the model once).")
-    gpu: bool = flag(False, "Encode on GPUs (a GPU fraction per actor).")
+    gpu: Optional[int] = flag(None, GPU_HELP + " Ray encoders share the GPUs (a fraction per actor).")
+    cpu: bool = flag(False, CPU_HELP)
     condition_ratio: int = flag(4, "RAVE frames per conditioning frame; 0 = no conditioning.")
     condition_tokens: int = flag(64, "k-means classes of the conditioning tokens.")
-    min_frames: int = flag(257, "Skip files shorter than this many frames (one training window).")
+    min_frames: int = flag(257, "One training window in frames: shorter files are padded to it (see --short).")
+    short: str = flag("pad", "Files shorter than --min_frames: pad (silence after the audio, counted in the "
+                             "manifest) or skip (reported in report.json).")
+    normalize: bool = flag(False, "Peak-normalise each chunk, at most +30 dB (the original's flag).",
+                           names="--normalize/--nonormalize")
+    silence_threshold: Optional[int] = flag(None, "Drop each file's leading audio quieter than -N dBFS (the "
+                                                  "original's flag, 30-50).")
+    # the original's preprocess flags that have nothing to set here (accepted, so its commands run)
+    num_tokens: Optional[int] = flag(None, "The original's RAVE vocabulary size: read from the RAVE export here.")
+    db_size: Optional[int] = flag(None, "The original's LMDB size cap (GB): a Parquet table needs none.")
+    dyndb: bool = flag(True, "The original's LMDB growth switch: a Parquet table always grows.",
+                       names="--dyndb/--nodyndb")
+    preprocessor: Sequence[str] = flag((), "The original's extra preprocessor modules: not loaded here "
+                                           "(--condition_ratio computes the conditioning).")
     files_per_task: int = flag(64, "At most this many files per encode task...")
     task_mb: float = flag(128.0, "...and about this many MB of input (a failed task redoes only these).")
     target_file_mb: float = flag(192.0, "Rows per data file, in MB before compression.")
@@ -99,6 +114,9 @@ class Settings:
     threads: int = 1
     decode_threads: int = 1
     gpu: bool = False
+    normalize: bool = False  # per chunk, the original's --normalize
+    silence_db: Optional[int] = None  # the original's --silence_threshold
+    pad_short: bool = True  # a file under min_frames frames is padded to it (else skipped)
     target_bytes: int = 192 << 20
     row_group_bytes: int = 64 << 20
     latent_loc: Optional[Tuple[float, ...]] = None  # continuous RAVE: the latent bins' fitted affine
@@ -138,17 +156,22 @@ def _local_file(path: str, s: Settings) -> Iterator[str]:
 def _file_events(source: str, path: str, s: Settings):
     """One file -> ("chunk", source, index, start_s, audio, features, tokens) events, then ("done",
     source, n) or ("error", source, reason, transient)."""
-    n = 0
+    n, padded = 0, []
     try:
         with _local_file(path, s) as local:
             blocks = audio_mod.stream(local, s.sr)
-            for start, x in audio_mod.iter_chunks(blocks, s.chunk_samples, s.ratio, s.min_frames, s.sr):
+            if s.silence_db is not None:
+                blocks = audio_mod.trim_leading_silence(blocks, s.silence_db, s.sr)
+            for start, x in audio_mod.iter_chunks(blocks, s.chunk_samples, s.ratio, s.min_frames, s.sr,
+                                                  pad=s.pad_short, on_pad=padded.append):
+                x = audio_mod.normalize(x) if s.normalize else x
                 f = t = np.zeros(0, np.float32)
                 if s.condition_ratio:
                     frames = math.ceil(len(x) / s.ratio)
                     f = feat.compute(x, s.sr, s.condition_ratio * s.ratio, feat.cond_frames(frames, s.condition_ratio))
                     t = feat.assign(f, s.centroids, s.scale)
-                yield ("chunk", source, n, start / s.sr, x, f, np.asarray(t, np.int16))
+                counts = {"files_padded": 1, "padded_ms": int(padded[0] * 1000)} if padded else {}
+                yield ("chunk", source, n, start / s.sr, x, f, np.asarray(t, np.int16), counts)
                 n += 1
     except audio_mod.SkipFile as e:
         yield ("error", source, str(e), False)
@@ -228,8 +251,8 @@ class Encoder:
         buckets: Dict[int, List[Tuple[str, int]]] = defaultdict(list)  # equal lengths stack
         while (ev := q.get()) is not None:
             if ev[0] == "chunk":
-                _, source, i, start_s, x, f, t = ev
-                chunks[source][i] = {"start_s": start_s, "audio": x, "features": f, "tokens": t}
+                _, source, i, start_s, x, f, t, counts = ev
+                chunks[source][i] = {"start_s": start_s, "audio": x, "features": f, "tokens": t, "counts": counts}
                 buckets[len(x)].append((source, i))
                 if len(buckets[len(x)]) >= self.s.batch_size:
                     self._encode(buckets.pop(len(x)), chunks, errors)
@@ -296,7 +319,7 @@ class Encoder:
         for j, (src, i) in enumerate(items):
             c = chunks[src][i]
             c.update(rave=tok[j].ravel(), frames=tok.shape[1], audio=None,
-                     counts={k: int(np.asarray(v)[j]) for k, v in counts.items()})
+                     counts={**c.get("counts", {}), **{k: int(np.asarray(v)[j]) for k, v in counts.items()}})
 
 
 # what an encode row carries besides the data file's columns (tbl.SCHEMA): never written to the table
@@ -383,6 +406,34 @@ def _validate(req: PreprocessRequest) -> None:
         raise PreprocessError(f"--condition_ratio must be >= 0 (got {req.condition_ratio}; 0 turns conditioning off)")
     if min(req.num_workers, req.batch_size, req.files_per_task, req.decode_threads) < 1:
         raise PreprocessError("--num_workers, --batch_size, --files_per_task and --decode_threads must be >= 1")
+    _validate_original(req)
+
+
+def _validate_original(req: PreprocessRequest) -> None:
+    """The original MSPrior's options: checked here, applied by the decode (msprior.data.audio)."""
+    if req.short not in ("pad", "skip"):
+        raise PreprocessError(f"--short {req.short!r}: use pad or skip")
+    if req.silence_threshold is not None and req.silence_threshold <= 0:
+        raise PreprocessError(f"--silence_threshold {req.silence_threshold}: give dB below full scale, e.g. 40")
+    if req.preprocessor:
+        raise PreprocessError(f"--preprocessor {' '.join(req.preprocessor)}: extra preprocessor modules are not "
+                              "loaded here; conditioning features come from --condition_ratio / --condition_tokens")
+
+
+def _note_original(req: PreprocessRequest, rave: "RaveInfo", echo) -> None:
+    """Original flags with nothing to do here: say so once, so a copied command is not misread."""
+    vocab = rave.facts.get("vocab_size")
+    if req.num_tokens is not None and req.num_tokens != vocab:
+        echo(f"note: --num_tokens {req.num_tokens}: the vocabulary is read from the RAVE export ({vocab} here)")
+    if req.db_size is not None or not req.dyndb:
+        echo("note: --db_size / --nodyndb size the original's LMDB file; a Parquet table needs no size")
+
+
+def _audio_options(req: PreprocessRequest) -> Dict:
+    """The decode options a resume must repeat (only those set: older tables resume as before)."""
+    opts = {"audio.normalize": True if req.normalize else None, "audio.silence_threshold": req.silence_threshold,
+            "audio.short": "skip" if req.short == "skip" else None}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def _read_rave(req: PreprocessRequest, s3: storage.S3Options) -> bytes:
@@ -487,7 +538,8 @@ def _request_fields(req: PreprocessRequest, rave: RaveInfo, corpus) -> Dict:
             "rave.sha256": rave.sha256, "rave.resolution": rave.facts["resolution"],
             "chunk.num_secs": float(req.num_secs), "chunk.min_frames": int(req.min_frames),
             "conditioning.ratio": int(req.condition_ratio),
-            "conditioning.tokens": int(req.condition_tokens) if req.condition_ratio else None}
+            "conditioning.tokens": int(req.condition_tokens) if req.condition_ratio else None,
+            **_audio_options(req)}
 
 
 def _fit_conditioning(files, audio_root, sr, ratio, cond_ratio, k, s3, max_files=16):
@@ -674,12 +726,12 @@ def _encode_pending(pending, s: Settings, req: PreprocessRequest, rave: RaveInfo
     saved = ctx.max_errored_blocks
     ctx.max_errored_blocks = -1  # a task that keeps failing (a worker killed for memory) costs its
     # few files, reported and retried on resume, never the run
+    dev = devices.choose(req.gpu, req.cpu, devices.Machine.of_ray(), mps=False)  # encoders share the GPUs
+    devices.announce(dev if req.num_workers == 1 else dataclasses.replace(dev, index=None), "preprocess")
+    s = dataclasses.replace(s, gpu=dev.gpu)
     num_gpus = 0.0
-    if req.gpu:
-        total = ray.cluster_resources().get("GPU", 0)
-        if total <= 0:
-            raise PreprocessError("--gpu was given but the Ray cluster has no GPU")
-        num_gpus = min(1.0, total / req.num_workers)  # a GPU fraction per actor
+    if s.gpu:  # msprior.devices' choice (preprocess(): a GPU when the cluster has one)
+        num_gpus = min(1.0, ray.cluster_resources().get("GPU", 0) / req.num_workers)  # a GPU fraction per actor
     # never ask for more than the cluster has: an unschedulable actor would wait forever
     memory = min(_encoder_memory(req, s), 0.8 * ray.cluster_resources().get("memory", 1e18) / req.num_workers)
     items = [{"source": [f[0] for f in g], "path": [f[1] for f in g]} for g in _tasks(pending, req)]
@@ -829,10 +881,12 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
     req.audio, req.out_path = storage.absolute(req.audio), storage.absolute(req.out_path)
     s3 = storage.S3Options.from_env()
     _validate(req)
+    devices.pin_local_gpu(req.gpu, req.num_workers)  # --gpu N: the only card a local Ray sees
     intent_path = storage.join(req.out_path, tbl.INTENT)
     old_intent = json.loads(storage.read_bytes(intent_path, s3)) if storage.exists(intent_path, s3) else None
     ray_up = _RayUp()
     rave = _load_rave(req, s3, old_intent, ray_up)
+    _note_original(req, rave, echo)
     corpus = _list_corpus(req.audio, s3)
     run_id = uuid.uuid4().hex[:12]
     with Lease.acquire(req.out_path, s3, req.lease_ttl_s, run_id) as lease:
@@ -847,7 +901,8 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
                      min_frames=req.min_frames, resolution=req.resolution, batch_size=req.batch_size,
                      condition_ratio=req.condition_ratio, centroids=centroids, scale=scale, s3=s3,
                      threads=req.threads_per_worker or max(1, (os.cpu_count() or 1) // req.num_workers),
-                     gpu=req.gpu, target_bytes=int(req.target_file_mb * 2**20),
+                     normalize=req.normalize, silence_db=req.silence_threshold, pad_short=req.short == "pad",
+                     target_bytes=int(req.target_file_mb * 2**20),
                      decode_threads=req.decode_threads, latent_loc=_tuple(intent["rave"].get("latent_loc")),
                      latent_scale=_tuple(intent["rave"].get("latent_scale")), epoch=lease.epoch,
                      faults=faults.spec() or None)
@@ -897,6 +952,7 @@ def _summary(req, t0, ray_init_s, run_id, entries, report, manifest, already, ec
          + (f", {c['files_retry']} to retry" if c["files_retry"] else "")
          + (f" (see {storage.join(req.out_path, tbl.REPORT)})" if c["files_skipped"] else "")
          + (f", {already} already in the table" if already else "")
+         + (f", {padded} short files padded to one window" if (padded := manifest["counts"].get("files_padded")) else "")
          + f", {summary['hours']:.3f} h of audio, {frames:,} frames in {wall:.1f} s"
          + f" ({summary['realtime']:.1f}x realtime) -> {req.out_path}")
     return summary

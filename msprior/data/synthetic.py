@@ -108,7 +108,8 @@ def write_bad_files(out_dir: str, sr: int = 44100) -> dict:
     data = good.read_bytes()
     (out / "corrupt.wav").write_bytes(data[:12] + rng.bytes(len(data) - 12))
     os.unlink(good)
-    sf.write(str(out / "tiny.wav"), (0.3 * rng.standard_normal(sr // 10)).astype(np.float32), sr)
+    # under one RAVE frame: skipped even where short files are padded (preprocess --short pad)
+    sf.write(str(out / "tiny.wav"), (0.3 * rng.standard_normal(sr // 100)).astype(np.float32), sr)
     sf.write(str(out / "silent.wav"), np.zeros(sr * 2, np.float32), sr)
     (out / "README.txt").write_text("not audio, ignored\n")
     return {"empty.wav": "empty", "notes.wav": "decode", "garbage.flac": "decode",

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from msprior import devices
 from msprior.config import Config, scaled_lr
 from msprior.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from msprior.model import DatasetFacts
@@ -186,8 +187,9 @@ class Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         # Ray sets OMP threads to the (fractional) CPU request; use this node's cores instead.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
-        self.device = ray.train.torch.get_device()
-        self.bf16 = self.device.type == "cuda" and loop_cfg.get("bf16", True)
+        # Ray Train places a worker on CUDA or the CPU; MPS (one worker, macOS) is msprior.devices' choice
+        self.device = devices.torch_device("mps") if loop_cfg.get("device") == "mps" else ray.train.torch.get_device()
+        self.bf16 = devices.bf16_ok(self.device) and loop_cfg.get("bf16", True)
         torch.manual_seed(self.cfg.train.seed)  # same initial weights on every rank
         facts = DatasetFacts.from_manifest(self.manifest)
         self.prior = build_prior(self.cfg.model, facts, codebooks=loop_cfg.get("codebooks")).to(self.device)

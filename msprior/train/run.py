@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Union
 
-from msprior import console
+from msprior import console, devices
+from msprior.devices import CPU_HELP, GPU_HELP, Device
 from msprior.errors import UserError
 from msprior.flags import flag
 from msprior.train import run_lease
@@ -130,10 +131,14 @@ def read_codebooks(rave_ts: str):
     pattern = re.compile(r"encoder\.rvq\.layers\.(\d+)\._codebook\.embed$")
     found = {int(m.group(1)): b.detach().float().clone()
              for n, b in module.named_buffers() if (m := pattern.search(n))}
+    if not found and hasattr(module, "encode"):  # a continuous RAVE: the original warned and trained on
+        console.echo(f"warning: --pretrained_embedding {rave_ts}: a continuous RAVE has no codebooks; training "
+                     "without pretrained embeddings (pretrained embeddings need a discrete RAVE)")
+        return None
     if not found:
         raise TrainError(
-            f"--pretrained_embedding {rave_ts}: no RVQ codebooks (encoder.rvq.layers.N._codebook.embed); "
-            "pretrained embeddings need a discrete RAVE model"
+            f"--pretrained_embedding {rave_ts}: no RVQ codebooks (encoder.rvq.layers.N._codebook.embed) and no "
+            "encode method: not a RAVE export"
         )
     return torch.stack([found[i] for i in sorted(found)])  # [Q, V, d]
 
@@ -218,13 +223,15 @@ class TrainRequest:
     "marker"} raises once inside a worker (tests only).
     """
 
-    config: Union[str, Config, Dict] = flag("decoder_only", CONFIG_HELP)
+    config: Union[str, Config, Dict] = flag("decoder_only", CONFIG_HELP, repeat=True)
     db_path: str = flag("", "Latent table (folder or s3:// prefix) from `msprior preprocess`.", required=True)
     name: str = flag("", "Run name: the run folder under --storage_path and the MLflow experiment.",
                      required=True)
-    pretrained_embedding: Optional[str] = flag(None, "Discrete RAVE .ts: start from its codebooks.")
+    pretrained_embedding: Optional[str] = flag(None, "RAVE .ts: start from its codebooks (a continuous RAVE has "
+                                                     "none: a warning, and training goes on without).")
     num_workers: int = flag(1, "Ray Train workers (DDP).")
-    gpu: bool = flag(False, "One GPU per worker (nccl, bf16 autocast).")
+    gpu: Optional[int] = flag(None, GPU_HELP)
+    cpu: bool = flag(False, CPU_HELP)
     batch_size: Optional[int] = flag(None, "Windows per worker per step (global: x workers); default: config.")
     max_steps: Optional[int] = flag(None, "Training steps; default: config.")
     val_every: Optional[int] = flag(None, "Steps between validations and checkpoints; default: config.")
@@ -235,6 +242,13 @@ class TrainRequest:
     cpus_per_worker: float = flag(DEFAULT_CPUS_PER_WORKER, "Logical CPUs requested per worker.")
     gpus_per_worker: Optional[float] = None
     max_failures: int = flag(3, "Worker-group restarts (a worker or node lost) before the run fails.")
+    # the original MSPrior's train flags, same meaning (train/original.py translates them)
+    ckpt: Optional[str] = flag(None, "Resume from a checkpoint of run NAME (the original's flag; = --resume).")
+    ema: Optional[float] = flag(None, "EMA decay of the weights (the original's flag; = --override train.ema=F).")
+    val_size: Optional[int] = flag(None, "Validation chunks (the original's flag): files holding about this many "
+                                         "chunks are held out; default: data.val_fraction of the files.")
+    workers: Optional[int] = flag(None, "The original's data-loader processes: accepted, not needed (windows are "
+                                        "drawn from memory); --num_workers sets the DDP workers.")
     progress: bool = True
     experiment: Optional[str] = None
     parent_run_id: Optional[str] = None
@@ -242,9 +256,10 @@ class TrainRequest:
     fault_injection: Optional[Dict[str, Any]] = None
     data: Any = None  # msprior.train.windows.TableData, already loaded (a sweep's); else loaded here
 
-    @property
-    def gpus(self) -> float:
-        return (self.gpus_per_worker if self.gpus_per_worker is not None else 1.0) if self.gpu else 0.0
+    def gpus(self, device: Optional[Device]) -> float:
+        """GPUs per worker on `device` (the choice of msprior.devices)."""
+        on = device.gpu if device is not None else devices.normalise(self.gpu, self.cpu) not in (None, devices.CPU)
+        return (self.gpus_per_worker if self.gpus_per_worker is not None else 1.0) if on else 0.0
 
 
 @dataclass
@@ -257,6 +272,7 @@ class Plan:
     run_dir: str
     codebooks: Any = None
     tracking: Dict[str, Any] = field(default_factory=dict)  # uri, client, run_id
+    device: Optional[Device] = None  # msprior.devices' choice, made once Ray is up
 
 
 def _user_cause(e: BaseException) -> Optional[BaseException]:
@@ -315,17 +331,24 @@ def _run_dir_state(req: TrainRequest, runs_root: str, run_dir: str) -> None:
 def plan(req: TrainRequest) -> Plan:
     """Config, table (manifest + index), run folder and resume checks: every fast failure first."""
     from msprior import storage as st
-    from msprior.train.windows import open_table
+    from msprior.train import original
+    from msprior.train.windows import open_table, read_manifest
 
     check_name(req.name)
     if not req.db_path and req.data is None:
         raise TrainError("--db_path: give the latent table written by `msprior preprocess`")
     if req.num_workers < 1:
         raise TrainError(f"--num_workers {req.num_workers}: must be >= 1")
-    overrides, codebooks = list(req.overrides), None
+    overrides, codebooks = list(req.overrides) + original.overrides(req.ema), None
     if req.pretrained_embedding:
         codebooks = read_codebooks(req.pretrained_embedding)
+    if codebooks is not None:
         overrides.append(f"model.pretrained_embedding_dim={int(codebooks.shape[2])}")
+    if req.val_size is not None and req.data is None:
+        frac = original.val_fraction(req.val_size, read_manifest(st.absolute(req.db_path)))
+        overrides.append(f"data.val_fraction={frac}")
+    if original.workers_note(req.workers) and req.progress:
+        console.echo(original.workers_note(req.workers))
     cfg = resolve_config(req.config, overrides, batch_size=req.batch_size, max_steps=req.max_steps,
                          val_every=req.val_every)
     if req.data is not None:
@@ -337,6 +360,8 @@ def plan(req: TrainRequest) -> Plan:
         _check_codebooks(codebooks, table.manifest, req.pretrained_embedding)
     runs_root = _runs_root(req.storage_path)
     run_dir = _join(runs_root, req.name)
+    if original.resumes(req.ckpt, run_dir, req.name):  # the original's --ckpt: a checkpoint of this run
+        req.resume = True
     _run_dir_state(req, runs_root, run_dir)
     if req.resume:
         check_resume(req.name, run_dir, cfg, table)
@@ -419,7 +444,7 @@ def start_tracking(req: TrainRequest, p: Plan, data) -> None:
                   "data.vocab_size": rave.get("vocab_size"), "data.continuous": rave.get("continuous"),
                   "data.rave_sha256": rave.get("sha256"), "data.train_files": len(t.sources) - len(t.val_sources),
                   "data.val_files": len(t.val_sources), "data.train_chunks": data.train_chunks,
-                  "train.num_workers": req.num_workers, "train.gpu": req.gpu,
+                  "train.num_workers": req.num_workers, "train.device": p.device.describe() if p.device else None,
                   "train.global_batch": cfg.train.batch_size * req.num_workers,
                   "optim.lr_effective": scaled_lr(cfg.optim, req.num_workers)}
         tags = {tracking.RUN_DIR_TAG: p.run_dir, "msprior.config": cfg.name,
@@ -450,19 +475,21 @@ def make_trainer(req: TrainRequest, p: Plan, data, val_ref, printer):
         "mlflow_run_id": p.tracking["run_id"],
         "progress": printer.queue if printer else None,
         "fault": req.fault_injection,
+        "device": p.device.kind if p.device else None,  # "mps": the worker's own choice (Ray Train: cuda or cpu)
     }
     callbacks = []
     if req.tune_report:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    resources = {"CPU": req.cpus_per_worker, **({"GPU": req.gpus} if req.gpu else {})}
+    on_gpu = p.device is not None and p.device.gpu
+    resources = {"CPU": req.cpus_per_worker, **({"GPU": req.gpus(p.device)} if on_gpu else {})}
     # Ray Train takes a pyarrow filesystem + a path inside it (S3 settings from our environment)
     st_fs, st_path = st.pyarrow_filesystem(p.runs_root) if st.is_s3(p.runs_root) else (None, p.runs_root)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=req.num_workers, use_gpu=req.gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=req.num_workers, use_gpu=on_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=req.name,
             storage_path=st_path,
@@ -547,9 +574,13 @@ def run_training(req: TrainRequest) -> Dict[str, Any]:
 
     p = plan(req)
     writer = run_lease.start(p.run_dir, req.name, "" if req.data is not None else p.table.db_path)  # one writer per run
+    devices.pin_local_gpu(req.gpu, req.num_workers)  # --gpu N: the only card a local Ray sees
     started_ray = ensure_ray(log_to_driver=not req.progress)
     try:
-        check_resources(req.num_workers, req.cpus_per_worker, req.gpus)
+        p.device = devices.choose(req.gpu, req.cpu, devices.Machine.of_ray(), workers=req.num_workers)
+        if req.progress:
+            devices.announce(p.device, "train")
+        check_resources(req.num_workers, req.cpus_per_worker, req.gpus(p.device))
         data = req.data if req.data is not None else load_data(p)
         val_ref = validation_windows(p, data)
         write_run_request(p.run_dir, _request_record(p.cfg, p.table))

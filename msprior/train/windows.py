@@ -77,6 +77,13 @@ class Table:
     columns: List[str]  # the columns training reads
     sources: List[str]
     val_sources: List[str]
+    val_from: Optional[int] = None  # a one-file corpus: its chunks from this index on are validation
+
+    def is_val(self, rows: pa.Table) -> pa.Array:
+        """Which rows are validation: those of the validation files, or the one file's last chunks."""
+        if self.val_from is not None:
+            return pc.greater_equal(rows["chunk"], self.val_from)
+        return pc.is_in(rows["source"], value_set=pa.array(self.val_sources, pa.string()))
 
     @property
     def files(self) -> List[str]:
@@ -120,8 +127,21 @@ def open_table(db_path: str, val_fraction: float, seed: int, conditioning: str =
     index = read_table_index(db_path)
     sources = sorted(index["source"].to_pylist())
     columns = ["source", "frames", "rave"] + ([conditioning] if conditioning != "none" else [])
-    return Table(db_path=db_path, manifest=manifest, index=index, columns=columns, sources=sources,
-                 val_sources=split_sources(sources, val_fraction, seed))
+    val_from = one_file_split(db_path, index, val_fraction)
+    return Table(db_path=db_path, manifest=manifest, index=index, columns=columns + ["chunk"] * (val_from is not None),
+                 sources=sources, val_sources=split_sources(sources, val_fraction, seed), val_from=val_from)
+
+
+def one_file_split(db_path: str, index: pa.Table, val_fraction: float) -> Optional[int]:
+    """A one-file corpus validates on its own last chunks (round(fraction x chunks), at least one):
+    windows never cross a chunk, so training never sees them. None for a corpus of several files."""
+    if val_fraction <= 0 or index.num_rows != 1:
+        return None
+    chunks = int(index["chunks"][0].as_py())
+    if chunks < 2:
+        raise DataError(f"{db_path}: one file of one chunk: no audio is left to validate on that training does not "
+                        "see; add files, or preprocess with a shorter --num_secs so that the file makes several chunks")
+    return chunks - min(chunks - 1, max(1, round(val_fraction * chunks)))
 
 
 # --- reading and checking data files (inside load tasks, or in-process for small tables) --------
@@ -228,9 +248,13 @@ def read_files(spec: ReadSpec, files: Sequence[str], sources: Sequence[str]) -> 
 def read_split(table: Table, val: bool = True) -> pa.Table:
     """The validation (or train) rows read in the calling process (small tables, export, benches)."""
     chosen = set(table.val_sources)
-    rows = [r for r in table.index.to_pylist() if (r["source"] in chosen) == val]
     cond = next((c for c in ("tokens", "features") if c in table.columns), "none")
     spec = ReadSpec.of(table, cond)
+    if table.val_from is not None:  # one file: its last chunks are validation
+        rows = read_files(spec, table.files, table.sources)
+        mask = table.is_val(rows)
+        return rows.filter(mask if val else pc.invert(mask))
+    rows = [r for r in table.index.to_pylist() if (r["source"] in chosen) == val]
     if not rows:  # e.g. the validation split of a one-file table: no rows, the table's columns
         return read_files(spec, table.files[:1], []).slice(0, 0)
     return read_files(spec, sorted({r["file"] for r in rows}), [r["source"] for r in rows])
@@ -255,7 +279,8 @@ def plan_parts(table: Table) -> List[List[str]]:
     return parts + ([cur] if cur else [])
 
 
-def _load_part(spec: ReadSpec, files: List[str], sources: List[str], val_sources: List[str]):
+def _load_part(spec: ReadSpec, files: List[str], sources: List[str], val_sources: List[str],
+               val_from: Optional[int] = None):
     """(counts, train Frames or None, validation Frames or None) of one group of data files.
 
     A table problem comes back as `counts["error"]` (one line), not as a task failure.
@@ -264,7 +289,10 @@ def _load_part(spec: ReadSpec, files: List[str], sources: List[str], val_sources
         rows = read_files(spec, files, sources)
     except UserError as e:
         return {"error": str(e).splitlines()[0]}, None, None
-    is_val = pc.is_in(rows["source"], value_set=pa.array(val_sources, pa.string()))
+    if val_from is not None:  # a one-file corpus: its last chunks
+        is_val = pc.greater_equal(rows["chunk"], val_from)
+    else:
+        is_val = pc.is_in(rows["source"], value_set=pa.array(val_sources, pa.string()))
     out = []
     for mask in (pc.invert(is_val), is_val):
         part = rows.filter(mask)
@@ -306,7 +334,7 @@ def load_table(table: Table, spec: ReadSpec) -> TableData:
     refs = []
     for files in plan_parts(table):
         sources = [s for f in files for s in by_file[f]]
-        refs.append(task.remote(spec, files, sources, [s for s in sources if s in val_set]))
+        refs.append(task.remote(spec, files, sources, [s for s in sources if s in val_set], table.val_from))
     counts = ray.get([r[0] for r in refs])
     errors = [c["error"] for c in counts if "error" in c]
     if errors:
@@ -329,7 +357,8 @@ def fixed_val_batches(data: TableData, seq_len: int, batches: int, batch_size: i
                       cond_ratio: int, seed: int) -> List[Dict[str, np.ndarray]]:
     """The validation windows, drawn once on the driver: the same for every rank, run and resume.
 
-    Without validation files (a one-file corpus) they come from the training files.
+    A one-file corpus validates on its last chunks (`Table.val_from`); only with data.val_fraction 0
+    do they come from the training chunks.
     """
     import ray
 
