@@ -134,7 +134,7 @@ def main():
     # --- streamed generation latency, one thread ---
     torch.set_num_threads(1)
     prior.eval()
-    prior.prepare_stream()  # FiLM per (quantizer, token): what an export streams with
+    prior.prepare_stream()  # the embedding rows the sampler gathers: what an export streams with
     cond_frame = None
     if cfg.model.conditioning == "tokens":
         cond_frame = torch.zeros(1, 1, dtype=torch.long)

@@ -49,7 +49,16 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> Dict[str, Any]:
         raise RunNotFound(f"{path}: no {CHECKPOINT_FILE} here")
     with fs.open(p, "rb") as f:
         data = io.BytesIO(f.read())
-    return torch.load(data, map_location=map_location, weights_only=True)
+    return _upgrade(torch.load(data, map_location=map_location, weights_only=True))
+
+
+def _upgrade(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint of msprior 0.1 (before `model.predictor` existed) names the predictor it was
+    trained with, so it loads and exports as it was trained: the shared linear FiLM."""
+    model_cfg = (state.get("config") or {}).get("model")
+    if isinstance(model_cfg, dict) and "predictor" not in model_cfg and "predictor.film.weight" in state.get("model", {}):
+        model_cfg["predictor"] = "linear_film"
+    return state
 
 
 def _write_json(run_dir: str, name: str, info: Dict[str, Any]) -> str:

@@ -250,3 +250,21 @@ def test_scripted_stream_matches_eager(name):
         a = stream(prior, x, cond_up, 7)
         b = stream(scripted, x, cond_up, 7)
     torch.testing.assert_close(a, b)
+
+
+def test_a_checkpoint_from_before_model_predictor_loads_as_it_was_trained(tmp_path):
+    """Runs trained before `model.predictor` existed used the shared linear FiLM: their checkpoint
+    config has no `predictor` key; loading names it, so the weights fit the model built from it."""
+    from dataclasses import asdict
+
+    from msprior.checkpoint import load_checkpoint, save_checkpoint
+    from msprior.config import Config
+
+    old, cfg = tiny("decoder_only", extra=["model.predictor=linear_film"])
+    config = asdict(cfg)
+    del config["model"]["predictor"]
+    save_checkpoint(str(tmp_path), {"config": config, "model": old.state_dict()})
+    state = load_checkpoint(str(tmp_path))
+    loaded = build_prior(Config.from_dict(state["config"]).model, FACTS)
+    loaded.load_state_dict(state["model"])  # strict: fails if the default predictor were built
+    assert state["config"]["model"]["predictor"] == "linear_film"
