@@ -9,7 +9,8 @@ torch_version, run, checkpoint.
 A registered model belongs to one corpus: the RAVE model (its sha256) and the latent table (its
 location) its versions were trained on. The registered model carries them as tags from its
 creation; a version of another corpus is refused, so `NAME@champion` never hands back a prior for
-another RAVE. `champion` is the version of lowest validation cross-entropy (ties: the older one).
+another RAVE. `champion` is the version of lowest validation cross-entropy (ties: the older one)
+among those validated on the same split as the model's first (`comparable`: like with like).
 Every registration, after creating its version, re-reads the versions and the alias and sets the
 alias until the two agree: two registrations racing on one model leave it on the better version,
 whatever the interleaving (each write is followed by a read, and the last reader sees every
@@ -113,8 +114,17 @@ def version_tags(meta: Dict[str, Any], digest: str, extra: Optional[Dict[str, st
         "torch_version": str(meta.get("torch_version")),
         "run": str(meta.get("run_name")),
         "checkpoint": str(meta.get("checkpoint")),
+        "val_split": val_split(meta),
         **(extra or {}),
     }
+
+
+def val_split(meta: Dict[str, Any]) -> str:
+    """Which files a version's val_loss was measured on: the run's split settings (the corpus is the
+    model's). Two versions validated on other files (or, with val_fraction 0, on their training
+    files) do not hold comparable val_loss values."""
+    data = (meta.get("config") or {}).get("data") or {}
+    return f"seed={data.get('seed')},val_fraction={data.get('val_fraction')}" if data else ""
 
 
 def default_name(c, run_name: str, tags: Dict[str, str]) -> str:
@@ -187,8 +197,13 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
     mv = c.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
     version = str(mv.version)
     champion = settle_champion(c, name, echo)
+    split = comparable(c, name)[1]
+    if echo and tags["val_split"] and split and tags["val_split"] != split:
+        echo(f"[register] {name} v{version} was validated on another split ({tags['val_split']}) than the model's "
+             f"versions ({split}): registered, but its val_loss is not compared for champion; register it under "
+             "another --name to compare it with its own kind")
     return {"name": name, "version": version, "champion": champion == version, "champion_version": champion,
-            "run_id": run_id, "sha256": digest}
+            "run_id": run_id, "sha256": digest, "comparable": not (tags["val_split"] and split and tags["val_split"] != split)}
 
 
 def _log_run(c, meta: Dict[str, Any]) -> str:
@@ -218,18 +233,28 @@ def all_versions(c, name: str) -> List[Any]:
             return out
 
 
-def best_version(c, name: str) -> Optional[str]:
-    """The eligible version of lowest val_loss (ties: the lower version number), or None.
+def comparable(c, name: str) -> Tuple[List[Tuple[float, int]], str]:
+    """(val_loss, version) of the versions that compete for champion, and their validation split.
 
-    Eligible: it has its sha256 and a finite val_loss, and its corpus is the model's."""
+    Like with like: a version competes when it has its sha256 and a finite val_loss (the mean
+    validation CE over all the corpus's quantizers), its corpus is the model's, and it was validated
+    on the same split as the model's first version that records one (versions registered before
+    splits were recorded compete with any)."""
     rm = c.get_registered_model(name)
     corpus = (rm.tags or {}).get(BOUND_CORPUS)
-    ranked = []
+    found = []
     for v in all_versions(c, name):
         t = v.tags or {}
         loss = _float(t.get("val_loss"))
         if t.get("sha256") and loss is not None and (corpus is None or t.get("corpus") == corpus):
-            ranked.append((loss, int(v.version)))
+            found.append((loss, int(v.version), t.get("val_split") or ""))
+    split = min(((n, s) for _, n, s in found if s), default=(0, ""))[1]
+    return [(loss, n) for loss, n, s in found if s in ("", split)], split
+
+
+def best_version(c, name: str) -> Optional[str]:
+    """The comparable version (`comparable`) of lowest val_loss (ties: the lower number), or None."""
+    ranked, _ = comparable(c, name)
     return str(min(ranked)[1]) if ranked else None
 
 
