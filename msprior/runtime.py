@@ -23,15 +23,15 @@ def _loopback_settings() -> dict:
 
     from ray._private import ray_constants
 
-    # Ray then treats the node as local-only: loopback for GCS, raylet, workers, agents. Ray's
-    # processes read the variable; this process read it when it imported ray, and without the
-    # constant ray.init rewrites 127.0.0.1 to the host's address (services.resolve_ip_for_localhost).
+    # Ray then treats the node as local-only: loopback for GCS, raylet, workers, agents, metrics.
+    # Ray's processes read the variable; this process read it when it imported ray, so the constant
+    # is set too (without it the node address is the host's: services.get_node_ip_address).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
-    # The metrics servers default to fixed ports; free ones also let two local Rays coexist.
+    # The metrics servers default to fixed ports (44217, 44227): a second local Ray lost them.
     for var in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
         os.environ.setdefault(var, str(free_port()))
-    return {"_node_ip_address": LOOPBACK, "dashboard_host": LOOPBACK}
+    return {"dashboard_host": LOOPBACK}
 
 
 def ensure_ray(log_to_driver: bool = True) -> bool:
