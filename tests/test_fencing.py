@@ -273,3 +273,35 @@ def test_sigkill_at_every_commit_and_dedup_point_then_resume(point, tmp_path, re
     assert content(table) == reference
     files = {f"latents/{p.name}" for p in (tmp_path / "t" / "latents").iterdir()}
     assert files == {e["file"] for e in tbl.read_ledger(table) if e.get("file")}
+
+
+def _replacement_sorts_after(prefix: str) -> bool:
+    """With sources prefix+a..f in bundles of 2 and each bundle's first file also committed alone,
+    is the first record the dedup rewrites named before its replacement? (Then a dedup that forgot
+    to remove replaced records first would drop the replacement as a duplicate of the original.)"""
+    import hashlib
+
+    names = [prefix + c for c in "abcdef"]
+    rewritten = []
+    for x, y in zip(names[::2], names[1::2]):
+        alone, pair = tbl.data_file_stem([x]), tbl.data_file_stem([x, y])
+        if alone < pair:  # x's first copy is the one kept: the pair is rewritten with y only
+            new = "part-" + hashlib.sha1(("replaces " + pair + "\n" + y).encode()).hexdigest()[:20]
+            rewritten.append((pair, new))
+    return bool(rewritten) and min(rewritten)[0] < min(rewritten)[1]
+
+
+def test_dedup_killed_between_replacement_and_removal_keeps_both_halves(tmp_path):
+    """The dedup killed after a replacement record, before removing the record it replaces, where
+    the original is named first: the resume removes the original (its replacement exists) and
+    keeps every source."""
+    prefix = next(p for p in (f"v{i}-" for i in range(200)) if _replacement_sorts_after(p))
+    sources = ",".join(prefix + c for c in "abcdef")
+    ref, table, mark = str(tmp_path / "ref"), str(tmp_path / "t"), tmp_path / "mark"
+    assert writer(ref, sources=sources).wait(timeout=120) == 0
+    env = {"MSPRIOR_FAULT_KILL": "dedup.after_record", "MSPRIOR_FAULT_MARK": str(mark), "MSPRIOR_FAULT_DUPLICATE": "1"}
+    killed = writer(table, env=env, sources=sources)
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL and mark.read_text().split() == ["dedup.after_record"]
+    assert writer(table, sources=sources).wait(timeout=120) == 0
+    assert content(table) == content(ref)
