@@ -29,12 +29,14 @@ Rerun msprior's side alone against the original's cached results (same corpus fl
 the cached run; results under <cache>/original/<key>/seed<S>/result.json), ablating with --override:
 
     cd /work/main && .venv/bin/python bench/quality.py --minutes 28.5 --heldout 5 --seeds 0,1 \
-        --steps 500 --jobs 2 --only msprior --override model.dropout=0.01   # any msprior key, repeatable
+        --steps 1512 --jobs 2 --only msprior --override model.dropout=0.01   # any msprior key, repeatable
 
-Without --only both tools train (the original only where its result is not cached; --retrain_original
-forces it). The issue's full length is --steps 1512 (the original's results at 1512 steps were not
-cached yet on 2026-12-06: the machine's load made them take hours). --jobs N runs N trainings at once,
-each in its own process with --threads torch threads. Develop with --minutes 8 --seeds 0 --steps 20.
+The original's side alone (cached for later runs): the same with --only original. Without --only
+both tools train (the original only where its result is not cached; --retrain_original forces it).
+--jobs N runs N trainings at once, each in its own process with --threads torch threads. Cost: ~0.4
+CPU-s per training step of the original (batch 16 x 64 frames, one thread), so 1,512 steps take ~10
+CPU-minutes per seed and tool; on the shared 2-core machine at load average 40-120 a process got
+~3% of a core (hours). Develop with --minutes 8 --seeds 0 --steps 20.
 """
 
 from __future__ import annotations
