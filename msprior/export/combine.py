@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -146,7 +146,7 @@ class CombinedModel(nn.Module):
 # --- checks: one line naming the file ----------------------------------------------------------
 
 
-def load_prior(path: str) -> tuple:
+def load_prior(path: str) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
     """(scripted prior, its export metadata); refuses anything `msprior export` did not write."""
     if not os.path.isfile(path):
         raise CombineError(f"--prior {path}: no such file; pass the .ts written by `msprior export`")
