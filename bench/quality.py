@@ -321,7 +321,8 @@ def gain_ratio(report: dict):
     if not (report["original"] and report["msprior"]):
         return None
     u = float(np.mean(report["unigram"]))
-    return (u - np.mean(mean_of(report["msprior"]))) / (u - np.mean(mean_of(report["original"])))
+    gain = u - np.mean(mean_of(report["original"]))
+    return None if gain <= 0 else float((u - np.mean(mean_of(report["msprior"]))) / gain)
 
 
 def main(argv=None) -> None:
@@ -354,7 +355,8 @@ def main(argv=None) -> None:
           f"{msprior[0]['params'] if msprior else '?'}\n")
     print(table(report))
     g = report["gain_ratio"]
-    print(f"\ngain ratio (unigram - msprior) / (unigram - original): {g:.3f}" if g is not None else "\nno original results")
+    print(f"\ngain ratio (unigram - msprior) / (unigram - original): {g:.3f}" if g is not None else
+          "\ngain ratio: n/a (no original result, or the original is not below the unigram floor)")
     print(f"results: {path} ({time.time() - t0:.0f} s)")
 
 
