@@ -226,7 +226,7 @@ def run_msprior(args, meta, seed: int) -> dict:
     cfg = ms.config(overrides)
     print(f"msprior seed {seed}: training {args.steps} steps ({args.msprior_train})", flush=True)
     if args.msprior_train == "inprocess":
-        train = [c for c in _chunks(os.path.join(meta["dir"], "train.npz"))]
+        train = _chunks(os.path.join(meta["dir"], "train.npz"))
         facts = DatasetFacts(num_quantizers=meta["num_quantizers"], vocab_size=meta["vocab_size"])
         prior, secs, cpu = ms.train_inprocess(cfg, facts, train, seed, args.steps, args.threads)
         steps_done, run_dir = args.steps, None
