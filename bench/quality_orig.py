@@ -139,13 +139,14 @@ def train(work: str, db_path: str, args) -> dict:
             "train_cpu_s": time.process_time() - c0}
 
 
-def score(model, windows: np.ndarray, batch_size: int) -> list:
-    """Teacher-forced CE per quantizer (nats), mean over every held-out target token."""
+def score(model, windows: np.ndarray, batch_size: int):
+    """Teacher-forced CE per quantizer (nats), mean over every held-out target token; and the
+    largest difference between a batch's mean over quantizers and the original's own `loss`."""
     import torch
 
     model.eval()
     q = windows.shape[-1]
-    total, count = torch.zeros(q, dtype=torch.float64), 0
+    total, count, worst = torch.zeros(q, dtype=torch.float64), 0, 0.0
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
             w = torch.from_numpy(windows[i:i + batch_size].astype(np.int64))
@@ -155,7 +156,9 @@ def score(model, windows: np.ndarray, batch_size: int) -> list:
             ce = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # [B, T, Q]
             total += ce.double().sum(dim=(0, 1))
             count += y.shape[0] * y.shape[1]
-    return (total / count).tolist()
+            own, _ = model.loss({"decoder_inputs": x, "decoder_targets": y, "encoder_inputs": torch.tensor([])})
+            worst = max(worst, abs(float(own) - float(ce.mean())))
+    return (total / count).tolist(), worst
 
 
 def main() -> None:
@@ -187,10 +190,10 @@ def main() -> None:
     db_hash = check_database(db, examples)
     run = train(args.work, db, args)
     windows = np.load(os.path.join(args.tokens, "heldout_windows.npy"))
-    ce = score(run["model"], windows, args.batch_size)
+    ce, own_loss_diff = score(run["model"], windows, args.batch_size)
     result = {"tool": "original", "seed": args.seed, "steps": args.steps, "steps_done": run["steps_done"],
               "train_s": round(run["train_s"], 1),
-              "train_cpu_s": round(run["train_cpu_s"], 1), "ce": ce, "mean": float(np.mean(ce)),
+              "train_cpu_s": round(run["train_cpu_s"], 1), "own_loss_max_diff": own_loss_diff, "ce": ce, "mean": float(np.mean(ce)),
               "train_tokens_sha256": db_hash, "params": sum(p.numel() for p in run["model"].parameters()),
               "windows": int(len(windows)), "bindings": args.binding}
     with open(args.out, "w") as f:
