@@ -31,7 +31,8 @@ the cached run; results under <cache>/original/<key>/seed<S>/result.json), ablat
     cd /work/main && .venv/bin/python bench/quality.py --minutes 28.5 --heldout 5 --seeds 0,1 \
         --steps 1512 --jobs 2 --only msprior --override model.dropout=0.01   # any msprior key, repeatable
 
-The original's side alone (cached for later runs): the same with --only original. Without --only
+The original's side alone (cached for later runs): the same with --only original. A results
+JSON's table again, with the original's results cached since: --report <cache>/results/FILE.json. Without --only
 both tools train (the original only where its result is not cached; --retrain_original forces it).
 --jobs N runs N trainings at once, each in its own process with --threads torch threads. Cost: ~0.4
 CPU-s per training step of the original (batch 16 x 64 frames, one thread), so 1,512 steps take ~10
@@ -85,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=["original", "msprior"], default=None,
                    help="train one tool only (the other's cached results, if any, are still reported)")
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once (each its own process when > 1)")
+    p.add_argument("--report", default=None, help="print a results JSON again, with the original's results "
+                   "cached since (trains nothing)")
     p.add_argument("--msprior_job", type=int, default=None, help=argparse.SUPPRESS)  # internal: one seed
     p.add_argument("--job_out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -325,9 +328,40 @@ def gain_ratio(report: dict):
     return None if gain <= 0 else float((u - np.mean(mean_of(report["msprior"]))) / gain)
 
 
+def finish(args, report: dict, t0: float) -> None:
+    """Gain ratio, the JSON under <cache>/results/, the markdown table on stdout."""
+    report["gain_ratio"] = gain_ratio(report)
+    os.makedirs(os.path.join(args.cache, "results"), exist_ok=True)
+    path = os.path.join(args.cache, "results", f"quality-{time.strftime('%Y%m%dT%H%M%S')}.json")
+    ms.write_json(path, report)
+    meta, original, msprior = report["tokens"], report["original"], report["msprior"]
+    print(f"\ncorpus {meta['corpus']}: {meta['train_chunks']} training chunks ({meta['train_frames']} frames), "
+          f"{meta['heldout_windows']} held-out windows of {report['seq_len'] + 1} frames; {report['steps']} steps, "
+          f"batch {report['batch_size']}; params original {original[0]['params'] if original else '?'}, msprior "
+          f"{msprior[0]['params'] if msprior else '?'}\n")
+    print(table(report))
+    g = report["gain_ratio"]
+    print(f"\ngain ratio (unigram - msprior) / (unigram - original): {g:.3f}" if g is not None else
+          "\ngain ratio: n/a (no original result, or the original is not below the unigram floor)")
+    print(f"results: {path} ({time.time() - t0:.0f} s)")
+
+
+def rereport(args, path: str) -> None:
+    """--report: a results JSON again, with the original's results cached since (nothing trains)."""
+    report = json.load(open(path))
+    args.steps, args.batch_size, args.seq_len = report["steps"], report["batch_size"], report["seq_len"]
+    args.only = "msprior"  # run_original: cached results only
+    seeds = sorted({r["seed"] for r in report["msprior"] + report["original"]})
+    report["original"] = [r for r in (run_original(args, report["tokens"], s) for s in seeds) if r]
+    report["command"] += f"  (table: bench/quality.py --report {os.path.basename(path)})"
+    finish(args, report, time.time())
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.report:
+        return rereport(args, args.report)
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     if len(seeds) < 1:
         raise SystemExit("bench/quality: --seeds needs at least one seed")
@@ -345,19 +379,7 @@ def main(argv=None) -> None:
               "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]), "tokens": meta,
               "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "unigram": unigram,
               "original": original, "msprior": msprior, "msprior_label": label, "msprior_train": args.msprior_train}
-    report["gain_ratio"] = gain_ratio(report)
-    os.makedirs(os.path.join(args.cache, "results"), exist_ok=True)
-    path = os.path.join(args.cache, "results", f"quality-{time.strftime('%Y%m%dT%H%M%S')}.json")
-    ms.write_json(path, report)
-    print(f"\ncorpus {meta['corpus']}: {meta['train_chunks']} training chunks ({meta['train_frames']} frames), "
-          f"{meta['heldout_windows']} held-out windows of {args.seq_len + 1} frames; {args.steps} steps, batch "
-          f"{args.batch_size}; params original {original[0]['params'] if original else '?'}, msprior "
-          f"{msprior[0]['params'] if msprior else '?'}\n")
-    print(table(report))
-    g = report["gain_ratio"]
-    print(f"\ngain ratio (unigram - msprior) / (unigram - original): {g:.3f}" if g is not None else
-          "\ngain ratio: n/a (no original result, or the original is not below the unigram floor)")
-    print(f"results: {path} ({time.time() - t0:.0f} s)")
+    finish(args, report, t0)
 
 
 if __name__ == "__main__":
