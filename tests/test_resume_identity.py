@@ -35,3 +35,25 @@ def test_resume_refuses_another_audio_root_or_listing(ray_session, tmp_path):
     shutil.rmtree(tmp_path / "a" / "more")
     again = run(tmp_path / "a", table, rave)  # the same request resumes (nothing left to do)
     assert again["files_encoded"] == 0 and again["files_already_done"] == 2
+
+
+def test_intent_check_compares_root_and_listing(tmp_path):
+    """The same check without Ray: an intent recorded for one request refuses another root or listing."""
+    import json
+
+    from msprior import storage
+    from msprior.data.preprocess import RaveInfo, _intent, _request_fields
+
+    rave = RaveInfo(data=b"", sha256="ab" * 32, facts={"resolution": None})
+    corpus = (str(tmp_path / "a"), [("x.wav", str(tmp_path / "a" / "x.wav"), 10)], [])
+    req = PreprocessRequest(str(tmp_path / "a"), str(tmp_path / "t"), "r.ts", **OPTS)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "intent.json").write_text(json.dumps({"audio": req.audio, "request": _request_fields(req, rave, corpus)}))
+    s3 = storage.S3Options()
+    assert _intent(req, rave, corpus, s3, "r", None)["audio"] == req.audio  # the same request resumes
+    other = PreprocessRequest(str(tmp_path / "b"), str(tmp_path / "t"), "r.ts", **OPTS)
+    with pytest.raises(PreprocessError, match="audio.root"):
+        _intent(other, rave, (str(tmp_path / "b"), corpus[1], []), s3, "r", None)
+    grown = (corpus[0], corpus[1] + [("y.wav", str(tmp_path / "a" / "y.wav"), 10)], [])
+    with pytest.raises(PreprocessError, match="audio.listing_sha256"):
+        _intent(req, rave, grown, s3, "r", None)
