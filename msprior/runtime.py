@@ -11,27 +11,31 @@ answer without the token. Asking for a cluster (RAY_ADDRESS) is the only way off
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 LOOPBACK = "127.0.0.1"
 
 
-def _loopback_settings() -> dict:
-    """Environment (read by the Ray processes ray.init spawns) and init arguments that keep every
-    listener of a local Ray on 127.0.0.1 (checked with `ss -ltnp`: tests/test_security.py)."""
-    from msprior.devstack import free_port
-
+@contextlib.contextmanager
+def _loopback():
+    """While ray.init starts a local Ray: every listener on 127.0.0.1 (tests/test_security.py reads
+    them as `ss -ltnp` shows them). Ray's local-only mode (what RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    sets when ray is imported) makes 127.0.0.1 the node's address, which GCS, raylet, workers,
+    agents and metrics servers bind; without it ray.init takes the host's address and most bind
+    every interface. Switched back afterwards: a later ray.init in this process may join a cluster."""
     from ray._private import ray_constants
 
-    # Ray then treats the node as local-only: loopback for GCS, raylet, workers, agents, metrics.
-    # Ray's processes read the variable; this process read it when it imported ray, so the constant
-    # is set too (without it the node address is the host's: services.get_node_ip_address).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
+    from msprior.devstack import free_port
+
     # The metrics servers default to fixed ports (44217, 44227): a second local Ray lost them.
     for var in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
         os.environ.setdefault(var, str(free_port()))
-    return {"dashboard_host": LOOPBACK}
+    before, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def ensure_ray(log_to_driver: bool = True) -> bool:
@@ -43,11 +47,10 @@ def ensure_ray(log_to_driver: bool = True) -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS") or None
-    local = address in (None, "local")
     # The dashboard serves Ray's State API: without it, Ray Train's PlacementGroupCleaner actor
     # fails to query its controller once per second for the whole run and logs a warning each time.
-    ray.init(address=address, log_to_driver=log_to_driver, include_dashboard=True,
-             configure_logging=True, logging_level="WARNING",
-             **(_loopback_settings() if local else {"dashboard_host": LOOPBACK}))
+    with _loopback() if address in (None, "local") else contextlib.nullcontext():
+        ray.init(address=address, log_to_driver=log_to_driver, include_dashboard=True,
+                 dashboard_host=LOOPBACK, configure_logging=True, logging_level="WARNING")
     install_log_redaction()  # Ray's handlers exist now
     return True
