@@ -34,10 +34,12 @@ the cached run; results under <cache>/original/<key>/seed<S>/result.json), ablat
 The original's side alone (cached for later runs): the same with --only original. A results
 JSON's table again, with the original's results cached since: --report <cache>/results/FILE.json. Without --only
 both tools train (the original only where its result is not cached; --retrain_original forces it).
---jobs N runs N trainings at once, each in its own process with --threads torch threads. Cost: ~0.4
-CPU-s per training step of the original (batch 16 x 64 frames, one thread), so 1,512 steps take ~10
-CPU-minutes per seed and tool; on the shared 2-core machine at load average 40-120 a process got
-~3% of a core (hours). Develop with --minutes 8 --seeds 0 --steps 20.
+--jobs N runs N trainings at once, each in its own process with --threads torch threads. Cost per
+training step (batch 16 x 64 frames, one thread): the original 0.54 CPU-s, msprior 0.36 CPU-s, so
+1,512 steps take ~14 / ~9 CPU-minutes per seed; on the shared 2-core machine at load average
+40-240 a process at nice 0 got ~3-6% of a core. Develop with --minutes 8 --seeds 0 --steps 20.
+The original's results at the issue's size and 1,512 steps (seeds 0, 1) are cached on this machine
+(2026-12-06, bench/RESULTS.md).
 """
 
 from __future__ import annotations
