@@ -68,7 +68,14 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")  # a loaded machine starts Ray slowly
+    for attempt in range(3):  # and sometimes not at all on the first try
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+            break
+        except Exception as e:
+            print(f"ray.init failed ({e}); retrying", flush=True)
+            time.sleep(10)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in [float(x) for x in args.minutes.split(",")]:
