@@ -387,7 +387,6 @@ def _make_sink(s: Settings):
                 why = f"{storage.STORAGE_FULL}: {e}"[:300]  # the table's disk: every file retried on resume
                 return {"file": None, "skipped": [], "failed": [[src, why] for src in sorted(set(t["source"].to_pylist()))]}
 
-
         def on_write_complete(self, write_result) -> None:
             self.returns = list(write_result.write_returns)
 
