@@ -79,11 +79,11 @@ def gemv_gbs() -> float:
 
 
 def frame_weight_bytes(prior) -> int:
-    """fp32 bytes of weights one generated frame reads: every parameter but the embedding table and
-    the predictor's FiLM weight (streaming gathers rows of both: Q rows of the FiLM table)."""
-    skip = prior.embedding.table.weight.numel() + prior.predictor.film.weight.numel()
-    n = sum(p.numel() for p in prior.parameters()) - skip
-    return 4 * (n + prior.num_quantizers * prior.predictor.film.weight.shape[0])
+    """fp32 bytes of weights one generated frame reads: every parameter but the embedding table, of
+    which streaming gathers 2Q rows (the frame's input, the predictor's running sum)."""
+    table = prior.embedding.table.weight
+    n = sum(p.numel() for p in prior.parameters()) - table.numel()
+    return 4 * (n + 2 * prior.num_quantizers * table.shape[1])
 
 
 def first_buffers(path: str, warm: bool, sr: int, n_vec: int = 4096, count: int = 10) -> dict:

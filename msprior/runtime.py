@@ -17,6 +17,15 @@ import os
 LOOPBACK = "127.0.0.1"
 
 
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def _loopback():
     """While ray.init starts a local Ray: every listener on 127.0.0.1 (tests/test_security.py reads
@@ -26,11 +35,9 @@ def _loopback():
     every interface. Switched back afterwards: a later ray.init in this process may join a cluster."""
     from ray._private import ray_constants
 
-    from msprior.devstack import free_port
-
     # The metrics servers default to fixed ports (44217, 44227): a second local Ray lost them.
     for var in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
-        os.environ.setdefault(var, str(free_port()))
+        os.environ.setdefault(var, str(_free_port()))
     before, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
         yield
