@@ -161,8 +161,8 @@ def run_pd(patch: Instrumented, workdir: str, external_dir: str, duration_ms: fl
     `duration_ms` of logical time (-batch: as fast as the CPU allows); the tables come back."""
     start = patch.loadbang()
     # nn~ without its compute thread (`bufsize 0`: one model call per largest ratio, in the DSP tick):
-    # in thread mode (a new std::thread per buffer) our priors ran ~25x slower than realtime here and
-    # Pd segfaulted in exit() ~1 run in 6 with two nn~ (../notes/pd_findings.md)
+    # in thread mode Pd was seen to segfault inside exit() ~1 run in 6 with two nn~, after all output
+    # was written (nn~ swaps std::cerr's buffer from its compute threads)
     for nn in nn_objects(patch.text):
         patch.connect(start, 0, patch.msg("bufsize 0"), 0)
         patch.connect(patch.extra_index(-1), 0, nn.index, 0)

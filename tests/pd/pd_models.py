@@ -26,7 +26,7 @@ COND_VOCAB = 8
 def rave_facts(rave_path: str) -> Dict:
     """Latent channels, samples per frame, rate and codebook size of a discrete RAVE export."""
     rave = torch.jit.load(rave_path, map_location="cpu")
-    in_ch, ratio, latents, _ = [int(v) for v in rave.encode_params]
+    _, _, latents, ratio = [int(v) for v in rave.encode_params]  # [in_ch, in_ratio, out_ch, out_ratio]
     sr = int(rave.sr)
     embed = dict(rave.named_buffers())["encoder.rvq.layers.0._codebook.embed"]
     vocab = int(embed.shape[0])
