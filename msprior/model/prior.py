@@ -375,12 +375,13 @@ class FilmPredictor(nn.Module):
     the same frame (teacher-forced in training, sampled one after the other at inference):
 
         p_q          = sum of the embeddings of the frame's quantizers < q      (none for q = 0)
-        gamma, beta  = W2_q GELU(W1_q LN(drop(p_q)) + b1_q) + b2_q               one MLP per q
+        gamma, beta  = W2_q GELU(W1_q (LN(drop(p_q)) + LN(h)) + b1_q) + b2_q     one MLP per q
         logits_q     = U_q GELU(LN(h) * (1 + gamma) + beta) + c_q
 
-    The original MSPrior's MultivariatePredictor (one nonlinear FiLM per quantizer) with its input
-    layer-normalised (a sum of q embeddings grows with q) and FiLM the identity at initialisation
-    (W2 = 0). Weights are stored quantizer-major and input-major ([Q, in, out]): training runs
+    The original MSPrior's MultivariatePredictor (one nonlinear FiLM per quantizer) with three
+    changes: the MLP sees the context too (the token of a deep quantizer depends on how the context
+    and the frame's coarser tokens combine, not on each alone), its input is layer-normalised (a
+    sum of q embeddings grows with q), and FiLM is the identity at initialisation (W2 = 0). Weights are stored quantizer-major and input-major ([Q, in, out]): training runs
     the Q projections as one batched matmul, a streamed frame reads each as x @ W (the fast
     batch-1 layout, see InputMajorLinear). Per streamed frame: Q-1 FiLM MLPs (3 D^2 multiply-adds
     each) and Q output projections (D V each).
@@ -405,9 +406,11 @@ class FilmPredictor(nn.Module):
         """h [B, T, D], target_emb [B, T, Q, D] (per-quantizer embeddings) -> logits [B, T, Q, V]."""
         return self.qfirst(h, target_emb.permute(2, 0, 1, 3)).permute(1, 2, 0, 3)
 
-    def _film(self, previous: Tensor) -> Tensor:
-        """previous [Q-1, N, D] (sums of embeddings of quantizers < q, q = 1..Q-1) -> [Q-1, N, 2D]."""
-        u = F.gelu(torch.baddbmm(self.film_in_b.unsqueeze(1), self.prev_norm(self.drop(previous)), self.film_in))
+    def _film(self, previous: Tensor, h_norm: Tensor) -> Tensor:
+        """previous [Q-1, N, D] (sums of embeddings of quantizers < q, q = 1..Q-1), h_norm [1, N, D]
+        -> [Q-1, N, 2D]."""
+        x = self.prev_norm(self.drop(previous)) + h_norm
+        u = F.gelu(torch.baddbmm(self.film_in_b.unsqueeze(1), x, self.film_in))
         return torch.baddbmm(self.film_out_b.unsqueeze(1), u, self.film_out)
 
     def _modulated(self, h: Tensor, target_emb: Tensor) -> Tensor:
@@ -417,7 +420,7 @@ class FilmPredictor(nn.Module):
         if q == 1:
             return F.gelu(h_norm)
         previous = (target_emb.cumsum(dim=0) - target_emb)[1:].reshape(q - 1, b * t, d)
-        gamma, beta = self._film(previous).chunk(2, dim=-1)
+        gamma, beta = self._film(previous, h_norm).chunk(2, dim=-1)
         z = torch.cat([h_norm, torch.addcmul(beta, h_norm, 1 + gamma)], dim=0)
         return F.gelu(z)
 
@@ -432,7 +435,7 @@ class FilmPredictor(nn.Module):
         the summed embeddings of the tokens already chosen for quantizers < q."""
         z = h_norm
         if q > 0:
-            u = F.gelu(torch.addmm(self.film_in_b[q - 1], self.prev_norm(previous), self.film_in[q - 1]))
+            u = F.gelu(torch.addmm(self.film_in_b[q - 1], self.prev_norm(previous) + h_norm, self.film_in[q - 1]))
             gamma, beta = torch.addmm(self.film_out_b[q - 1], u, self.film_out[q - 1]).chunk(2, dim=-1)
             z = torch.addcmul(beta, h_norm, 1 + gamma)
         return torch.addmm(self.out_b[q], F.gelu(z), self.out_w[q])
@@ -482,7 +485,7 @@ class Int8FilmPredictor(nn.Module):
     def step_logits(self, h_norm: Tensor, previous: Tensor, q: int) -> Tensor:
         z = h_norm
         if q > 0:
-            p = self.prev_norm(previous)
+            p = self.prev_norm(previous) + h_norm
             for i, film in enumerate(self.films):  # TorchScript cannot index a ModuleList by a variable
                 if i == q - 1:
                     gamma, beta = film(p).chunk(2, dim=-1)
