@@ -126,16 +126,18 @@ def main() -> None:
     ap.add_argument("--sr", type=int, default=44100)
     ap.add_argument("--steps", type=int, default=10_000, help="frames streamed before the second measurement")
     ap.add_argument("--samples", type=int, default=300, help="timed calls per measurement")
+    ap.add_argument("--override", action="append", default=[],
+                    help="config override, repeatable (e.g. model.predictor=linear_film: the previous predictor)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.override)
     man = manifest(args.quantizers, args.vocab, args.ratio, args.sr)
     prior = build_prior(cfg.model, DatasetFacts.from_manifest(man)).eval()
     n_params = sum(p.numel() for p in prior.parameters())
     frame_ms = 1000.0 * args.ratio / args.sr
-    print(f"config {args.config}: {n_params / 1e6:.1f} M params, Q={args.quantizers}, V={args.vocab}, "
+    print(f"config {args.config} {' '.join(args.override)}: {n_params / 1e6:.1f} M params, Q={args.quantizers}, V={args.vocab}, "
           f"1 thread, torch {torch.__version__}; one frame = {args.ratio} samples at {args.sr} Hz = {frame_ms:.1f} ms "
           f"(1024 samples at 44.1 kHz: 23.2 ms)")
 
