@@ -96,7 +96,10 @@ def test_stage_records_and_no_credentials_anywhere(ray_session, mlflow_server, t
     assert json.loads(open(sweep["best_run_dir"] + "/run.json").read())["tracking_uri"] == mlflow_server.uri
     c = _client(uri)
     (version,) = all_versions(c, f"msprior-{name}")
-    assert version.tags["corpus"].startswith(name.rsplit("-", 1)[1])
+    from msprior.registry import corpus_id  # the corpus is the table's committed content, not its path
+
+    assert version.tags["table_sha256"] != "unknown"
+    assert version.tags["corpus"] == corpus_id(version.tags["rave_sha256"], "content:" + version.tags["table_sha256"])
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert len(runs) == 2  # the sweep and its trial (the export is logged to the trial's run)
     for r in runs:

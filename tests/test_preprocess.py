@@ -239,5 +239,7 @@ def test_bad_arguments_are_one_line(codecs, tmp_path):
 def test_gpu_without_gpu_is_one_line(ray_session, corpus, codecs, tmp_path):
     if ray_session.cluster_resources().get("GPU", 0) > 0:
         pytest.skip("this machine has a GPU")
-    with pytest.raises(PreprocessError, match="no GPU"):
+    from msprior.devices import DeviceError
+
+    with pytest.raises(DeviceError, match="--gpu 0: no CUDA GPU"):  # one line, naming the flag and the way out
         preprocess(str(corpus[0] / "extra"), str(tmp_path / "t"), codecs["discrete"], gpu=True, **OPTS)
