@@ -49,13 +49,9 @@ class RegistryError(UserError):
 
 
 def _client(tracking_uri: Optional[str]):
-    import mlflow
     from msprior.tracking import client, default_tracking_uri
 
-    uri = default_tracking_uri(with_credentials(tracking_uri))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return client(uri)
+    return client(default_tracking_uri(with_credentials(tracking_uri)))
 
 
 def model_name(run_name: str) -> str:
@@ -166,10 +162,10 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
     holds another corpus. Returns {"name", "version", "champion" (bool: this version is the champion),
     "champion_version", "run_id", "sha256"}.
     """
-    import mlflow
 
     from msprior.export.metadata import read_metadata
     from msprior.storage import sha256_file
+    from msprior.tracking import active
 
     meta = read_metadata(ts_path)
     c = _client(tracking_uri or meta.get("tracking_uri"))
@@ -178,7 +174,24 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
     name = name or default_name(c, meta.get("run_name") or "prior", tags)
     bind_corpus(c, name, tags)  # before anything is logged: a wrong corpus is refused cheaply
     run_id = _log_run(c, meta)
-    here = os.path.dirname(os.path.abspath(__file__))
+    with active(c.tracking_uri):  # the registry store finds the logged model through the fluent globals
+        mv = _log_version(c, name, run_id, ts_path, meta, previews, digest, tags)
+    version = str(mv.version)
+    champion = settle_champion(c, name, echo)
+    split = comparable(c, name)[1]
+    if echo and tags["val_split"] and split and tags["val_split"] != split:
+        echo(f"[register] {name} v{version} was validated on another split ({tags['val_split']}) than the model's "
+             f"versions ({split}): registered, but its val_loss is not compared for champion; register it under "
+             "another --name to compare it with its own kind")
+    return {"name": name, "version": version, "champion": champion == version, "champion_version": champion,
+            "run_id": run_id, "sha256": digest, "comparable": not (tags["val_split"] and split and tags["val_split"] != split)}
+
+
+def _log_version(c, name: str, run_id: str, ts_path: str, meta: Dict[str, Any], previews: Iterable[str],
+                 digest: str, tags: Dict[str, str]):
+    """The export's files and pyfunc model logged to `run_id`, then one new version of `name`."""
+    import mlflow
+
     with mlflow.start_run(run_id=run_id):
         safe = {k: redact_uri(v) for k, v in meta.items() if k != "config"}
         mlflow.log_dict(safe, "export/export.json")
@@ -189,21 +202,12 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
         mlflow.set_tags({"msprior.export.sha256": digest, "msprior.export.file": os.path.basename(ts_path)})
         info = mlflow.pyfunc.log_model(
             name="nn_tilde",
-            python_model=os.path.join(here, "export", "pyfunc.py"),
+            python_model=os.path.join(os.path.dirname(os.path.abspath(__file__)), "export", "pyfunc.py"),
             artifacts={TS_ARTIFACT: os.path.abspath(ts_path)},
             pip_requirements=[f"torch>={tags['torch_version']}"],
         )
     # the version and its tags in one call: no window where a version exists without its sha256
-    mv = c.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
-    version = str(mv.version)
-    champion = settle_champion(c, name, echo)
-    split = comparable(c, name)[1]
-    if echo and tags["val_split"] and split and tags["val_split"] != split:
-        echo(f"[register] {name} v{version} was validated on another split ({tags['val_split']}) than the model's "
-             f"versions ({split}): registered, but its val_loss is not compared for champion; register it under "
-             "another --name to compare it with its own kind")
-    return {"name": name, "version": version, "champion": champion == version, "champion_version": champion,
-            "run_id": run_id, "sha256": digest, "comparable": not (tags["val_split"] and split and tags["val_split"] != split)}
+    return c.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
 
 
 def _log_run(c, meta: Dict[str, Any]) -> str:
@@ -346,6 +350,7 @@ def pull(ref: str, out: str, tracking_uri: Optional[str] = None) -> str:
     import mlflow
 
     from msprior.storage import sha256_file
+    from msprior.tracking import active
 
     c = _client(tracking_uri)
     mv = resolve(c, ref)
@@ -355,7 +360,8 @@ def pull(ref: str, out: str, tracking_uri: Optional[str] = None) -> str:
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(out)) as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp)
+        with active(c.tracking_uri):  # `models:/` resolves through the fluent globals
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp)
         found: List[str] = []
         for root, _, files in os.walk(os.path.join(local, "artifacts")):
             found += [os.path.join(root, f) for f in files if f.endswith(".ts")]

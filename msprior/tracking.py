@@ -8,8 +8,11 @@ and the registry (`msprior.registry`) both build on this module and on nothing o
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 def default_tracking_uri(tracking_uri: Optional[str] = None) -> str:
@@ -37,6 +40,31 @@ def client(tracking_uri: Optional[str] = None):
     uri = default_tracking_uri(tracking_uri)
     hide_printed_credentials(uri)  # MLflow would print the URI, password included
     return MlflowClient(tracking_uri=uri)
+
+
+@contextmanager
+def active(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.start_run`, `log_model`) pointed at `uri` for this block only.
+
+    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ (credentials included)
+    for every later subprocess of this process; the block's end puts the globals and the environment
+    back as they were."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    before = {k: os.environ.get(k) for k in _URI_ENV}
+    # the raw globals (None when never set), not get_*_uri(): those resolve a default we must not pin
+    old_tracking, old_registry = tracking_state._tracking_uri, registry_state._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_tracking)
+        mlflow.set_registry_uri(old_registry)
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def experiment_id(c, name: str) -> str:

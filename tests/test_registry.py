@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 
 import numpy as np
 import pytest
@@ -54,7 +55,10 @@ def test_round_trip_and_champion_moves_only_when_better(store, tmp_path):
 
     import mlflow  # the pyfunc flavour runs the same file (no msprior code inside the model)
 
-    model = mlflow.pyfunc.load_model("models:/msprior-tiny@champion")
+    from msprior.tracking import active
+
+    with active(uri):
+        model = mlflow.pyfunc.load_model("models:/msprior-tiny@champion")
     assert model.predict(np.zeros((1, Q, 4), dtype=np.float32)).shape == (1, Q + 1, 4)
 
 
@@ -126,6 +130,21 @@ def _export_for(root, tag: str, val_loss: float, rave_sha: str = "ab" * 32, db_p
     return out
 
 
+def test_registering_leaves_the_process_environment_and_mlflow_globals_as_they_were(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ: a register inside a long-lived
+    driver would hand its store (and any credentials in the URI) to every later subprocess."""
+    import mlflow
+
+    from msprior import registry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    registry.register_export(_export(tmp_path, 2.0, "env"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == before
+
+
 def test_a_model_holds_one_corpus_and_versions_carry_it(tmp_path):
     from msprior import registry
 
@@ -160,7 +179,10 @@ def test_version_without_sha256_is_refused_by_pull_and_never_a_duplicate(tmp_pat
     first = registry.register_export(ts, name="msprior-t", tracking_uri=uri)
     c = registry._client(uri)
     src = c.get_model_version("msprior-t", first["version"]).source
-    bare = c.create_model_version("msprior-t", source=src)  # a version without any tag
+    from msprior.tracking import active
+
+    with active(uri):  # MLflow's registry store reads the logged model through its fluent globals
+        bare = c.create_model_version("msprior-t", source=src)  # a version without any tag
     with pytest.raises(registry.RegistryError, match=rf"^msprior-t v{bare.version} has no sha256 tag, so its "
                        r"download cannot be verified; pull another version \(aliases: champion \(v1\); versions: 1, 2\)$"):
         registry.pull(f"msprior-t/{bare.version}", str(tmp_path / "x.ts"), tracking_uri=uri)
