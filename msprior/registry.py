@@ -78,8 +78,9 @@ def table_content(db_path: Optional[str]) -> Optional[str]:
 
 def corpus_tags(meta: Dict[str, Any]) -> Dict[str, str]:
     """The corpus of an export (from its metadata) as version tags: the RAVE model and the table's
-    committed content (a copy elsewhere is the same corpus, a table rewritten in place is another);
-    the table's location only when its content is unknown."""
+    committed content (a copy elsewhere is the same corpus, a table rewritten in place is another).
+    The content is the export's `table_sha256` (what training read); for an export without it (an
+    older msprior) the table's manifest now; the table's location only when both are unknown."""
     rave, table = meta.get("rave_sha256"), redact_uri(meta.get("db_path"))
     content = meta.get("table_sha256") or table_content(meta.get("db_path"))
     return {"rave_sha256": str(rave or "unknown"), "table": str(table or "unknown"),
