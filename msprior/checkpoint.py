@@ -117,6 +117,23 @@ def resolve_run_dir(run_dir_or_mlflow_id: str, tracking_uri: Optional[str] = Non
     raise RunNotFound(f"{ref}: neither a run directory nor an MLflow run id")
 
 
+def is_checkpoint(run: str) -> bool:
+    """One checkpoint (a `checkpoint.pt` file or a folder holding one), not a run folder or run id."""
+    return str(run).endswith(".pt") or os.path.isfile(os.path.join(str(run), CHECKPOINT_FILE))
+
+
+def load_trained_state(run: str, which: str = "best", tracking_uri: Optional[str] = None) -> Dict[str, Any]:
+    """The checkpoint dict of what a user names as a trained prior: a run folder (or s3://) or MLflow
+    run id (`which` = best | last), a checkpoint folder or a checkpoint.pt; RunNotFound in one line."""
+    if which not in ("best", "last"):
+        raise RunNotFound(f"--checkpoint must be 'best' or 'last', got {which!r}")
+    state = load_checkpoint(run) if is_checkpoint(run) else load_run(run, which, tracking_uri)
+    missing = [k for k in ("model", "config", "manifest") if k not in state]
+    if missing:
+        raise RunNotFound(f"{run}: the checkpoint has no {missing[0]!r} entry; not an msprior checkpoint")
+    return state
+
+
 def load_run(run_dir_or_mlflow_id: str, which: str = "best", tracking_uri: Optional[str] = None,
              map_location: str = "cpu") -> Dict[str, Any]:
     """The `best` (default) or `last` checkpoint dict of a finished run, plus `run` (its run.json)."""

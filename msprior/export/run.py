@@ -42,12 +42,6 @@ class LoadedRun:
     state: Dict[str, Any]  # the checkpoint dict (with "run": run.json when loaded from a run)
 
 
-def _is_checkpoint(run: str) -> bool:
-    from msprior import checkpoint as ckpt
-
-    return str(run).endswith(".pt") or os.path.isfile(os.path.join(str(run), ckpt.CHECKPOINT_FILE))
-
-
 def load_trained(run: str, checkpoint: str = "best", tracking_uri: Optional[str] = None,
                  ema_weights: Optional[bool] = None) -> LoadedRun:
     """The prior of a run directory / MLflow run id (`checkpoint` = best | last), or of one
@@ -56,15 +50,10 @@ def load_trained(run: str, checkpoint: str = "best", tracking_uri: Optional[str]
     available"), False = the raw weights (`raw_model`, the original's default)."""
     from msprior import checkpoint as ckpt
 
-    if checkpoint not in ("best", "last"):
-        raise ExportError(f"--checkpoint must be 'best' or 'last', got {checkpoint!r}")
     try:
-        state = ckpt.load_checkpoint(run) if _is_checkpoint(run) else ckpt.load_run(run, checkpoint, tracking_uri)
+        state = ckpt.load_trained_state(run, checkpoint, tracking_uri)
     except ckpt.RunNotFound as e:
         raise ExportError(str(e)) from None
-    for key in ("model", "config", "manifest"):
-        if key not in state:
-            raise ExportError(f"{run}: checkpoint has no {key!r} entry; not an msprior checkpoint")
     raw = ema_weights is False and "raw_model" in state
     state["weights"] = "raw" if raw or "raw_model" not in state else "ema"
     config = Config.from_dict(state["config"], where=f"{run} (checkpoint config)")
@@ -78,7 +67,7 @@ def default_out(run: str, tracking_uri: Optional[str] = None) -> str:
     single checkpoint: `<checkpoint dir>/<its name>.ts`."""
     from msprior import checkpoint as ckpt
 
-    if _is_checkpoint(run):
+    if ckpt.is_checkpoint(run):
         folder = os.path.dirname(os.path.abspath(run)) if str(run).endswith(".pt") else os.path.abspath(run)
         return os.path.join(folder, os.path.basename(folder) + ".ts")
     try:

@@ -8,7 +8,6 @@ the table's own unigram floor for reference: per quantizer, in nats per token.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -37,14 +36,10 @@ def load_state(run: str, which: str, tracking_uri: Optional[str]) -> Dict[str, A
     """The checkpoint dict of a run (best|last) or of one checkpoint folder / file."""
     from msprior import checkpoint as ckpt
 
-    if which not in ("best", "last"):
-        raise EvaluateError(f"--checkpoint must be 'best' or 'last', got {which!r}")
-    is_file = str(run).endswith(".pt") or os.path.isfile(os.path.join(str(run), ckpt.CHECKPOINT_FILE))
-    state = ckpt.load_checkpoint(run) if is_file else ckpt.load_run(run, which, tracking_uri)
-    missing = [k for k in ("model", "config", "manifest") if k not in state]
-    if missing:
-        raise EvaluateError(f"--run {run}: the checkpoint has no {missing[0]!r} entry; not an msprior checkpoint")
-    return state
+    try:
+        return ckpt.load_trained_state(run, which, tracking_uri)
+    except ckpt.RunNotFound as e:
+        raise EvaluateError(f"--run {e}" if str(e).startswith(str(run)) else str(e)) from None
 
 
 def check_table(run: str, trained: Dict, table: Dict, db_path: str, conditioning: str) -> None:
