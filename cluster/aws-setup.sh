@@ -10,7 +10,9 @@
 # - security group msprior-nodes in the default VPC of aws.yaml's region: all traffic between its
 #   members, SSH (22) from SSH_CIDR only (nothing else from outside: the dashboard stays on the
 #   head's loopback, reached through `ray dashboard`);
-# - cluster/aws.local.yaml: aws.yaml with your account and that group filled in (`ray up` it).
+# - placement group msprior-train (strategy cluster) and a subnet in ${region}a for gpu_8x's EFA;
+# - cluster/aws.local.yaml: aws.yaml with your account, that group, subnet and BUCKET filled in
+#   (`ray up` it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 die() { echo "aws-setup.sh: $*" >&2; exit 2; }
@@ -47,6 +49,15 @@ fi
 aws ec2 authorize-security-group-ingress --region "$region" --group-id "$sg" \
   --ip-permissions "IpProtocol=tcp,FromPort=22,ToPort=22,IpRanges=[{CidrIp=$cidr}]" >/dev/null 2>&1 \
   || echo "aws-setup.sh: SSH from $cidr already allowed in $sg" >&2
+# gpu_8x (8 nodes x 8 GPUs): a cluster placement group (one network spine, one AZ) and a subnet of
+# the default VPC in that AZ for its EFA interfaces. Creating them costs nothing until nodes launch.
+az="${region}a"
+subnet="$(aws ec2 describe-subnets --region "$region" --filters "Name=vpc-id,Values=$vpc" \
+          "Name=availability-zone,Values=$az" --query 'Subnets[0].SubnetId' --output text)"
+{ [ -n "$subnet" ] && [ "$subnet" != None ]; } || die "no subnet of $vpc in $az for the gpu_8x nodes"
+aws ec2 describe-placement-groups --region "$region" --group-names msprior-train >/dev/null 2>&1 \
+  || aws ec2 create-placement-group --region "$region" --group-name msprior-train --strategy cluster >/dev/null
 out="${AWS_LOCAL_YAML:-cluster/aws.local.yaml}"
-sed -e "s/ACCOUNT_ID/$account/g" -e "s/sg-MSPRIOR/$sg/g" cluster/aws.yaml > "$out"
-echo "wrote $out (account $account, security group $sg, SSH from $cidr): ray up -y $out" >&2
+sed -e "s/ACCOUNT_ID/$account/g" -e "s/sg-MSPRIOR/$sg/g" -e "s/subnet-MSPRIOR/$subnet/g" \
+  -e "s#s3://BUCKET/#s3://$bucket/#g" cluster/aws.yaml > "$out"
+echo "wrote $out (account $account, security group $sg, subnet $subnet, bucket $bucket, SSH from $cidr): ray up -y $out" >&2

@@ -6,7 +6,7 @@
 #   ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python jobs/pipeline.py ...
 #   cluster/local.sh env              # print the exports again;  cluster/local.sh status
 #   cluster/local.sh down [--purge]   # stop exactly what `up` started (--purge: delete the data)
-#   cluster/local.sh runtime-env      # cluster/runtime_env.yaml + MLFLOW_TRACKING_URI etc. as JSON
+#   cluster/local.sh runtime-env      # cluster/runtime_env.yaml + MLFLOW_TRACKING_URI, NCCL_* etc. as JSON
 #
 # A thin wrapper over `python -m msprior.devstack`; extra flags: --dir, --bucket, --num_cpus.
 set -euo pipefail
@@ -20,4 +20,7 @@ export PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
 cmd="${1:-}"
 [ -n "$cmd" ] || { echo "usage: cluster/local.sh up|down|env|status|runtime-env [--dir DIR] [--purge]" >&2; exit 2; }
 shift
+# The job's runtime env: cluster/runtime_env.yaml + this shell's deployment, storage and NCCL/FI_*
+# settings, never credentials (cluster/job_env.py).
+[ "$cmd" != runtime-env ] || exec "$PY" cluster/job_env.py "$@"
 exec "$PY" -m msprior.devstack "$cmd" --dir "${MSPRIOR_STACK_DIR:-.msprior-stack}" "$@"

@@ -1,9 +1,9 @@
 """Cluster configs and the local stack.
 
 Fast: the AWS launcher YAML passes Ray's own cluster-config validation; the KubeRay manifests
-pass a structural check (tests/data/kuberay_v1_subset.schema.json, written from KubeRay's ray.io/v1
-API types) plus the cross-field rules KubeRay enforces; the runtime env is one Ray accepts and
-packs small. Slow: `cluster/local.sh up` starts a real Ray head, SeaweedFS S3 and MLflow server on
+pass KubeRay's own CRD schema and the operator's rules (tests/test_cluster_schema.py, whose
+checks are used here too); the runtime env is one Ray accepts and packs small, and forwards
+NCCL/libfabric settings but no credentials. Slow: `cluster/local.sh up` starts a real Ray head, SeaweedFS S3 and MLflow server on
 127.0.0.1, they answer, a submitted job reaches S3 and MLflow, and `down` leaves no process behind.
 (`with Stack(...)`, the in-process form, is what tests/test_pipeline_job.py runs the pipeline on.)
 """
@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_cluster_schema import crd_errors, k8s_errors
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
-SCHEMA = ROOT / "tests" / "data" / "kuberay_v1_subset.schema.json"
 MANIFESTS = [CLUSTER / "kuberay" / "raycluster.yaml", CLUSTER / "kuberay" / "rayjob.yaml"]
 
 
@@ -114,10 +115,14 @@ def test_launcher_creates_no_role_and_no_open_ssh(monkeypatch):
     full["head_node"] = {}
     before = copy.deepcopy(full)
     assert aws._configure_iam_role(full) == before and full["head_node"] == {}
-    assert aws._configure_security_group(full) == before
+    # bootstrap's order: groups and subnets of EFA interfaces (gpu_8x) are copied up first
+    full = aws._configure_from_network_interfaces(full)
+    assert aws._configure_security_group(copy.deepcopy(full)) == full
+    assert all(set(n["node_config"]["SecurityGroupIds"]) == {"sg-MSPRIOR"} for n in full["available_node_types"].values())
     profiles = {t: n["node_config"]["IamInstanceProfile"]["Arn"] for t, n in full["available_node_types"].items()}
-    assert profiles == {"head": "arn:aws:iam::ACCOUNT_ID:instance-profile/msprior-head",
-                        "gpu": "arn:aws:iam::ACCOUNT_ID:instance-profile/msprior-worker"}
+    assert profiles.pop("head") == "arn:aws:iam::ACCOUNT_ID:instance-profile/msprior-head"
+    assert set(profiles.values()) == {"arn:aws:iam::ACCOUNT_ID:instance-profile/msprior-worker"}
+    assert set(profiles) >= {"gpu", "gpu_8x", "gpu_encode", "cpu_decode"}
 
 
 def _statements(name: str) -> list:
@@ -158,6 +163,8 @@ def _fake_aws(tmp_path) -> Path:
           "ec2 describe-vpcs"*) echo vpc-0abc ;;
           "ec2 describe-security-groups"*) echo None ;;
           "ec2 create-security-group"*) echo sg-0123 ;;
+          "ec2 describe-subnets"*) echo subnet-0456 ;;
+          "ec2 describe-placement-groups"*) exit 254 ;;
         esac
         """))
     script.chmod(0o755)
@@ -179,72 +186,19 @@ def test_aws_setup_opens_ssh_to_the_given_cidr_only(tmp_path):
     assert "IpProtocol=tcp,FromPort=22,ToPort=22,IpRanges=[{CidrIp=203.0.113.7/32}]" in calls
     assert "0.0.0.0/0" not in calls and "FullAccess" not in calls
     assert '"arn:aws:s3:::my-bucket/*"' in calls and "BUCKET" not in calls
-    cfg = ray_validate(load(out))
+    assert "ec2 create-placement-group --region us-west-2 --group-name msprior-train --strategy cluster" in calls
+    assert not re.search(r"ACCOUNT_ID|BUCKET|sg-MSPRIOR|subnet-MSPRIOR", yaml.safe_dump(load(out)))  # comments aside
+    from ray.autoscaler._private.aws.config import _configure_from_network_interfaces
+
+    cfg = _configure_from_network_interfaces(ray_validate(load(out)))
     for node in cfg["available_node_types"].values():
-        assert node["node_config"]["SecurityGroupIds"] == ["sg-0123"]
+        assert set(node["node_config"]["SecurityGroupIds"]) == {"sg-0123"}  # one per EFA interface on gpu_8x
         assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::123456789012:")
+    assert cfg["available_node_types"]["gpu_8x"]["node_config"]["SubnetIds"] == ["subnet-0456"] * 4
+    assert "--env MSPRIOR_STORAGE=s3://my-bucket/msprior/runs" in cfg["docker"]["run_options"]
 
 
 # --- KubeRay manifests (cluster/kuberay/*.yaml) -----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def kuberay_validator():
-    import jsonschema
-
-    schema = json.loads(SCHEMA.read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
-
-
-def schema_errors(validator, doc) -> list:
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
-
-
-def kuberay_rule_errors(doc: dict) -> list:
-    """Cross-field rules the operator (and its webhook) enforce, beyond the field types."""
-    errors = []
-    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
-    if len(doc["metadata"]["name"]) > 63:
-        errors.append("metadata.name: longer than 63 characters")
-    names = [g["groupName"] for g in spec.get("workerGroupSpecs", [])]
-    if len(set(names)) != len(names):
-        errors.append("workerGroupSpecs: groupName not unique")
-    for g in spec.get("workerGroupSpecs", []):
-        lo, hi = g.get("minReplicas", 0), g.get("maxReplicas", 2**31 - 1)
-        if not lo <= g.get("replicas", lo) <= hi:
-            errors.append(f"{g['groupName']}: replicas outside [minReplicas, maxReplicas]")
-    if doc["kind"] == "RayJob":
-        s = doc["spec"]
-        if s.get("ttlSecondsAfterFinished") and not s.get("shutdownAfterJobFinishes"):
-            errors.append("ttlSecondsAfterFinished needs shutdownAfterJobFinishes")
-        if not s.get("rayClusterSpec") and not s.get("clusterSelector"):
-            errors.append("RayJob needs rayClusterSpec or clusterSelector")
-    return errors
-
-
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_kuberay_manifest_matches_crd_fields(path, kuberay_validator):
-    doc = load(path)
-    assert schema_errors(kuberay_validator, doc) == []
-    assert kuberay_rule_errors(doc) == []
-
-
-@pytest.mark.parametrize("mutate, where", [
-    (lambda d: d["spec"].update(shutdownAfterJobFinish=True), "spec"),
-    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["rayStartParams"].update(
-        {"num-gpus": 1}), "rayStartParams.num-gpus"),
-    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName"), "0"),
-    (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
-        "resources"]["limits"].update(memory="16 GB"), "limits.memory"),
-    (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "apiVersion"),
-    (lambda d: d["spec"].update(submissionMode="K8sMode"), "submissionMode"),
-])
-def test_kuberay_schema_rejects_mistakes(mutate, where, kuberay_validator):
-    doc = load(CLUSTER / "kuberay" / "rayjob.yaml")
-    mutate(doc)
-    errors = schema_errors(kuberay_validator, doc)
-    assert errors and any(where in e for e in errors), errors
 
 
 def test_kuberay_manifests_agree():
@@ -258,12 +212,14 @@ def test_kuberay_manifests_agree():
     assert spec["authOptions"]["mode"] == "token"
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"]["limits"], "the head is the CPU node"
-    (gpu,) = spec["workerGroupSpecs"]
-    worker = gpu["template"]["spec"]["containers"][0]
-    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-    assert worker["resources"]["requests"] == worker["resources"]["limits"]
-    assert gpu["minReplicas"] == 0 < gpu["maxReplicas"] and spec["enableInTreeAutoscaling"]
-    assert worker["image"] == head["image"]
+    assert spec["enableInTreeAutoscaling"]
+    for group in spec["workerGroupSpecs"]:
+        worker = group["template"]["spec"]["containers"][0]
+        assert worker["resources"]["requests"] == worker["resources"]["limits"]  # Guaranteed QoS
+        assert group["minReplicas"] == 0 < group["maxReplicas"]
+        assert worker["image"] == head["image"]
+    gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
 
     # The job: the pipeline on S3 paths, with the runtime env of cluster/runtime_env.yaml.
     argv = shlex.split(job["spec"]["entrypoint"])
@@ -279,32 +235,16 @@ def test_kuberay_manifests_agree():
     assert env["working_dir"].startswith("/") and job["spec"]["submissionMode"] == "K8sJobMode"
 
 
-# core/v1 ServiceAccount, the fields msprior uses, closed like the KubeRay subset schema
-SERVICE_ACCOUNT_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "automountServiceAccountToken"],
-    "additionalProperties": False,
-    "properties": {
-        "apiVersion": {"const": "v1"}, "kind": {"const": "ServiceAccount"},
-        "automountServiceAccountToken": {"type": "boolean"},
-        "metadata": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
-            "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}},
-}
-
-
-def test_kuberay_pods_run_as_scoped_service_accounts(kuberay_validator):
+def test_kuberay_pods_run_as_scoped_service_accounts():
     """Head and workers run as their own ServiceAccounts (IRSA: the bucket-only IAM policy), the
     workers without a Kubernetes token; the file grants no RBAC of its own."""
-    import jsonschema
-
     accounts = {d["metadata"]["name"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "serviceaccounts.yaml").read_text())}
     for doc in accounts.values():
-        jsonschema.validate(doc, SERVICE_ACCOUNT_SCHEMA)
+        assert k8s_errors(doc) == []  # Kubernetes' core/v1 schema, strict
         assert doc["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == "arn:aws:iam::ACCOUNT_ID:role/msprior-k8s-node"
     for path in MANIFESTS:
         doc = load(path)
-        assert schema_errors(kuberay_validator, doc) == []
+        assert crd_errors(doc) == []
         spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
         head = spec["headGroupSpec"]["template"]["spec"]
         assert head["serviceAccountName"] == "msprior-head" and accounts["msprior-head"]["automountServiceAccountToken"]
@@ -370,6 +310,39 @@ def test_runtime_env_forwards_settings_not_secrets():
     assert env["env_vars"]["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert "do-not-ship" not in r.stdout
     assert env["excludes"] == load(CLUSTER / "runtime_env.yaml")["excludes"]
+
+
+NETWORK_SETTINGS = {"NCCL_SOCKET_IFNAME": "ens,eth", "NCCL_IB_DISABLE": "1", "NCCL_DEBUG": "INFO",
+                    "FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+                    "GLOO_SOCKET_IFNAME": "eth0"}
+
+
+def test_runtime_env_forwards_nccl_and_libfabric_settings():
+    """Multi-node settings of the submitting shell reach every worker through the runtime env
+    (NCCL_*, FI_*, TORCH_NCCL_*, GLOO_SOCKET_IFNAME, the storage path); a name that reads like a
+    secret and the values of this shell's secrets do not."""
+    from ray.runtime_env import RuntimeEnv
+
+    secret = "Sup3r-s3cret-value"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "FI_", "TORCH_NCCL_", "GLOO_"))}
+    r = subprocess.run([str(CLUSTER / "local.sh"), "runtime-env"], cwd=ROOT, text=True, capture_output=True,
+                       timeout=120, env={**clean, "PYTHON": sys.executable, **NETWORK_SETTINGS,
+                                         "MSPRIOR_STORAGE": "s3://my-bucket/msprior/runs",
+                                         "NCCL_NET_AUTH_TOKEN": secret, "FI_EFA_SECRET_KEY": secret,
+                                         "AWS_SECRET_ACCESS_KEY": secret, "FI_LOG_PROV": secret})
+    assert r.returncode == 0, r.stderr
+    assert secret not in r.stdout
+    env = json.loads(r.stdout)
+    RuntimeEnv(**env)
+    shipped = env["env_vars"]
+    assert {k: shipped.get(k) for k in NETWORK_SETTINGS} == NETWORK_SETTINGS
+    assert shipped["MSPRIOR_STORAGE"] == "s3://my-bucket/msprior/runs"
+    assert shipped["FI_LOG_PROV"] == "***"  # a forwarded name whose value is a secret of this shell
+    assert not {"NCCL_NET_AUTH_TOKEN", "FI_EFA_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"} & set(shipped)
+    # without them set, nothing of the kind is invented
+    r = subprocess.run([str(CLUSTER / "local.sh"), "runtime-env"], cwd=ROOT, text=True, capture_output=True,
+                       timeout=120, env={**clean, "PYTHON": sys.executable})
+    assert not [k for k in json.loads(r.stdout)["env_vars"] if k.startswith(("NCCL_", "FI_"))]
 
 
 def test_local_sh_usage_and_missing_stack(tmp_path):
