@@ -64,7 +64,7 @@ def wait_for(need: Dict[str, float], timeout_s: float, every_s: float = 15.0) ->
             print(f"reserve.py: still missing {missing} after {timeout_s:.0f} s (see `ray status`)", file=sys.stderr)
             return False
         print(f"reserve.py: waiting for {missing}", flush=True)
-        time.sleep(every_s)
+        time.sleep(max(0.0, min(every_s, deadline - time.monotonic())))
 
 
 def main(argv=None) -> int:
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    ray.init(address="auto", log_to_driver=False)
+    if not ray.is_initialized():  # a Ray job's driver: the job's cluster
+        ray.init(address="auto", log_to_driver=False)
     request_resources(bundles=shapes)
     print(f"reserve.py: requested {totals(shapes) or 'nothing (released)'}", flush=True)
     ok = a.release or a.wait <= 0 or wait_for(totals(shapes), a.wait)

@@ -370,15 +370,20 @@ def test_ray_autoscaler_puts_each_demand_on_its_pool():
     assert len(nodes_to_launch([gpu_worker] * 64)) > 1
 
 
-def test_reserve_requests_start_the_pool_asked_for():
-    """cluster/reserve.py's shapes (Ray's request_resources, before a job): --train 64 starts
-    exactly the 8 gpu_8x nodes, 64 GPUs in all, so a 64-worker Train placement group of one GPU
-    each then finds 8 free GPUs on each of 8 nodes and nowhere else; --gpus 2 the small pool."""
+def _reserve_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("reserve", CLUSTER / "reserve.py")
     reserve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reserve)
+    return reserve
+
+
+def test_reserve_requests_start_the_pool_asked_for():
+    """cluster/reserve.py's shapes (Ray's request_resources, before a job): --train 64 starts
+    exactly the 8 gpu_8x nodes, 64 GPUs in all, so a 64-worker Train placement group of one GPU
+    each then finds 8 free GPUs on each of 8 nodes and nowhere else; --gpus 2 the small pool."""
+    reserve = _reserve_module()
     assert nodes_to_launch(requested=reserve.bundles({"train": 64})) == {"gpu_8x": 8}
     assert nodes_to_launch(requested=reserve.bundles({"encode": 64})) == {"gpu_encode": 16}
     assert nodes_to_launch(requested=reserve.bundles({"gpus": 2})) == {"gpu": 2}
@@ -386,3 +391,25 @@ def test_reserve_requests_start_the_pool_asked_for():
     assert reserve.totals(reserve.bundles({"train": 64})) == {"GPU": 64, "msprior_train": 64}
     with pytest.raises(SystemExit):
         reserve.main([])  # nothing asked: a usage error, before any Ray call
+
+
+@pytest.mark.timeout(300)
+def test_reserve_writes_the_request_the_autoscaler_reads(ray_session, capsys):
+    """On a real (local, fixed-size) Ray: the request lands where Ray's autoscaler reads it, the
+    wait gives up with a one-line account of what is missing, `--release` clears it."""
+    import json
+
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    reserve = _reserve_module()
+    assert reserve.main(["--train", "2", "--wait", "1"]) == 1  # no gpu_8x node will ever come here
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'msprior_train': 2.0" in err[0], err
+    if not is_autoscaler_v2():
+        asked = json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL))
+        assert asked == [{"GPU": 1, "msprior_train": 1}] * 2
+    assert reserve.main(["--release"]) == 0
+    if not is_autoscaler_v2():
+        assert json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)) == []
