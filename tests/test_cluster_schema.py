@@ -5,8 +5,9 @@
   the API server reads it with kubectl's default `--validate=strict`: unknown fields are errors
   (except under x-kubernetes-preserve-unknown-fields), `nullable`, list-map keys unique; plus the
   operator's own webhook-free checks (controllers/ray/utils/validation.go, ported below).
-  Not evaluated: the CRDs' CEL rules (x-kubernetes-validations), `format`s, and admission by the
-  cluster itself (quotas, the device plugins' resources).
+  Not evaluated: the CRDs' CEL rules (x-kubernetes-validations; in v1.5.1 only on `managedBy`,
+  which a test checks the manifests never set), `format`s, and what only a live cluster decides
+  (quotas, admission webhooks, the device plugins' resources).
 - Kubernetes core objects (ServiceAccount, ConfigMap, and each worker group's pod template as a
   core/v1 PodTemplate) against Kubernetes' OpenAPI schemas as shipped by `kubernetes-validate`
   (strict: additionalProperties false).
@@ -87,6 +88,25 @@ def crd_validator(kind: str, version: str):
     cls = jsonschema.validators.extend(jsonschema.Draft4Validator, {"x-kubernetes-list-map-keys": _list_map_keys})
     cls.check_schema(schema)
     return cls(schema)
+
+
+def cel_fields_set(schema: dict, doc, path: str = "") -> list:
+    """Fields of `doc` that carry a CEL rule (x-kubernetes-validations) in `schema`: the one part
+    of the CRD jsonschema cannot evaluate (in v1.5.1 only `managedBy`: immutable, two values)."""
+    hits = [path] if schema.get("x-kubernetes-validations") else []
+    if isinstance(doc, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in doc:
+                hits += cel_fields_set(sub, doc[key], f"{path}.{key}".lstrip("."))
+    elif isinstance(doc, list) and "items" in schema:
+        for i, item in enumerate(doc):
+            hits += cel_fields_set(schema["items"], item, f"{path}.{i}")
+    return hits
+
+
+def raw_schema(kind: str) -> dict:
+    crd = load(KUBERAY / f"ray.io_{kind.lower()}s.yaml")
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
 
 
 def crd_errors(doc: dict) -> list:
@@ -174,6 +194,13 @@ def test_kuberay_manifest_passes_the_crd_schema(path):
     doc = load(path)
     assert crd_errors(doc) == []
     assert operator_errors(doc) == []
+    assert cel_fields_set(raw_schema(doc["kind"]), doc) == []  # nothing left unchecked
+
+
+def test_cel_rules_are_found_where_a_manifest_would_meet_them():
+    doc = load(MANIFESTS[1])
+    doc["spec"]["rayClusterSpec"]["managedBy"] = "ray.io/kuberay-operator"
+    assert cel_fields_set(raw_schema("RayJob"), doc) == ["spec.rayClusterSpec.managedBy"]
 
 
 def _job_group(d, name):
