@@ -77,6 +77,19 @@ class PipelineRequest:
     condition_ratio: int = like(PreprocessRequest, "condition_ratio")
     min_frames: Optional[int] = like(PreprocessRequest, "min_frames", default=None,
                                      help="Skip files shorter than this many frames; default seq_len + 1.")
+    # how preprocess spreads its work (never what the table holds): preprocess's own flags
+    encode_workers: Optional[int] = like(PreprocessRequest, "num_workers", default=None, names="--encode_workers",
+                                         help="Encoder actors; default --num_workers.")
+    encode_batch_size: int = like(PreprocessRequest, "batch_size", names="--encode_batch_size")
+    encoder_cpus: float = like(PreprocessRequest, "cpus_per_worker", names="--encoder_cpus")
+    task_mb: float = like(PreprocessRequest, "task_mb")
+    files_per_task: int = like(PreprocessRequest, "files_per_task")
+    target_file_mb: float = like(PreprocessRequest, "target_file_mb")
+    decode_cpus: float = like(PreprocessRequest, "decode_cpus")
+    decode_concurrency: Optional[int] = like(PreprocessRequest, "decode_concurrency")
+    decode_in_encoder: bool = like(PreprocessRequest, "decode_in_encoder")
+    decode_threads: int = like(PreprocessRequest, "decode_threads")
+    shuffle_seed: int = like(PreprocessRequest, "shuffle_seed")
     tracking_uri: Optional[str] = like(TrainRequest, "tracking_uri")
     registered_name: Optional[str] = like(ExportRequest, "name", names="--registered_name")
     quantize: Optional[str] = like(ExportRequest, "quantize")
@@ -246,10 +259,7 @@ def stage_preprocess(p: Plan) -> None:
     t0 = time.monotonic()
     p.echo(f"[preprocess] resuming {p.table}: {retry} file(s) failed for a transient cause last time"
            if retry else f"[preprocess] {req.audio} -> {p.table}")
-    # a file shorter than one training window (seq_len + 1 frames) cannot train: skip and report it
-    args = PreprocessRequest(req.audio, p.table, req.rave, num_secs=req.num_secs, resolution=req.resolution,
-                             num_workers=req.num_workers, gpu=req.gpu, condition_ratio=req.condition_ratio,
-                             min_frames=min_frames)
+    args = preprocess_request(p, min_frames)
     preprocess(dataclasses.replace(args), echo=p.echo)
     if _files_to_retry(p.table):  # one more pass over only those files: a passing cause may have passed
         p.echo(f"[preprocess] retrying {_files_to_retry(p.table)} file(s) that failed for a transient cause")
@@ -260,6 +270,20 @@ def stage_preprocess(p: Plan) -> None:
                             f"{p.table} (see its report.json): re-run the same command to retry them; "
                             "training does not start on part of the corpus")
     p.echo(f"[preprocess] done in {time.monotonic() - t0:.0f} s")
+
+
+def preprocess_request(p: Plan, min_frames: int) -> PreprocessRequest:
+    """The preprocess stage's request: the table's settings and every knob of how the work is spread."""
+    req = p.req
+    # a file shorter than one training window (seq_len + 1 frames) cannot train: skip and report it
+    return PreprocessRequest(req.audio, p.table, req.rave, num_secs=req.num_secs, resolution=req.resolution,
+                             num_workers=req.encode_workers or req.num_workers, gpu=req.gpu,
+                             condition_ratio=req.condition_ratio, min_frames=min_frames,
+                             batch_size=req.encode_batch_size, cpus_per_worker=req.encoder_cpus,
+                             task_mb=req.task_mb, files_per_task=req.files_per_task,
+                             target_file_mb=req.target_file_mb, decode_cpus=req.decode_cpus,
+                             decode_concurrency=req.decode_concurrency, decode_in_encoder=req.decode_in_encoder,
+                             decode_threads=req.decode_threads, shuffle_seed=req.shuffle_seed)
 
 
 def _files_to_retry(table: str) -> int:

@@ -243,3 +243,29 @@ def test_gpu_without_gpu_is_one_line(ray_session, corpus, codecs, tmp_path):
 
     with pytest.raises(DeviceError, match="--gpu 0: no CUDA GPU"):  # one line, naming the flag and the way out
         preprocess(str(corpus[0] / "extra"), str(tmp_path / "t"), codecs["discrete"], gpu=True, **OPTS)
+
+
+@pytest.mark.slow
+def test_data_files_mix_the_corpus_and_the_old_decode_path_gives_the_same_table(ray_session, codecs, tmp_path):
+    """24 short files, tasks of 6: no data file holds one contiguous run of the sorted listing (the
+    pending files are shuffled with the recorded seed before grouping). The old path (decode threads
+    inside the encoder) writes the same rows."""
+    from tests.test_preprocess_plan import contiguous
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "c").mkdir()
+    for i in range(24):
+        sf.write(str(tmp_path / "c" / f"f{i:02d}.wav"), 0.4 * melody(1.0, 44100, rng), 44100)
+    kw = {**OPTS, "files_per_task": 6, "target_file_mb": 0.001, "condition_ratio": 0}
+    new = preprocess(str(tmp_path / "c"), str(tmp_path / "new"), codecs["discrete"], **kw)
+    listing = [(f"f{i:02d}.wav", "", 0) for i in range(24)]
+    idx = read_index(str(tmp_path / "new"))
+    per_file = {}
+    for src, f in zip(idx["source"].to_pylist(), idx["file"].to_pylist()):
+        per_file.setdefault(f, []).append(src)
+    assert new["files_encoded"] == 24 and len(per_file) >= 3, per_file
+    assert not any(contiguous(srcs, listing) for srcs in per_file.values()), per_file
+    assert json.loads((tmp_path / "new" / "intent.json").read_text())["shuffle_seed"] == 0
+    preprocess(str(tmp_path / "c"), str(tmp_path / "old"), codecs["discrete"], decode_in_encoder=True, **kw)
+    key = [("source", "ascending"), ("chunk", "ascending")]
+    assert read_table(str(tmp_path / "old")).sort_by(key).equals(read_table(str(tmp_path / "new")).sort_by(key))

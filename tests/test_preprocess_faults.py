@@ -188,32 +188,33 @@ def test_s3_server_stopped_for_10s_mid_run(ray_head, work, reference, tmp_path):
         server.stop()
 
 
-def _encoder_pids(head) -> list:
+def _worker_pids(head, stage: str) -> list:
     pids = []
     for pid in head.processes():
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "MapBatches(Encoder)" in cmd:
+        if f"MapBatches({stage})" in cmd:
             pids.append(pid)
     return pids
 
 
-def test_encoder_worker_killed_mid_run(ray_head, work, reference):
-    """What the kernel's OOM killer does to a decode/encode worker: SIGKILL. The actor restarts, its
-    task is retried, the run completes with the same table."""
-    out = str(work[0] / "worker-killed")
+@pytest.mark.parametrize("stage", ["ChunkEncoder", "decode_task"])
+def test_encoder_worker_killed_mid_run(ray_head, work, reference, stage):
+    """What the kernel's OOM killer does to a decode or encode worker: SIGKILL. The actor restarts
+    (or the decode task is retried), its task is retried, the run completes with the same table."""
+    out = str(work[0] / f"worker-killed-{stage}")
     p = start(ray_head, work, out, log="worker-killed")
     deadline, victims = time.monotonic() + 120, []
     while time.monotonic() < deadline and p.poll() is None and not victims:
-        if list(Path(out).glob("ledger/*.json")):
-            victims = _encoder_pids(ray_head)
-        time.sleep(0.2)
-    assert victims, "no encoder worker seen while the run was going"
+        if stage == "decode_task" or list(Path(out).glob("ledger/*.json")):  # decode runs ahead: no waiting
+            victims = _worker_pids(ray_head, stage)
+        time.sleep(0.05)
+    assert victims, f"no {stage} worker seen while the run was going"
     os.kill(victims[0], signal.SIGKILL)
     rc, text, err = finish(p)
-    print(f"encoder worker {victims[0]} killed: rc={rc}; {text.strip().splitlines()[-1] if text.strip() else ''}")
+    print(f"{stage} worker {victims[0]} killed: rc={rc}; {text.strip().splitlines()[-1] if text.strip() else ''}")
     assert rc == 0, err[-2000:]
     assert load_report(out)["counts"]["files_retry"] == 0
     assert logical(out) == logical(reference)

@@ -1,0 +1,193 @@
+"""Decode: an audio file -> its chunks (resampled, cut, with conditioning features and tokens).
+
+Part of the table contract: the chunking rules of docs/ARCHITECTURE.md ("Latent table": chunks of
+`chunk.frames`, a short tail joins the chunk before it, short files padded or skipped), applied by
+`msprior.data.audio`; a file is either all its chunks or one error (a reason, and whether it is
+transient: retried on resume, or bad for good: recorded in the ledger's `skipped`).
+
+Two callers. The CPU decode stage (`decode_task`, a Ray Data task per group of files) turns each
+file into one `DECODED` row (a row is never split between blocks, so every chunk of a file reaches
+the same encoder batch); the old path (`producer`) runs decode threads inside the encoder actor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import tempfile
+import threading
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from msprior import storage
+from msprior.data import audio as audio_mod
+from msprior.data import features as feat
+from msprior.data.request import Settings
+
+# one row per file: its chunks' audio, features and tokens flattened, with the lengths to cut them
+DECODED = pa.schema([("source", pa.string()), ("start_s", pa.list_(pa.float64())),
+                     ("samples", pa.list_(pa.int64())), ("audio", pa.large_list(pa.float32())),
+                     ("features", pa.large_list(pa.float32())), ("tokens", pa.large_list(pa.int16())),
+                     ("counts", pa.list_(pa.string())), ("error", pa.string()), ("transient", pa.bool_())])
+
+
+@contextmanager
+def local_file(path: str, s: Settings) -> Iterator[str]:
+    """A local path to read with libsndfile: the file itself, or a download of an S3 object (the
+    download is retried on transient errors; decoding a half-read stream could end silently)."""
+    if not storage.is_s3(s.audio_root):
+        yield path
+        return
+    fs, _ = storage.filesystem(s.audio_root, s.s3)
+    fd, tmp = tempfile.mkstemp(suffix="-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        storage.retry(lambda: fs.get_file(path, tmp))
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def _chunk_event(source: str, n: int, start: int, x: np.ndarray, padded: list, s: Settings) -> tuple:
+    x = audio_mod.normalize(x) if s.normalize else x
+    f = t = np.zeros(0, np.float32)
+    if s.condition_ratio:
+        frames = math.ceil(len(x) / s.ratio)
+        f = feat.compute(x, s.sr, s.condition_ratio * s.ratio, feat.cond_frames(frames, s.condition_ratio))
+        t = feat.assign(f, s.centroids, s.scale)
+    counts = {"files_padded": 1, "padded_ms": int(padded[0] * 1000)} if padded else {}
+    return ("chunk", source, n, start / s.sr, x, f, np.asarray(t, np.int16), counts)
+
+
+def file_events(source: str, path: str, s: Settings):
+    """One file -> ("chunk", source, index, start_s, audio, features, tokens, counts) events, then
+    ("done", source, n) or ("error", source, reason, transient)."""
+    n, padded = 0, []
+    try:
+        with local_file(path, s) as local:
+            blocks = audio_mod.stream(local, s.sr)
+            if s.silence_db is not None:
+                blocks = audio_mod.trim_leading_silence(blocks, s.silence_db, s.sr)
+            for start, x in audio_mod.iter_chunks(blocks, s.chunk_samples, s.ratio, s.min_frames, s.sr,
+                                                  pad=s.pad_short, on_pad=padded.append):
+                yield _chunk_event(source, n, start, x, padded, s)
+                n += 1
+    except audio_mod.SkipFile as e:
+        yield ("error", source, str(e), False)
+        return
+    except Exception as e:  # one file's failure never stops the corpus
+        if storage.is_storage_full(e):  # our disk, not the file: retried on resume, and the run stops
+            yield ("error", source, f"{storage.STORAGE_FULL}: {e}"[:300], True)
+            return
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        yield ("error", source, msg, storage.is_transient(e))
+        return
+    yield ("done", source, n)
+
+
+def first_seconds(blocks, n: int):
+    """The first `n` samples of a stream of blocks."""
+    got = 0
+    for block in blocks:
+        yield block[: n - got]
+        got += len(block)
+        if got >= n:
+            return
+
+
+def flat(col) -> list:
+    """A batch column of file names, or of lists of them (one row per task), as one list."""
+    return [x for v in col for x in ([v] if isinstance(v, str) else list(v))]
+
+
+# --- the old path: decode threads inside the encoder actor ----------------------------------------
+
+
+def producer(files: List[Tuple[str, str]], s: Settings, q: "queue.Queue", threads: int) -> None:
+    """Decode threads: `threads` of them take files from one list and stream their chunks into a
+    bounded queue (soundfile, soxr and numpy release the GIL, so decoding overlaps the encode on the
+    actor's main thread); None marks the end."""
+    todo = list(reversed(files))
+
+    def work() -> None:
+        while True:
+            try:
+                source, path = todo.pop()  # list.pop is atomic under the GIL
+            except IndexError:
+                return
+            for ev in file_events(source, path, s):
+                q.put(ev)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(max(1, threads))]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        q.put(None)
+
+
+# --- the decode stage: a task of files -> one DECODED row per file --------------------------------
+
+
+def _large(a: np.ndarray) -> pa.Array:
+    """One large_list row holding `a`."""
+    return pa.LargeListArray.from_arrays(pa.array(np.array([0, len(a)], np.int64)), pa.array(a))
+
+
+def _cat(arrays: List[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate([np.ravel(a) for a in arrays]).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+
+def decoded_row(source: str, path: str, s: Settings) -> pa.Table:
+    """Decode one file into its DECODED row (all its chunks, or its error)."""
+    chunks, error, transient = [], "", False
+    for ev in file_events(source, path, s):
+        if ev[0] == "chunk":
+            chunks.append(ev)
+        elif ev[0] == "error":
+            chunks, error, transient = [], ev[2], ev[3]
+    if not chunks and not error:
+        error, transient = "no chunk was produced", True
+    cols = [pa.array([source]), pa.array([[c[3] for c in chunks]], DECODED.field("start_s").type),
+            pa.array([[len(c[4]) for c in chunks]], DECODED.field("samples").type),
+            _large(_cat([c[4] for c in chunks], np.float32)), _large(_cat([c[5] for c in chunks], np.float32)),
+            _large(_cat([c[6] for c in chunks], np.int16)),
+            pa.array([[json.dumps(c[7]) for c in chunks]], DECODED.field("counts").type),
+            pa.array([error]), pa.array([transient])]
+    return pa.Table.from_arrays(cols, schema=DECODED)
+
+
+def decode_task(batch: Dict[str, np.ndarray], settings: Settings) -> Iterator[pa.Table]:
+    """(Ray Data task, CPU) the files of a task row, one DECODED row each, streamed out file by file."""
+    for source, path in zip(flat(batch["source"]), flat(batch["path"])):
+        yield decoded_row(str(source), str(path), settings)
+
+
+def _values(col: pa.ChunkedArray, i: int) -> np.ndarray:
+    """Row i of a large_list column as a numpy view (no Python floats)."""
+    return col[i].values.to_numpy(zero_copy_only=False)
+
+
+def file_chunks(t: pa.Table, s: Settings) -> Iterator[tuple]:
+    """DECODED rows -> (source, [chunk dicts], "", False) or (source, None, error, transient)."""
+    nf = len(feat.feature_names()) if s.condition_ratio else 0
+    for i, source in enumerate(t["source"].to_pylist()):
+        error = t["error"][i].as_py()
+        if error:
+            yield source, None, error, bool(t["transient"][i].as_py())
+            continue
+        audio, feats, toks = _values(t["audio"], i), _values(t["features"], i), _values(t["tokens"], i)
+        out, a, f = [], 0, 0
+        for start_s, n, counts in zip(t["start_s"][i].as_py(), t["samples"][i].as_py(), t["counts"][i].as_py()):
+            cond = feat.cond_frames(math.ceil(n / s.ratio), s.condition_ratio) if s.condition_ratio else 0
+            out.append({"start_s": start_s, "audio": audio[a:a + n], "features": feats[f * nf:(f + cond) * nf],
+                        "tokens": toks[f:f + cond], "counts": json.loads(counts)})
+            a, f = a + n, f + cond
+        yield source, out, "", False
