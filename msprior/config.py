@@ -106,19 +106,29 @@ class TrainConfig:
     # workers adds data per step (the lr follows optim.lr_scaling)
     batch_size: int = 64
     max_steps: int = 1_000_000
-    val_every: int = 1000  # steps between validations (and checkpoints)
+    val_every: int = 1000  # steps between validations
+    # steps between checkpoints (0: val_every); a checkpoint step validates too, so every
+    # checkpoint carries its own val_loss. Checkpoints upload in the background (one at a time).
+    checkpoint_every: int = 0
     val_batches: int = 16  # batches per validation
     patience: int = 20  # validations without improvement before early stopping; 0 = never stop
     ema: float = 0.0  # EMA decay of the weights used for validation/export; 0 = off
     log_every: int = 50  # steps between metric logs
     seed: int = 0
     compile: str = "auto"  # torch.compile the training step: auto (on CUDA only), true, false
+    # DDP gradients on the wire: bf16 halves the bytes per step (msprior.train.ddp); auto = bf16 on
+    # CUDA (NCCL), none on CPU (gloo); bf16 works on gloo too (tests/test_ddp.py)
+    grad_compression: str = "auto"
 
 
     def validate(self, where: str) -> None:
         for key in ("batch_size", "max_steps", "val_every", "val_batches", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}: train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"{where}: train.checkpoint_every must be >= 0 (0: every val_every), got "
+                              f"{self.checkpoint_every}")
+        _choice(where, "train.grad_compression", self.grad_compression, ("auto", "bf16", "none"))
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"{where}: train.ema must be in [0, 1), got {self.ema}")
         _choice(where, "train.compile", self.compile, ("auto", "true", "false"))
