@@ -171,6 +171,7 @@ class DropAnswerProxy(threading.Thread):
         super().__init__(daemon=True)
         host, port = upstream.split("://")[1].split(":")
         self.up, self.key, self.armed, self.dropped = (host, int(port)), key, False, 0
+        self.drop_all = False  # every conditional PUT of `key` loses its answer (the client gives up)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -192,8 +193,9 @@ class DropAnswerProxy(threading.Thread):
                         # answer is lost with the connection (a 100-continue is relayed: the body follows it)
                         drop.clear()
                         self.dropped += 1
-                        client.close()
-                        server.close()
+                        for sock in (client, server):  # shutdown, not only close: the other thread's
+                            sock.shutdown(socket.SHUT_RDWR)  # recv() returns, and the client sees the cut
+                            sock.close()  # now, not after its read timeout
                         return
                     client.sendall(data)
             except OSError:
@@ -203,7 +205,7 @@ class DropAnswerProxy(threading.Thread):
         try:
             while data := client.recv(65536):
                 head = data[:4096].decode("latin-1").lower()
-                if self.armed and head.startswith("put") and self.key in head and "if-" in head:
+                if (self.armed or self.drop_all) and head.startswith("put") and self.key in head and "if-" in head:
                     self.armed = False
                     drop.set()
                 server.sendall(data)
@@ -241,6 +243,48 @@ def test_a_lost_answer_to_a_conditional_put_is_not_a_conflict(s3_env, monkeypatc
     lease.check()
     lease.release()
     storage._S3FS.clear()
+
+
+def test_a_heartbeat_whose_answer_never_came_is_adopted_and_the_writer_commits(s3_env, monkeypatch):
+    """A heartbeat PUT lands but no answer ever reaches the writer (every retry's answer is lost
+    too, so the client gives up with a connection error): the stored lease now holds that beat, not
+    the version the writer knows. Its next beat is refused (412) on the old version, finds its own
+    lost beat stored, adopts it, and beats on: the lease is not lost, and the writer commits."""
+    from _table_writer import rows, settings
+
+    key = f"lostbeat-{time.time_ns()}"
+    proxy = DropAnswerProxy(s3_env.endpoint, key)
+    proxy.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("MSPRIOR_RETRY_S", "5")
+    storage._S3FS.clear()
+    table = f"s3://test-bucket/{key}/table"
+    s3 = storage.S3Options.from_env()
+    lease = Lease.acquire(table, s3, ttl_s=60, run_id="w")
+    lease._stop.set()  # the beats are driven by the test, one at a time
+    lease._thread.join()
+    try:
+        known = lease.tag
+        proxy.drop_all = True
+        with pytest.raises(Exception) as lost:
+            lease.renew()
+        proxy.drop_all = False
+        assert storage.is_transient(lost.value), lost.value
+        stored, tag = storage.read_versioned(storage.join(table, "lease.json"), s3)
+        assert json.loads(stored)["beat"] == 1 and tag != known == lease.tag  # it landed; we never heard
+        dropped = proxy.dropped
+        assert dropped >= 1
+        assert lease.renew() and not lease.lost  # adopted: beat 2 swapped on the lost beat's version
+        assert json.loads(storage.read_versioned(storage.join(table, "lease.json"), s3)[0])["beat"] == 2
+        lease.check()
+        commit_mod.commit_bundle(rows(["a", "b"]), settings(table, s3, lease))  # fenced: still ours
+        tbl.write_index(table, tbl.index_from_ledger(tbl.read_ledger(table, s3)), s3)
+        assert sorted(tbl.read_index(table, s3)["source"].to_pylist()) == ["a", "b"]
+    finally:
+        lease.release()
+        storage._S3FS.clear()
+    assert read_owner(table, s3) is None  # released by its owner, not left held
 
 
 # --- every kill point of commit, seal and dedup: a real SIGKILL there, then a resume -----------
