@@ -21,7 +21,6 @@ from msprior.checkpoint import read_run_json, write_run_json
 from msprior.data import table as tbl
 from msprior.export.run import export_run, read_metadata
 from msprior.registry import corpus_tags
-from msprior.train.windows import read_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_runs import make_run, manifest  # noqa: E402
@@ -46,7 +45,7 @@ def trained_on(root: Path, tag: str, table: str) -> str:
     run = make_run(str(root / tag), "decoder_only", steps=2, name=tag)
     ckpt = Path(run) / "checkpoints" / "best" / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=True)
-    state["manifest"] = read_manifest(table)  # what train.run puts into the workers' loop_cfg
+    state["manifest"] = tbl.load_manifest(table)  # what training reads and its checkpoints keep
     torch.save(state, ckpt)
     write_run_json(run, {**read_run_json(run), "db_path": table})
     return export_run(run, str(root / f"{tag}.ts"))
