@@ -32,7 +32,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "codec": {"storage"},
     "checkpoint": {"errors", "storage", "config", "tracking"},
     "data": {"errors", "flags", "console", "runtime", "storage", "rave", "codec", "config", "latent_bins",
-             "devices"},
+             "devices", "model"},  # model: DatasetFacts, the one reader of the manifest's shapes
     "tracking": {"errors", "redact", "storage"},
     "train": {"errors", "flags", "console", "runtime", "storage", "config", "model", "data", "checkpoint",
               "tracking", "redact", "devices"},
@@ -40,7 +40,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "registry": {"errors", "flags", "redact", "storage", "tracking", "metadata"},
     "combine": {"errors", "flags", "metadata", "rave"},  # msprior/export/combine.py: prior + RAVE in one .ts
     "publish": {"errors", "flags", "redact", "storage", "export", "registry", "checkpoint", "tracking", "metadata",
-                "train", "config", "model"},
+                "train", "config", "model", "data"},  # data: the table's one reader (validation windows)
     "pipeline": {"errors", "flags", "console", "redact", "storage", "config", "data", "train", "checkpoint",
                  "export", "publish", "registry", "tracking"},
     "demo": {"flags", "codec", "data", "pipeline"},
