@@ -70,3 +70,4 @@ class LoopInputs:
     progress: Any = None  # ray.util.queue.Queue owned by the driver (rank 0's progress lines), or None
     mps: bool = False  # msprior.devices chose Apple's MPS (one worker); else Ray Train places the worker
     fault: Optional[Fault] = None
+    run_lease: Optional[Dict[str, Any]] = None  # msprior.train.run_lease.identity: rank 0 fences each checkpoint

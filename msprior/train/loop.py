@@ -284,6 +284,9 @@ class Worker:
 
         tmp = checkpoint = None
         if self.rank == 0:
+            from msprior.train.run_lease import check_writer  # a run taken over writes nothing more
+
+            check_writer(self.loop_cfg.get("run_lease"), f"checkpoint_{self.step:08d}")
             tmp = tempfile.mkdtemp(prefix="msprior-ckpt-")
             state = {"model": (self.ema if self.ema is not None else self.prior).state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -475,6 +475,7 @@ def make_trainer(req: TrainRequest, p: Plan, data, val_ref, printer):
         "mlflow_run_id": p.tracking["run_id"],
         "progress": printer.queue if printer else None,
         "fault": req.fault_injection,
+        "run_lease": run_lease.identity(p.run_dir),  # a run taken over writes no more checkpoints
         "device": p.device.kind if p.device else None,  # "mps": the worker's own choice (Ray Train: cuda or cpu)
     }
     callbacks = []

@@ -4,22 +4,32 @@ A training holds `<run folder>/lease.json` (msprior.data.lease: an epoch, a hear
 storage's clock, same-host dead-process takeover) from its start until it ends: a second training
 of the same name, or a `--resume` of a live run, is refused in one line naming the holder. A run
 whose lease is taken over (paused past its TTL) is interrupted, so two runs never interleave their
-checkpoints. A table whose preprocess lease is live is refused: its index may change under us.
+checkpoints. The driver's heartbeat cannot see a takeover while the driver itself is paused (a GC or
+VM pause, SIGSTOP), and the Ray Train workers go on without it: so rank 0 also fences every
+checkpoint (`check_writer`, on the lease's identity the driver hands the workers) and stops the run
+with one line, writing nothing, once the lease has moved on. A table whose preprocess lease is live
+is refused: its index may change under us.
 """
 
 from __future__ import annotations
 
 import _thread
 import sys
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from msprior import storage
-from msprior.data.lease import Lease, LeaseHeld, live_owner
+from msprior.data.lease import Lease, LeaseHeld, LeaseLost, fence, live_owner, read_owner
 from msprior.errors import UserError
+
+_HELD: Dict[str, Lease] = {}  # run folder -> the lease this process took on it (`start`)
 
 
 class RunBusy(UserError):
     """Another process writes this run folder, or the table is being written."""
+
+
+class RunTakenOver(UserError):
+    """Another training took this run's lease over: this one writes no more checkpoints."""
 
 
 def start(run_dir: str, name: str, db_path: str = "", ttl_s: Optional[float] = None) -> Lease:
@@ -39,7 +49,31 @@ def start(run_dir: str, name: str, db_path: str = "", ttl_s: Optional[float] = N
         _thread.interrupt_main()
 
     lease.on_lost = lost
+    _HELD[run_dir] = lease
     return lease
+
+
+def identity(run_dir: str) -> Optional[Dict[str, Any]]:
+    """The run lease this process holds on `run_dir` as plain data for the workers (folder, lease
+    run id, epoch: no credentials), or None when it holds none."""
+    lease = _HELD.get(run_dir)
+    return None if lease is None else {"folder": lease.folder, "run_id": lease.run_id, "epoch": lease.epoch}
+
+
+def check_writer(ident: Optional[Dict[str, Any]], what: str = "a checkpoint") -> None:
+    """Rank 0, right before each checkpoint: RunTakenOver (one line) unless the run's lease still
+    names this training at its epoch (`identity`). None: a training without a run lease."""
+    if not ident:
+        return
+    folder = ident["folder"]
+    s3 = storage.S3Options.from_env() if storage.is_s3(folder) else None
+    try:
+        fence(folder, s3, ident["run_id"], ident["epoch"])
+    except LeaseLost:
+        owner = read_owner(folder, s3) or {}
+        raise RunTakenOver(f"{folder}: another training took this run over (host {owner.get('host')}, pid "
+                           f"{owner.get('pid')}, epoch {owner.get('epoch')}; ours was {ident['epoch']}, paused past "
+                           f"its lease); this one stops without writing {what}") from None
 
 
 def check_table_idle(db_path: str) -> None:
