@@ -17,6 +17,8 @@ from msprior import storage
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.dim=32", "model.num_layers=1", "model.num_heads=2", "model.head_dim=16", "model.cond_layers=1",
+        "model.seq_len=16", "data.val_fraction=0.25"]  # a training that would start runs in seconds
 HOLD_RUN = ("import sys, time\nfrom msprior.train import run_lease\n"
             "run_lease.start(sys.argv[1], 'x', ttl_s=30)\nprint('held', flush=True)\ntime.sleep(600)\n")
 
@@ -70,7 +72,8 @@ def test_training_refuses_a_table_a_preprocess_is_writing(table, train_dirs, cap
     holder = hold_table(table)
     try:
         rc, _, errors = cli(["train", "--db_path", table, "--name", "r2", "--storage_path", runs,
-                             "--tracking_uri", uri], capsys)
+                             "--tracking_uri", uri, "--max_steps", "2", "--val_every", "2",
+                             *sum((["--override", o] for o in TINY), [])], capsys)  # without the guard: trains
         assert rc == 2 and len(errors) == 1 and "a preprocess is writing this table" in errors[0], errors
     finally:
         holder.kill()
