@@ -46,7 +46,7 @@ def _encoder_resources(req: PreprocessRequest, s: Settings) -> Dict:
     return {"num_cpus": req.cpus_per_worker, "num_gpus": num_gpus, "memory": memory}
 
 
-def _stages(ds, s: Settings, req: PreprocessRequest, rave: RaveInfo):
+def build_stages(ds, s: Settings, req: PreprocessRequest, rave: RaveInfo):
     """The decode stage (unless the old path) and the encoder pool."""
     import ray
 
@@ -75,7 +75,7 @@ def encode_pending(tasks: List[list], s: Settings, req: PreprocessRequest, rave:
     s = dataclasses.replace(s, gpu=dev.gpu)
     items = [{"source": [f[0] for f in g], "path": [f[1] for f in g]} for g in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one row (a few files) per task
-    ds = _stages(ds, s, req, rave)
+    ds = build_stages(ds, s, req, rave)
     sink = make_sink(s)
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25, "max_retries": 3,
