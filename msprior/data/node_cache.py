@@ -100,7 +100,7 @@ def _write_entry(spec: ReadSpec, rel: str, sources: Sequence[str], tmp: str) -> 
         out = _arrays(spec, tmp, lengths)
         done, row = [0, 0], 0
         for g in range(pf.num_row_groups):
-            rows = pf.read_row_group(g, columns=list(spec.columns))
+            rows = pf.read_row_group(g, columns=list(spec.columns), use_threads=False)  # in this (niced) thread
             k, row = keep[row:row + rows.num_rows], row + rows.num_rows
             rows = rows if k.all() else rows.filter(pa.array(k))
             check_rows(rows, spec, path)  # schema, token ranges: one line naming the file

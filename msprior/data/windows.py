@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import math
+import os
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -26,6 +28,7 @@ LOAD_CPU = 0.25  # reads are I/O: a small CPU share so they never wait behind tr
 TASK_MEMORY = 64 << 20  # bytes a read task holds besides its data (pyarrow buffers, interpreter)
 ROW_GROUP_BYTES = 256 << 20  # the most token bytes a row group is expected to hold (readers hold one at a time)
 FILLS_IN_FLIGHT = 2  # fill tasks a rank keeps running: fill memory does not grow with the table
+FILL_NICE = 10  # CPU priority of a fill's decode thread (0 = the training step's)
 
 
 def task_memory(nbytes: int) -> int:
@@ -177,11 +180,24 @@ def train_mask(table: Table, cached: "node_cache.CachedFile", mine: Dict[str, Tu
 
 
 def _fill(spec: ReadSpec, rel: str, sources: List[str], identity):
-    """Ray task: the file's node-cache entry (path, bytes read); a table problem as {"error": line}."""
+    """Ray task: the file's node-cache entry (path, bytes read); a table problem as {"error": line}.
+
+    The decode runs in a thread of its own at nice FILL_NICE: a background fill never takes a core
+    from the training step it feeds (Linux sets a nice value per thread; the worker keeps its own)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from msprior.errors import UserError
 
+    def niced():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FILL_NICE)
+        except (OSError, AttributeError):  # not Linux: the fill runs at the worker's priority
+            pass
+        return node_cache.fill(spec, rel, sources, identity)
+
     try:
-        entry = node_cache.fill(spec, rel, sources, identity)
+        with ThreadPoolExecutor(1) as pool:
+            entry = pool.submit(niced).result()
     except UserError as e:
         return {"error": str(e).splitlines()[0]}
     return {"path": entry.path, "read_bytes": entry.read_bytes, "chunks": entry.num_chunks}
