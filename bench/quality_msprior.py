@@ -38,7 +38,7 @@ def config(overrides: Sequence[str] = ()):
 def table_chunks(db_path: str) -> List[np.ndarray]:
     """Every chunk of a latent table ([frames, Q] int16), in source order, read by msprior's reader."""
     from msprior.model import DatasetFacts
-    from msprior.train import windows as W
+    from msprior.data import reader as W
 
     table = W.open_table(db_path, 0.0, 0)
     rows = W.read_split(table, val=False)
@@ -72,7 +72,7 @@ def unigram_ce(train: List[np.ndarray], windows: np.ndarray, vocab: int) -> List
 
 
 def frames_of(chunks: List[np.ndarray]):
-    from msprior.train.windows import Frames
+    from msprior.data.reader import Frames
 
     lengths = np.array([len(c) for c in chunks], np.int64)
     return Frames(rave=np.concatenate(chunks).astype(np.int16), starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]),
@@ -97,7 +97,7 @@ def train_inprocess(cfg, facts, train: List[np.ndarray], seed: int, steps: int, 
     seeded as a one-worker `msprior train` is (weights: train.seed; windows: (seed, rank 0, step 0))."""
     from msprior.model import build_prior
     from msprior.train.schedule import lr_factor, make_optimizer
-    from msprior.train.windows import WindowSampler
+    from msprior.data.windows import WindowSampler
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

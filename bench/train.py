@@ -29,7 +29,8 @@ torch.set_num_threads(os.cpu_count() or 1)
 
 from msprior.config import load_config  # noqa: E402
 from msprior.model import DatasetFacts, build_prior  # noqa: E402
-from msprior.train.windows import WindowSampler, frames_from_arrow, open_table, read_split  # noqa: E402
+from msprior.data.reader import frames_from_arrow, open_table, read_split  # noqa: E402
+from msprior.data.windows import WindowSampler  # noqa: E402
 from msprior.train.loop import LossModule, shard_kwargs, to_device  # noqa: E402
 from msprior.train.schedule import make_optimizer, make_scheduler  # noqa: E402
 

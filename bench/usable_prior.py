@@ -30,7 +30,7 @@ def curve(tmp: str, minutes: float, steps: int, val_every: int) -> dict:
     from msprior.demo import DEMO_OVERRIDES
     from msprior.train import tracking
     from msprior.train.run import train
-    from msprior.train.windows import frames_from_arrow, open_table, read_split, unigram_entropy
+    from msprior.data.reader import frames_from_arrow, open_table, read_split, unigram_entropy
 
     root = os.path.join(tmp, f"m{minutes:g}")
     rave = save_codec(os.path.join(root, "rave.ts"), discrete=True)

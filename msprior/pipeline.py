@@ -340,17 +340,22 @@ def stage_train(p: Plan) -> str:
     if summary:
         p.echo(f"[train] skipped: {p.run_dir}/run.json exists (best val CE {summary.get('best_val_loss')})")
         return p.run_dir
-    from msprior.train import train
-    from msprior.train.run import _has_checkpoints
+    from msprior.train.run import _has_checkpoints, run_training
 
     resume = _has_checkpoints(p.run_dir)  # an interrupted training continues from its last checkpoint
     p.echo(f"[train] {req.config} on {p.table} -> {p.run_dir}" + (" (resuming)" if resume else ""))
-    codebooks = storage.join(p.table, "rave.ts") if req.pretrained_embedding else None
-    summary = train(p.cfg, p.table, p.name, num_workers=req.num_workers, gpu=req.gpu, batch_size=req.batch_size,
-                    max_steps=req.max_steps, val_every=req.val_every, resume=resume, tracking_uri=req.tracking_uri,
-                    storage_path=p.runs, pretrained_embedding=codebooks)
+    summary = run_training(train_request(p, resume))
     p.echo(f"[train] done in {time.monotonic() - t0:.0f} s: best val CE {summary.get('best_val_loss')}")
     return p.run_dir
+
+
+def train_request(p: Plan, resume: bool) -> TrainRequest:
+    """The train stage's request: the pipeline's training flags, its resolved config, table and run folder."""
+    req = p.req
+    codebooks = storage.join(p.table, "rave.ts") if req.pretrained_embedding else None
+    return TrainRequest(config=p.cfg, db_path=p.table, name=p.name, num_workers=req.num_workers, gpu=req.gpu,
+                        batch_size=req.batch_size, max_steps=req.max_steps, val_every=req.val_every, resume=resume,
+                        tracking_uri=req.tracking_uri, storage_path=p.runs, pretrained_embedding=codebooks)
 
 
 def stage_export(p: Plan, run_dir: str, tmp: str) -> str:

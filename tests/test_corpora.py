@@ -193,7 +193,8 @@ def _one_file_table(tmp_path, seconds: float, num_secs: float = 2.0):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_one_file_corpus_validates_on_chunks_it_never_trains_on(ray_session, tmp_path):
-    from msprior.train.windows import DataError, ReadSpec, fixed_val_batches, load_table, open_table, read_split
+    from msprior.data.layout import open_data, validation_windows
+    from msprior.data.reader import DataError, ReadSpec, open_table, read_split
 
     table = open_table(_one_file_table(tmp_path, 21.0), val_fraction=0.2, seed=0)
     chunks = int(table.index["chunks"][0].as_py())
@@ -201,10 +202,10 @@ def test_a_one_file_corpus_validates_on_chunks_it_never_trains_on(ray_session, t
     val, train = read_split(table, val=True), read_split(table, val=False)
     assert set(val["chunk"].to_pylist()) == set(range(table.val_from, chunks))
     assert set(train["chunk"].to_pylist()) == set(range(table.val_from))
-    data = load_table(table, ReadSpec.of(table))
+    data = open_data(table, ReadSpec.of(table))
     assert (data.train_chunks, data.val_chunks) == (table.val_from, chunks - table.val_from)
     val_frames = np.concatenate(val.column("rave").to_pylist()).reshape(-1, table.manifest["rave"]["num_quantizers"])
-    windows = fixed_val_batches(data, 15, 2, 4, "none", 1, seed=0)
+    windows = validation_windows(data, 15, 2, 4, seed=0)
     for w in (w for b in windows for w in b["rave"]):  # each validation window lies in the last chunks
         hits = [i for i in range(len(val_frames) - 15) if np.array_equal(val_frames[i:i + 16], w)]
         assert hits, "a validation window outside the validation chunks"

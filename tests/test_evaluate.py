@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_windows_cover_each_chunk_once_in_order():
-    from msprior.train.windows import Frames
+    from msprior.data.reader import Frames
 
     lengths = np.array([40, 16, 17, 35])  # seq_len 16: 2, 0, 1 and 2 windows
     rave = np.arange(lengths.sum() * 2, dtype=np.int16).reshape(-1, 2)

@@ -214,13 +214,13 @@ def test_failed_trial_error_is_redacted_in_tune_files_and_results(ray_session, t
     the sweep's summary and error line, and the driver's output hold it redacted."""
     from msprior.train import TrainError
     from msprior.train.tune import _trial_summary, load_shared, make_tuner, start_parent, summarise
-    from msprior.train.windows import load_table
+    from msprior.data.layout import open_data
 
     p = _sweep_plan(tmp_path, "leaky", db_path=train_table)
     # a value only the trial sees (the driver checked the rest): its error names the credential
     p.overrides.append(f'optim.grad_clip="http://alice:{SECRET}@mlflow.example.org:5000"')
     start_parent(p)
-    data = load_table(*load_shared(p))
+    data = open_data(*load_shared(p))
     grid = make_tuner(p, data, concurrent=1).fit()
     assert len(grid) == 1 and grid[0].error is not None
     text = str(grid[0].error)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from msprior.train import TrainError, load_run, train
-from msprior.train.windows import frames_from_arrow, open_table, read_split, unigram_entropy
+from msprior.data.reader import frames_from_arrow, open_table, read_split, unigram_entropy
 from tests.test_train_windows import TINY
 
 pytestmark = [pytest.mark.slow]
@@ -127,3 +127,33 @@ def test_table_and_runs_on_s3(ray_session, train_table, s3_env, tmp_path):
     assert s["best_checkpoint"].startswith("s3://test-bucket/runs/s3run/checkpoint_")
     ck = load_run("s3://test-bucket/runs/s3run", "last")
     assert ck["step"] == 20 and ck["run"]["db_path"] == "s3://test-bucket/table"
+
+
+@pytest.mark.timeout(300)
+def test_kill_during_a_checkpoint_upload_resumes_from_the_previous_one(ray_session, train_table, train_dirs, tmp_path):
+    """The worker is SIGKILLed in the middle of uploading the step-20 checkpoint (half of its
+    checkpoint.pt already in the run folder): the restarted worker resumes from step 10's
+    checkpoint, and the run ends with complete checkpoints (the last one flushed before the end)."""
+    marker = str(tmp_path / "killed-in-upload")
+    s = _train("decoder_only", train_table, train_dirs, "upload-kill", num_workers=1, max_steps=30, val_every=10,
+               fault_injection={"rank": 0, "step": 20, "marker": marker, "point": "upload", "kill": True,
+                                "delay_s": 5})
+    assert os.path.exists(marker)  # the kill did happen, inside the upload
+    assert s["metrics"]["start_step"] == 10 and s["step"] == 30
+    assert load_run(s["run_dir"], "last")["step"] == 30
+    assert load_run(s["run_dir"], "best")["step"] in (10, 20, 30)
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_cadence_apart_from_validation(ray_session, train_table, train_dirs):
+    """Validation every 10 steps, checkpoints every 20 (and at the end): 3 validations, checkpoints
+    at 20 and 30 only; each checkpoint carries its own step's val_loss."""
+    from msprior.train import tracking
+
+    s = _train("decoder_only", train_table, train_dirs, "cadence", num_workers=1, max_steps=30, val_every=10,
+               overrides=TINY + ["train.checkpoint_every=20"])
+    c = tracking.client(train_dirs[1])
+    assert [m.step for m in c.get_metric_history(s["mlflow_run_id"], "val_loss")] == [10, 20, 30]
+    assert [m.step for m in c.get_metric_history(s["mlflow_run_id"], "checkpoint_s")] == [20, 30]
+    last = load_run(s["run_dir"], "last")
+    assert last["step"] == 30 and last["val_loss"] == pytest.approx(s["metrics"]["val_loss"])

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from msprior.config import load_config
-from msprior.train.windows import (DataError, WindowSampler, frames_from_arrow, open_table, read_split,
-                                split_sources, unigram_entropy)
+from msprior.data.reader import DataError, frames_from_arrow, open_table, read_split, split_sources, unigram_entropy
+from msprior.data.windows import WindowSampler
 from msprior.train.loop import shard_kwargs
 
 TINY = ["model.dim=32", "model.num_layers=1", "model.num_heads=2", "model.head_dim=16", "model.cond_layers=1",
@@ -152,45 +153,68 @@ def _edit_rows(path, column, value):
 
 @pytest.mark.parametrize("column,value,conditioning", [("rave", 16, "none"), ("rave", -1, "none"),
                                                         ("tokens", 8, "tokens")])
-def test_out_of_range_tokens_are_refused_naming_the_file(ray_session, tmp_path, column, value, conditioning):
+def test_out_of_range_tokens_are_refused_naming_the_file(ray_session, tmp_path, monkeypatch, column, value,
+                                                         conditioning):
+    """Where the data is read (a worker's node-cache fill, the validation windows' row groups), a bad
+    token stops the run in one line naming the file."""
+    from msprior.data import node_cache
+    from msprior.data.layout import open_data, validation_windows
+    from msprior.data.reader import ReadSpec
     from tests._train_data import write_synthetic_table
-    from msprior.train.windows import ReadSpec, load_table
 
+    monkeypatch.setenv("MSPRIOR_CACHE_DIR", str(tmp_path / "cache"))
     write_synthetic_table(tmp_path / "t", num_files=4)  # vocab 16, 8 conditioning tokens
     bad = tmp_path / "t" / "latents" / "00000002.parquet"
     _edit_rows(str(bad), column, value)
-    table = open_table(str(tmp_path / "t"), 0.25, 0, conditioning)
-    with pytest.raises(DataError) as e:
-        load_table(table, ReadSpec.of(table, conditioning, 4))
-    msg = str(e.value)
-    assert "\n" not in msg and str(bad) in msg and f"column {column}" in msg and "[0, " in msg
+    table = open_table(str(tmp_path / "t"), 0.0, 0, conditioning)
+    spec = ReadSpec.of(table, conditioning, 4)
+    with pytest.raises(DataError) as fill:
+        node_cache.fill(spec, "latents/00000002.parquet", ["dir/file_02.wav"])
+    data = open_data(table, spec)  # schema only: no token is read before training
+    with pytest.raises(DataError) as cut:  # windows from every file: the bad one among them
+        validation_windows(data, 16, 8, 16, seed=0)
+    for e in (fill, cut):
+        msg = str(e.value)
+        assert "\n" not in msg and str(bad) in msg and f"column {column}" in msg and "[0, " in msg
 
 
-def test_table_in_the_object_store_and_multi_part_windows(ray_session, tmp_path, monkeypatch):
-    """Groups of files load in Ray tasks; windows over the groups match windows over one array."""
-    import ray
-
-    from msprior.train import windows as D
+def test_rank_windows_through_the_node_cache(ray_session, tmp_path, monkeypatch):
+    """Ranks read their strata through the node cache (memory-mapped, read-only); windows stay inside
+    chunks and aligned with the conditioning; the validation windows are the same on every call."""
+    from msprior.data import node_cache
+    from msprior.data.layout import open_data, validation_windows
+    from msprior.data.reader import ReadSpec
+    from msprior.data.windows import TrainWindows
     from tests._train_data import write_synthetic_table
 
+    monkeypatch.setenv("MSPRIOR_CACHE_DIR", str(tmp_path / "cache"))
     write_synthetic_table(tmp_path / "t", num_files=8, sources_per_file=2)
     table = open_table(str(tmp_path / "t"), 0.25, 0, "tokens")
-    monkeypatch.setattr(D, "PART_FILES", 1)  # one load task per data file: 4 groups
-    data = D.load_table(table, D.ReadSpec.of(table, "tokens", 4))
+    data = open_data(table, ReadSpec.of(table, "tokens", 4))
     assert data.train_chunks == 6 * 4 and data.val_chunks == 2 * 4
-    parts = ray.get(data.train)
-    assert len(parts) >= 3 and not parts[0].rave.flags.writeable  # zero-copy views of the object store
-    mine = D.worker_parts(data.train, 1, 2)
-    assert [p.num_chunks for p in mine] == [p.num_chunks for p in parts[1::2]]
-    assert np.array_equal(mine[0].rave, parts[1].rave)
-    sampler = D.WindowSampler(parts, 16, "tokens", 4, seed=0)
-    batch = sampler.sample(64)
+    ranks = [TrainWindows(data.for_workers(), r, 2, 16, seed=r) for r in range(2)]
+    for w in ranks:
+        while not w.warm:
+            w.poll(block=True)
+    assert sum(w.sampler.total for w in ranks) == 6 * 4 * ((64 - 17) // 4 + 1)  # every train start, once
+    mine = [{s for srcs in w.mine.values() for s in srcs} for w in ranks]
+    assert not mine[0] & mine[1] and len(mine[0]) == len(mine[1]) == 3  # strata: disjoint, equal
+    part = ranks[0].sampler.parts[0]
+    assert isinstance(part.rave, np.memmap) and not part.rave.flags.writeable  # page cache, not heap
+    batch = ranks[1].sample(64)
     assert batch["rave"].shape == (64, 17, 4) and batch["tokens"].shape == (64, 4)
-    assert np.array_equal(batch["tokens"], batch["rave"][:, :16:4, 0] % 8)  # aligned in every group
+    assert np.array_equal(batch["tokens"], batch["rave"][:, :16:4, 0] % 8)  # aligned in every file
     assert ((batch["rave"][:, 1:, 0] - batch["rave"][:, :-1, 0]) % 16 == 1).mean() > 0.8  # inside chunks
-    val = D.fixed_val_batches(data, 16, 3, 5, "tokens", 4, seed=0)
-    again = D.fixed_val_batches(data, 16, 3, 5, "tokens", 4, seed=0)
+    val_sources = set(table.val_sources)
+    assert not any(s in val_sources for w in ranks for f in w.mine.values() for s in f)
+    val = validation_windows(data, 16, 3, 5, seed=0)
+    again = validation_windows(data, 16, 3, 5, seed=0)
     assert len(val) == 3 and all(np.array_equal(a["rave"], b["rave"]) for a, b in zip(val, again))
+    assert np.array_equal(val[0]["tokens"], val[0]["rave"][:, :16:4, 0] % 8)
+    reads = node_cache.fills(data.spec)
+    assert sum(f["read_bytes"] for f in reads if f["kind"] == "fill") == sum(
+        os.path.getsize(tmp_path / "t" / f) for f in table.files)  # each file decoded once on this node
+    assert {f["kind"] for f in reads} == {"fill", "layout", "validation"}  # every storage read is logged
 
 
 def test_config_refuses_non_finite_and_negative_numbers():

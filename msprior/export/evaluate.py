@@ -17,17 +17,18 @@ from msprior.model import Prior
 def validation_batches(config: Config, db_path: str, batches: int = 8, batch_size: int = 8, seed: int = 0):
     """`batches` fixed batches of validation windows (falls back to training files when the split
     holds no validation file, e.g. a one-file corpus)."""
+    from msprior.data import reader
+    from msprior.data.windows import WindowSampler
     from msprior.model import DatasetFacts
-    from msprior.train import windows as D
 
     m = config.model
-    table = D.open_table(db_path, config.data.val_fraction, config.data.seed, m.conditioning)
-    arrow = D.read_split(table, val=True)
+    table = reader.open_table(db_path, config.data.val_fraction, config.data.seed, m.conditioning)
+    arrow = reader.read_split(table, val=True)
     if arrow.num_rows == 0:
-        arrow = D.read_split(table, val=False)
+        arrow = reader.read_split(table, val=False)
     facts = DatasetFacts.from_manifest(table.manifest)
-    frames = D.frames_from_arrow(arrow, facts.num_quantizers, m.conditioning, m.cond_ratio, facts.cond_features)
-    sampler = D.WindowSampler(frames, m.seq_len, m.conditioning, m.cond_ratio, seed=seed)
+    frames = reader.frames_from_arrow(arrow, facts.num_quantizers, m.conditioning, m.cond_ratio, facts.cond_features)
+    sampler = WindowSampler(frames, m.seq_len, m.conditioning, m.cond_ratio, seed=seed)
     return [{k: torch.from_numpy(v) for k, v in sampler.sample(batch_size).items()} for _ in range(batches)]
 
 

@@ -71,7 +71,7 @@ def evaluate(req: EvaluateRequest, echo: Optional[Callable[[str], Any]] = None) 
     from msprior.config import Config
     from msprior.model import DatasetFacts, build_prior
     from msprior.train import quality
-    from msprior.train.windows import read_manifest
+    from msprior.data.reader import read_manifest
 
     state = load_state(req.run, req.checkpoint, req.tracking_uri)
     cfg = Config.from_dict(state["config"], where=f"{req.run} (checkpoint config)")

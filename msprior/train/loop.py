@@ -1,4 +1,4 @@
-"""The training function run by every Ray Train worker: a plain function over a plain dict.
+"""The training function run by every Ray Train worker, over one typed `LoopInputs`.
 
 It knows the model only through `build_prior(model_cfg, facts)`, `prior.loss(batch)` and
 `prior.logits(batch)`. Ray appears at the edges: the table's arrays in (object references, read
@@ -10,13 +10,11 @@ driver.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
-import shutil
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -27,8 +25,10 @@ from msprior import devices
 from msprior.config import Config, scaled_lr
 from msprior.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from msprior.model import DatasetFacts
-from msprior.train import quality
-from msprior.train.windows import WindowSampler, worker_parts
+from msprior.train import ddp, quality
+from msprior.train.inputs import LoopInputs
+from msprior.train.uploads import Uploads
+from msprior.data.windows import TrainWindows
 from msprior.train.schedule import make_optimizer, make_scheduler, warmup_for
 
 TOPK = (1, 3, 5, 10)
@@ -142,72 +142,46 @@ class CompiledLoss:
         return loss.detach()
 
 
-def _no_buffer_sync() -> Dict[str, bool]:
-    """DDP kwargs that skip the per-forward buffer sync (`broadcast_buffers` is deprecated in newer torch)."""
-    import inspect
-
-    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-def _maybe_fail(fault: Optional[Dict], rank: int, step: int) -> None:
-    """Test hook: raise once on `fault["rank"]` at `fault["step"]` (a marker file makes it once).
-
-    `fault["remove"]` (a folder, e.g. the latent table) is deleted first: the restarted workers
-    must then go on from the object store alone. `fault["kill"]`: SIGKILL the worker process
-    instead of raising.
-    """
-    if fault and rank == fault["rank"] and step == fault["step"] and not os.path.exists(fault["marker"]):
-        open(fault["marker"], "w").close()
-        if fault.get("remove"):
-            shutil.rmtree(fault["remove"])
-        if fault.get("kill"):  # the worker process dies as in an OOM kill or a lost node
-            import signal
-
-            # Ray Train's controller collects reports every few seconds: a checkpoint reported
-            # just before a death can be lost (the restart then starts from the one before)
-            time.sleep(fault.get("delay_s", 0))
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected failure on rank {rank} at step {step} (test hook)")
-
-
 class Worker:
-    """One Ray Train worker's state, built from the plain `loop_cfg` dict, with one method per step
-    of training: restore, a train step, logging, validation and checkpoint."""
+    """One Ray Train worker, complete once built: model, optimizer and schedule, restored from the
+    run's checkpoint (if any), wrapped for DDP, with its data. Then one method per step of
+    training: a train step, validation, checkpoint."""
 
-    def __init__(self, loop_cfg: Dict[str, Any]):
+    def __init__(self, inputs: LoopInputs):
         import ray.train
         import ray.train.torch
 
         from msprior.model import build_prior
 
-        self.loop_cfg, self.cfg = loop_cfg, Config.from_dict(loop_cfg["config"])
-        self.manifest = loop_cfg["manifest"]
+        self.inputs, self.cfg, self.manifest = inputs, inputs.config, inputs.manifest
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         # Ray sets OMP threads to the (fractional) CPU request; use this node's cores instead.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
         # Ray Train places a worker on CUDA or the CPU; MPS (one worker, macOS) is msprior.devices' choice
-        self.device = devices.torch_device("mps") if loop_cfg.get("device") == "mps" else ray.train.torch.get_device()
-        self.bf16 = devices.bf16_ok(self.device) and loop_cfg.get("bf16", True)
+        self.device = devices.torch_device("mps") if inputs.mps else ray.train.torch.get_device()
+        self.bf16 = devices.bf16_ok(self.device)  # bf16 autocast where the device supports it
         torch.manual_seed(self.cfg.train.seed)  # same initial weights on every rank
         facts = DatasetFacts.from_manifest(self.manifest)
-        self.prior = build_prior(self.cfg.model, facts, codebooks=loop_cfg.get("codebooks")).to(self.device)
+        self.prior = build_prior(self.cfg.model, facts, codebooks=inputs.codebooks).to(self.device)
         self.ema = copy.deepcopy(self.prior).requires_grad_(False) if self.cfg.train.ema > 0 else None
         self.raw_params = list(self.prior.parameters())
         self.ema_params = list(self.ema.parameters()) if self.ema is not None else []
-        optim_cfg = dataclasses.replace(self.cfg.optim, lr=scaled_lr(self.cfg.optim, self.world))  # global batch grows with W
-        # fused AdamW on CUDA: one kernel for all parameters, and no host sync in the step
-        self.optimizer = make_optimizer([p for p in self.prior.parameters() if p.requires_grad], optim_cfg,
-                                        fused=self.device.type == "cuda")
-        # the warm-up follows the run's length (msprior.train.schedule.warmup_for)
-        self.scheduler = make_scheduler(self.optimizer, optim_cfg, self.cfg.train.max_steps)
+        # peak lr and warm-up follow the workers (the global batch grows with W) and the run's
+        # length (msprior.train.schedule); fused AdamW on CUDA: one kernel, no host sync in the step
+        self.optimizer = make_optimizer([p for p in self.prior.parameters() if p.requires_grad], self.cfg.optim,
+                                        fused=self.device.type == "cuda", world=self.world)
+        self.scheduler = make_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps, world=self.world)
         self.step, self.best, self.bad = 0, math.inf, 0
+        self.uploads = Uploads(self.rank, inputs.fault)
+        self._restore(ray.train.get_checkpoint())
+        self._wrap()
+        self.data()
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else torch.autocast("cpu", enabled=False)
 
-    def restore(self, ckpt) -> None:
+    def _restore(self, ckpt) -> None:
         """--resume, or a restart after a worker failure (FailureConfig): weights, optimizer, step."""
         if ckpt is not None:
             with ckpt.as_directory() as d:
@@ -220,30 +194,27 @@ class Worker:
             self.step, self.best, self.bad = state["step"], state["best_val_loss"], state.get("bad_validations", 0)
         self.start_step = self.step
 
-    def wrap(self) -> None:
-        """The loss as a module (DDP across workers), compiled when the config asks."""
-        self.module: torch.nn.Module = LossModule(self.prior)
-        if self.world > 1:
-            # Streaming caches are non-persistent buffers: nothing to sync at each forward.
-            self.module = torch.nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                **_no_buffer_sync())
+    def _wrap(self) -> None:
+        """The loss as a module (DDP across workers, gradients compressed as configured), compiled
+        when the config asks."""
+        self.compression = ddp.compression_for(self.cfg.train.grad_compression, self.device)
+        self.module = ddp.wrap(LossModule(self.prior), self.compression)
         self.step_fn = CompiledLoss(self.module, self.prior, self.cfg.train.compile, self.device)
 
     def data(self) -> None:
-        """This worker's groups of training chunks (object store, zero-copy) and its share of the
-        validation windows the driver drew once (the same set for any number of workers)."""
+        """This worker's training windows (its stratum of the table, read through the node cache:
+        msprior.data.windows.TrainWindows) and its share of the validation windows the driver had
+        cut once (the same set for any number of workers)."""
         import ray
 
         cfg, rank, world = self.cfg, self.rank, self.world
         kw = shard_kwargs(cfg, self.manifest)
         self.local_bs = cfg.train.batch_size  # per worker: the global batch is world x batch_size
         self.seq_q = cfg.model.seq_len * kw["num_quantizers"]  # tokens (frames x quantizers) per window
-        parts = worker_parts(self.loop_cfg["train_parts"], rank, world)
         # seeded by (seed, rank, step): a resumed run draws fresh windows, each rank its own
-        self.sampler = WindowSampler(parts, cfg.model.seq_len, kw["conditioning"], kw["cond_ratio"],
-                                     seed=np.random.SeedSequence([cfg.train.seed, rank, self.step]).generate_state(1)[0])
-        every = ray.get(self.loop_cfg["val_batches"])
+        self.sampler = TrainWindows(self.inputs.train_data, rank, world, cfg.model.seq_len,
+                                    seed=np.random.SeedSequence([cfg.train.seed, rank, self.step]).generate_state(1)[0])
+        every = ray.get(self.inputs.val_batches)
         self.val_batches = [to_device({k: v.copy() for k, v in b.items()}, self.device)  # own (writable) copies
                             for b in every[rank::world]]
         # the generation check (rank 0): validation tokens' histogram, windows that seed the streams
@@ -279,14 +250,13 @@ class Worker:
                 "early_stopped": float(stop and self.step < t.max_steps), "stop": stop}
 
     def checkpoint(self, report: Dict[str, Any]) -> None:
-        """`ray.train.report`: a barrier over all workers; Ray copies rank 0's directory to storage."""
-        import ray.train
-
-        tmp = checkpoint = None
+        """Rank 0 writes the checkpoint to a local folder; every rank reports (a barrier). The
+        upload to the run folder goes on in the background (msprior.train.uploads)."""
+        tmp = None
         if self.rank == 0:
             from msprior.train.run_lease import check_writer  # a run taken over writes nothing more
 
-            check_writer(self.loop_cfg.get("run_lease"), f"checkpoint_{self.step:08d}")
+            check_writer(self.inputs.run_lease, f"checkpoint_{self.step:08d}")
             tmp = tempfile.mkdtemp(prefix="msprior-ckpt-")
             state = {"model": (self.ema if self.ema is not None else self.prior).state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -295,10 +265,14 @@ class Worker:
             if self.ema is not None:
                 state["raw_model"] = self.prior.state_dict()
             save_checkpoint(tmp, state)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{self.step:08d}")
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self.uploads.report(report, tmp, f"checkpoint_{self.step:08d}", self.step)
+
+    def due(self) -> tuple:
+        """(validate, checkpoint) at this step: every val_every and every checkpoint_every (a
+        checkpoint validates too: it carries its own val_loss), and both at the last step."""
+        t, last = self.cfg.train, self.step >= self.cfg.train.max_steps
+        ckpt = last or self.step % (t.checkpoint_every or t.val_every) == 0
+        return ckpt or self.step % t.val_every == 0, ckpt
 
 
 class Logger:
@@ -308,16 +282,18 @@ class Logger:
         from msprior.train import tracking
 
         self.w, self.tracking = w, tracking
-        cfg = w.loop_cfg
-        self.run_id = cfg.get("mlflow_run_id")
-        self.client = tracking.client(cfg["tracking_uri"]) if w.rank == 0 and self.run_id else None
-        self.progress = cfg.get("progress")  # a ray.util.queue.Queue owned by the driver, or None
+        self.run_id = w.inputs.mlflow_run_id
+        self.client = tracking.client(w.inputs.tracking_uri) if w.rank == 0 and self.run_id else None
+        self.progress = w.inputs.progress  # a ray.util.queue.Queue owned by the driver, or None
         self.loss_sum, self.loss_n = torch.zeros((), device=w.device), 0
         self.last: Dict[str, float] = {}
         self.restart_clock()
-        if self.client is not None:  # the warm-up this run's length gave (schedule.warmup_for)
-            warmup = warmup_for(w.cfg.optim.warmup_steps, w.cfg.train.max_steps)
-            tracking.log_metrics(self.client, self.run_id, {"lr_warmup_steps": warmup}, w.step)
+        if self.client is not None:  # the warm-up this run's length and workers gave; DDP's bytes per step
+            o = w.cfg.optim
+            warmup = warmup_for(o.warmup_steps, w.cfg.train.max_steps, scaled_lr(o, w.world) / o.lr, o.warmup_start)
+            grad = ddp.grad_bytes(w.prior, w.compression) if w.world > 1 else 0
+            tracking.log_metrics(self.client, self.run_id, {"lr_warmup_steps": warmup, "grad_bytes_per_step": grad},
+                                 w.step)
 
     def restart_clock(self) -> None:  # validation is not training throughput
         self.t, self.cpu, self.step = time.perf_counter(), time.process_time(), self.w.step
@@ -345,6 +321,11 @@ class Logger:
             self.tracking.log_metrics(self.client, self.run_id, self.last, w.step)
         self.send("train", {"step": w.step, **self.last})
 
+    def checkpointed(self, seconds: float) -> None:
+        """What a checkpoint cost the training loop (write it locally, wait for the previous upload)."""
+        if self.client is not None:
+            self.tracking.log_metrics(self.client, self.run_id, {"checkpoint_s": seconds}, self.w.step)
+
     def val(self, report: Dict[str, Any]) -> None:
         if self.client is not None:
             metrics = {k: v for k, v in report.items() if k.startswith(("val_", "top", "gen_"))}
@@ -353,13 +334,8 @@ class Logger:
         self.send("val", report)
 
 
-def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
-    import ray.train
-
-    w = Worker(loop_cfg)
-    w.restore(ray.train.get_checkpoint())
-    w.wrap()
-    w.data()
+def train_loop_per_worker(inputs: LoopInputs) -> None:
+    w = Worker(inputs)
     log = Logger(w)
     if w.start_step > 0:
         log.send("resume", {"step": w.step})
@@ -368,13 +344,20 @@ def train_loop_per_worker(loop_cfg: Dict[str, Any]) -> None:
     w.module.train()
     while not stop:
         log.add(w.train_step())
-        _maybe_fail(loop_cfg.get("fault"), w.rank, w.step)
-        if w.step % t.log_every == 0 or w.step % t.val_every == 0 or w.step >= t.max_steps:
+        if inputs.fault is not None:
+            inputs.fault.fire(w.rank, w.step)
+        validate, ckpt = w.due()
+        if w.step % t.log_every == 0 or validate:
             log.train()
-        if w.step % t.val_every == 0 or w.step >= t.max_steps:
+        if validate:
             report = w.validate()
             stop = report.pop("stop")
             report = {**log.last, **report}
             log.val(report)
-            w.checkpoint(report)
+            if ckpt or stop:  # an early stop keeps its last state
+                t0 = time.perf_counter()
+                w.checkpoint(report)
+                log.checkpointed(time.perf_counter() - t0)
+            else:
+                w.uploads.report(report)
             log.restart_clock()

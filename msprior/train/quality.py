@@ -61,7 +61,7 @@ class Windows:
 
 
 def tile_windows(frames, seq_len: int, conditioning: str = "none", cond_ratio: int = 1) -> Windows:
-    """Every window of `frames` (msprior.train.windows.Frames), in chunk order: starts 0, stride, ..."""
+    """Every window of `frames` (msprior.data.reader.Frames), in chunk order: starts 0, stride, ..."""
     r = cond_ratio if conditioning != "none" else 1
     stride = max(r, seq_len // r * r)  # conditioned windows start on a conditioning frame
     room = frames.lengths - (seq_len + 1)
@@ -78,19 +78,19 @@ def tile_windows(frames, seq_len: int, conditioning: str = "none", cond_ratio: i
 
 def read_frames(db_path: str, conditioning: str = "none", cond_ratio: int = 1):
     """(manifest, Frames) of a whole table, every indexed source, checked as training checks it."""
+    from msprior.data import reader
     from msprior.model import DatasetFacts
-    from msprior.train import windows as W
 
-    table = W.open_table(db_path, 0.0, 0, conditioning)  # fraction 0: no validation split
-    rows = W.read_split(table, val=False)
+    table = reader.open_table(db_path, 0.0, 0, conditioning)  # fraction 0: no validation split
+    rows = reader.read_split(table, val=False)
     facts = DatasetFacts.from_manifest(table.manifest)
-    frames = W.frames_from_arrow(rows, facts.num_quantizers, conditioning, cond_ratio, facts.cond_features)
+    frames = reader.frames_from_arrow(rows, facts.num_quantizers, conditioning, cond_ratio, facts.cond_features)
     return table.manifest, frames
 
 
 def held_out_windows(db_path: str, seq_len: int, conditioning: str = "none", cond_ratio: int = 1) -> Windows:
     """Every window of the whole table at `db_path` (see the module's docstring); deterministic."""
-    from msprior.train.windows import DataError
+    from msprior.data.reader import DataError
 
     _, frames = read_frames(db_path, conditioning, cond_ratio)
     windows = tile_windows(frames, seq_len, conditioning, cond_ratio)
@@ -208,26 +208,18 @@ def generation_check(prior, batches, vocab_size: int, val_counts: np.ndarray,
 # --- the unigram floor of a training (driver side, once per run) ---------------------------------
 
 
-def _count_frames(frames, vocab_size: int) -> np.ndarray:
-    return token_counts(frames.rave, vocab_size)
-
-
 def train_counts(data) -> np.ndarray:
-    """Token counts [Q, V] of the training chunks, counted by Ray tasks where the arrays are."""
-    import ray
+    """Token counts [Q, V] of a sample of the training chunks (a few whole row groups, drawn in
+    proportion to their training frames), counted by Ray tasks where the data is
+    (`msprior.data.layout.train_token_counts`): a constant read whatever the table's size."""
+    from msprior.data.layout import train_token_counts
 
-    from msprior.train import quality as this  # a module-level function is what Ray pickles by reference
-    from msprior.train.windows import LOAD_CPU
-
-    vocab = int(data.table.manifest["rave"]["vocab_size"])
-    # "DEFAULT": outside a sweep trial's placement group (its bundle holds only the trial driver)
-    task = ray.remote(num_cpus=LOAD_CPU, scheduling_strategy="DEFAULT")(this._count_frames)
-    return sum(ray.get([task.remote(ref, vocab) for ref in data.train]))
+    return train_token_counts(data, int(data.table.manifest["rave"]["vocab_size"]))
 
 
 def floor_metrics(data, val_batches) -> Dict[str, float]:
-    """{"unigram_ce", "unigram_ce_q<i>", "val_repeat"}: the training tokens' unigram scored on the
-    validation windows' targets (the CE of a prior that learnt nothing), and how often a real
+    """{"unigram_ce", "unigram_ce_q<i>", "val_repeat"}: the unigram of a sample of the training tokens
+    (`train_counts`) scored on the validation windows' targets (the CE of a prior that learnt nothing), and how often a real
     validation frame repeats the one before (the generation check's reference)."""
     vocab = int(data.table.manifest["rave"]["vocab_size"])
     floor = unigram_ce(train_counts(data), target_counts(val_batches, vocab))

@@ -1,10 +1,10 @@
 """`train(...)`: one training run on Ray Train, from the driver's side.
 
-Steps (one function each): resolve the request (config, name, resume checks), load the latent
-table into the object store once (through its index; checked before training), check the cluster
+Steps (one function each): resolve the request (config, name, resume checks), open the latent
+table (its index and layout; workers read their files through the node cache), check the cluster
 can hold the request (fail fast, never a silent resource deadlock), create or continue the MLflow
 run, run a `TorchTrainer` over `loop.train_loop_per_worker`, print the progress lines rank 0 sends,
-and write `run.json`. A sweep loads the table once and hands the same `TableData` to every trial.
+and write `run.json`. A sweep opens the table once and hands the same `TableData` to every trial.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence, Union
 
 from msprior import console, devices
@@ -215,13 +215,28 @@ class Progress:
 
 
 @dataclass
-class TrainRequest:
-    """One training as asked: the flags of `msprior train`, then what sweeps and tests set.
+class TrainContext:
+    """What a library caller fills in for one training, never a flag of `msprior train`.
 
-    `experiment` / `parent_run_id` / `tune_report` / `data` are for sweeps (nested MLflow runs, Tune
-    reports, the table loaded once by the sweep driver); `fault_injection` = {"rank", "step",
-    "marker"} raises once inside a worker (tests only).
+    `experiment` / `parent_run_id` / `tune_report` / `data` / `gpus_per_worker` are for sweeps
+    (nested MLflow runs, Tune reports, the table opened once by the sweep driver, a trial's GPU
+    share); `progress` off for sweeps and quiet callers; `fault_injection` = the fields of
+    `msprior.train.inputs.Fault` (tests only).
     """
+
+    progress: bool = True
+    experiment: Optional[str] = None
+    parent_run_id: Optional[str] = None
+    tune_report: bool = False
+    fault_injection: Optional[Dict[str, Any]] = None
+    data: Any = None  # msprior.data.layout.TableData, already opened (a sweep's); else opened here
+    gpus_per_worker: Optional[float] = None  # a sweep's share of its trial's GPUs; else 1 on a GPU
+
+
+@dataclass
+class TrainRequest:
+    """One training as the user asks it: the flags of `msprior train` (the pipeline and sweeps set
+    the same fields), plus `ctx`, what a library caller fills in (`TrainContext`)."""
 
     config: Union[str, Config, Dict] = flag("decoder_only", CONFIG_HELP, repeat=True)
     db_path: str = flag("", "Latent table (folder or s3:// prefix) from `msprior preprocess`.", required=True)
@@ -234,13 +249,13 @@ class TrainRequest:
     cpu: bool = flag(False, CPU_HELP)
     batch_size: Optional[int] = flag(None, "Windows per worker per step (global: x workers); default: config.")
     max_steps: Optional[int] = flag(None, "Training steps; default: config.")
-    val_every: Optional[int] = flag(None, "Steps between validations and checkpoints; default: config.")
+    val_every: Optional[int] = flag(None, "Steps between validations (and checkpoints: train.checkpoint_every); "
+                                          "default: config.")
     overrides: Sequence[str] = flag((), "section.key=value, repeatable.", names="--override")
     resume: bool = flag(False, "Continue the run NAME from its last checkpoint.")
     tracking_uri: Optional[str] = flag(None, "MLflow URI (default MLFLOW_TRACKING_URI or ./mlflow.db).")
     storage_path: Optional[str] = flag(None, "Where runs live (folder or s3://); default MSPRIOR_STORAGE or ./runs.")
     cpus_per_worker: float = flag(DEFAULT_CPUS_PER_WORKER, "Logical CPUs requested per worker.")
-    gpus_per_worker: Optional[float] = None
     max_failures: int = flag(3, "Worker-group restarts (a worker or node lost) before the run fails.")
     # the original MSPrior's train flags, same meaning (train/original.py translates them)
     ckpt: Optional[str] = flag(None, "Resume from a checkpoint of run NAME (the original's flag; = --resume).")
@@ -249,17 +264,13 @@ class TrainRequest:
                                          "chunks are held out; default: data.val_fraction of the files.")
     workers: Optional[int] = flag(None, "The original's data-loader processes: accepted, not needed (windows are "
                                         "drawn from memory); --num_workers sets the DDP workers.")
-    progress: bool = True
-    experiment: Optional[str] = None
-    parent_run_id: Optional[str] = None
-    tune_report: bool = False
-    fault_injection: Optional[Dict[str, Any]] = None
-    data: Any = None  # msprior.train.windows.TableData, already loaded (a sweep's); else loaded here
+    ctx: TrainContext = field(default_factory=TrainContext)
 
     def gpus(self, device: Optional[Device]) -> float:
         """GPUs per worker on `device` (the choice of msprior.devices)."""
         on = device.gpu if device is not None else devices.normalise(self.gpu, self.cpu) not in (None, devices.CPU)
-        return (self.gpus_per_worker if self.gpus_per_worker is not None else 1.0) if on else 0.0
+        share = self.ctx.gpus_per_worker
+        return (share if share is not None else 1.0) if on else 0.0
 
 
 @dataclass
@@ -267,7 +278,7 @@ class Plan:
     """What the driver resolved before starting anything on Ray."""
 
     cfg: Config
-    table: Any  # msprior.train.windows.Table
+    table: Any  # msprior.data.reader.Table
     runs_root: str  # the folder (or s3:// prefix) that holds one folder per run
     run_dir: str
     codebooks: Any = None
@@ -332,10 +343,10 @@ def plan(req: TrainRequest) -> Plan:
     """Config, table (manifest + index), run folder and resume checks: every fast failure first."""
     from msprior import storage as st
     from msprior.train import original
-    from msprior.train.windows import open_table, read_manifest
+    from msprior.data.reader import open_table, read_manifest
 
     check_name(req.name)
-    if not req.db_path and req.data is None:
+    if not req.db_path and req.ctx.data is None:
         raise TrainError("--db_path: give the latent table written by `msprior preprocess`")
     if req.num_workers < 1:
         raise TrainError(f"--num_workers {req.num_workers}: must be >= 1")
@@ -344,15 +355,15 @@ def plan(req: TrainRequest) -> Plan:
         codebooks = read_codebooks(req.pretrained_embedding)
     if codebooks is not None:
         overrides.append(f"model.pretrained_embedding_dim={int(codebooks.shape[2])}")
-    if req.val_size is not None and req.data is None:
+    if req.val_size is not None and req.ctx.data is None:
         frac = original.val_fraction(req.val_size, read_manifest(st.absolute(req.db_path)))
         overrides.append(f"data.val_fraction={frac}")
-    if original.workers_note(req.workers) and req.progress:
+    if original.workers_note(req.workers) and req.ctx.progress:
         console.echo(original.workers_note(req.workers))
     cfg = resolve_config(req.config, overrides, batch_size=req.batch_size, max_steps=req.max_steps,
                          val_every=req.val_every)
-    if req.data is not None:
-        table = req.data.table
+    if req.ctx.data is not None:
+        table = req.ctx.data.table
     else:
         table = open_table(st.absolute(req.db_path), cfg.data.val_fraction, cfg.data.seed, cfg.model.conditioning)
     _check_table_vs_config(cfg, table.manifest, table.db_path)
@@ -398,27 +409,28 @@ def check_resume(name: str, run_dir: str, cfg: Config, table) -> None:
                              f"{table.db_path}): resume with its table ({old.get('db_path')}) or choose another --name")
 
 
-# --- step 2: the table in the object store, the fixed validation windows -----------------------
+# --- step 2: the table's layout, the fixed validation windows -----------------------------------
 
 
 def load_data(p: Plan):
-    """Read and check the table once (Ray tasks); returns `TableData` (object references only)."""
-    from msprior.train.windows import ReadSpec, load_table
+    """Open the table for training: where every chunk lies, each file's schema checked (Ray tasks
+    read footers and small columns; no token is read here). Returns `msprior.data.layout.TableData`."""
+    from msprior.data.layout import open_data
+    from msprior.data.reader import ReadSpec
 
     m = p.cfg.model
-    return load_table(p.table, ReadSpec.of(p.table, m.conditioning, m.cond_ratio))
+    return open_data(p.table, ReadSpec.of(p.table, m.conditioning, m.cond_ratio))
 
 
 def validation_windows(p: Plan, data):
-    """`train.val_batches` batches of `train.batch_size` windows, drawn once here, put in the object store."""
+    """`train.val_batches` batches of `train.batch_size` windows, cut out by Ray tasks where the data
+    is (only the row groups holding them are read), put in the object store."""
     import ray
 
-    from msprior.train.windows import fixed_val_batches
+    from msprior.data.layout import validation_windows as cut
 
     m, t = p.cfg.model, p.cfg.train
-    batches = fixed_val_batches(data, m.seq_len, t.val_batches, t.batch_size, m.conditioning, m.cond_ratio,
-                                seed=p.cfg.data.seed)
-    return ray.put(batches)
+    return ray.put(cut(data, m.seq_len, t.val_batches, t.batch_size, seed=p.cfg.data.seed))
 
 
 # --- step 3: MLflow -----------------------------------------------------------------------------
@@ -431,7 +443,7 @@ def start_tracking(req: TrainRequest, p: Plan, data) -> None:
 
     uri = tracking.default_tracking_uri(req.tracking_uri)
     client = tracking.client(uri)
-    exp_name = req.experiment or req.name
+    exp_name = req.ctx.experiment or req.name
     run_id = tracking.find_run(client, exp_name, p.run_dir)
     if run_id and req.resume:
         client.update_run(run_id, status="RUNNING")
@@ -449,13 +461,27 @@ def start_tracking(req: TrainRequest, p: Plan, data) -> None:
                   "optim.lr_effective": scaled_lr(cfg.optim, req.num_workers)}
         tags = {tracking.RUN_DIR_TAG: p.run_dir, "msprior.config": cfg.name,
                 "msprior.rave_sha256": str(rave.get("sha256")), "msprior.continuous": str(rave.get("continuous"))}
-        run_id = tracking.start_run(client, exp_name, req.name, params, tags, parent_run_id=req.parent_run_id)
+        run_id = tracking.start_run(client, exp_name, req.name, params, tags, parent_run_id=req.ctx.parent_run_id)
         tracking.log_dict(client, run_id, cfg.to_dict(), "config.yaml")
         tracking.log_dict(client, run_id, manifest, "manifest.json")
     p.tracking = {"uri": uri, "client": client, "run_id": run_id}
 
 
 # --- step 4: the trainer ------------------------------------------------------------------------
+
+
+def loop_inputs(req: TrainRequest, p: Plan, data, val_ref, printer) -> "LoopInputs":
+    """What every worker is given (`msprior.train.inputs.LoopInputs`), built once here."""
+    from msprior.train.inputs import Fault, LoopInputs
+
+    return LoopInputs(
+        config=p.cfg, manifest=p.table.manifest, codebooks=p.codebooks,
+        train_data=data.for_workers(),  # index + read spec: each rank reads its files through the node cache
+        val_batches=val_ref, tracking_uri=p.tracking["uri"], mlflow_run_id=p.tracking["run_id"],
+        progress=printer.queue if printer else None,
+        mps=p.device is not None and p.device.kind == "mps",  # else Ray Train places it (cuda or cpu)
+        run_lease=run_lease.identity(p.run_dir),  # a run taken over writes no more checkpoints
+        fault=Fault(**req.ctx.fault_injection) if req.ctx.fault_injection else None)
 
 
 def make_trainer(req: TrainRequest, p: Plan, data, val_ref, printer):
@@ -465,21 +491,8 @@ def make_trainer(req: TrainRequest, p: Plan, data, val_ref, printer):
     from msprior import storage as st
     from msprior.train.loop import train_loop_per_worker
 
-    loop_cfg = {
-        "config": p.cfg.to_dict(),
-        "manifest": p.table.manifest,
-        "codebooks": p.codebooks,
-        "train_parts": list(data.train),  # object references: workers read the arrays from the object store
-        "val_batches": val_ref,
-        "tracking_uri": p.tracking["uri"],
-        "mlflow_run_id": p.tracking["run_id"],
-        "progress": printer.queue if printer else None,
-        "fault": req.fault_injection,
-        "run_lease": run_lease.identity(p.run_dir),  # a run taken over writes no more checkpoints
-        "device": p.device.kind if p.device else None,  # "mps": the worker's own choice (Ray Train: cuda or cpu)
-    }
     callbacks = []
-    if req.tune_report:
+    if req.ctx.tune_report:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
@@ -489,7 +502,7 @@ def make_trainer(req: TrainRequest, p: Plan, data, val_ref, printer):
     st_fs, st_path = st.pyarrow_filesystem(p.runs_root) if st.is_s3(p.runs_root) else (None, p.runs_root)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_cfg,
+        train_loop_config=loop_inputs(req, p, data, val_ref, printer),
         scaling_config=ScalingConfig(num_workers=req.num_workers, use_gpu=on_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=req.name,
@@ -548,7 +561,7 @@ def finish(req: TrainRequest, p: Plan, result, wall: float) -> Dict[str, Any]:
     tracking.log_loss_curve(client, run_id)
     tracking.log_dict(client, run_id, info, "run.json")
     client.set_terminated(run_id, status="FINISHED")
-    if req.progress:
+    if req.ctx.progress:
         best_txt = f"{info['best_val_loss']:.4f}" if info["best_val_loss"] is not None else "n/a"
         console.echo(f"[{req.name}] done: step {info['step']}, best val {best_txt}, "
                      f"{wall:.0f}s; run dir {p.run_dir}; MLflow run {run_id}")
@@ -562,9 +575,11 @@ def train(config: Union[str, Config, Dict] = "decoder_only", db_path: str = "", 
           **kw: Any) -> Dict[str, Any]:
     """Train a prior; returns the run summary (the content of run.json plus the final metrics).
 
-    Keyword arguments are the fields of `TrainRequest`.
+    Keyword arguments are the fields of `TrainRequest` and of `TrainContext`.
     """
-    return run_training(TrainRequest(config=config, db_path=db_path, name=name, **kw))
+    names = {f.name for f in fields(TrainContext)}
+    ctx = TrainContext(**{k: kw.pop(k) for k in list(kw) if k in names})
+    return run_training(TrainRequest(config=config, db_path=db_path, name=name, ctx=ctx, **kw))
 
 
 def run_training(req: TrainRequest) -> Dict[str, Any]:
@@ -574,20 +589,20 @@ def run_training(req: TrainRequest) -> Dict[str, Any]:
     from msprior.train import quality
 
     p = plan(req)
-    writer = run_lease.start(p.run_dir, req.name, "" if req.data is not None else p.table.db_path)  # one writer per run
+    writer = run_lease.start(p.run_dir, req.name, "" if req.ctx.data is not None else p.table.db_path)  # one writer per run
     devices.pin_local_gpu(req.gpu, req.num_workers)  # --gpu N: the only card a local Ray sees
-    started_ray = ensure_ray(log_to_driver=not req.progress)
+    started_ray = ensure_ray(log_to_driver=not req.ctx.progress)
     try:
         p.device = devices.choose(req.gpu, req.cpu, devices.Machine.of_ray(), workers=req.num_workers)
-        if req.progress:
+        if req.ctx.progress:
             devices.announce(p.device, "train")
         check_resources(req.num_workers, req.cpus_per_worker, req.gpus(p.device))
-        data = req.data if req.data is not None else load_data(p)
+        data = req.ctx.data if req.ctx.data is not None else load_data(p)
         val_ref = validation_windows(p, data)
         write_run_request(p.run_dir, _request_record(p.cfg, p.table))
         start_tracking(req, p, data)
         quality.log_floor(p.tracking, data, val_ref)  # the unigram floor of these validation windows, once
-        printer = Progress(req.name) if req.progress else None
+        printer = Progress(req.name) if req.ctx.progress else None
         trainer = make_trainer(req, p, data, val_ref, printer)
         result, wall = fit(trainer, p, printer)
         return finish(req, p, result, wall)

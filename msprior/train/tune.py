@@ -4,10 +4,11 @@ Train V2 pattern: each Tune trial is a small driver function that calls `msprior
 whose `TorchTrainer` reports to Tune through `TuneReportCallback`. Every trial is an MLflow run
 nested under the sweep's parent run; the parent records the best trial and its checkpoint.
 
-The sweep driver checks the search keys, then opens, splits and checks the latent table ONCE and
-hands every trial the same arrays (object references: `msprior.train.windows.TableData`), so trials
-neither re-read the table nor copy it (the search may not change what is loaded: `data.*`,
-`model.conditioning`, `model.cond_ratio`). A preempted sweep continues with `--resume`
+The sweep driver checks the search keys, then opens and splits the latent table ONCE and hands
+every trial the same `msprior.data.layout.TableData` (index, layout, read spec); every trial's
+workers read their data files through the node cache, decoded once per node and shared by every
+trial there (the search may not change what is read: `data.*`, `model.conditioning`,
+`model.cond_ratio`). A preempted sweep continues with `--resume`
 (`Tuner.restore`): finished trials are kept, unfinished ones continue from their own checkpoints.
 
 Sweep file (YAML):
@@ -267,9 +268,9 @@ def sweep_exists(sweep_dir: str) -> bool:
 
 
 def load_shared(p: SweepPlan):
-    """Open, split and check the table once; its arrays go to the object store for every trial."""
+    """Open and split the table once, for every trial."""
     from msprior import storage as st
-    from msprior.train.windows import ReadSpec, open_table
+    from msprior.data.reader import ReadSpec, open_table
     from msprior.train.run import _check_table_vs_config
 
     cfg = p.base_cfg
@@ -416,7 +417,8 @@ def tune(sweep: str, db_path: str, name: str, **kw: Any) -> Dict[str, Any]:
 def run_sweep(req: SweepRequest) -> Dict[str, Any]:
     import ray
 
-    from msprior.train.windows import load_table
+    from msprior.data.layout import open_data, validation_windows
+    from msprior.train import quality
 
     p = plan_sweep(req)
     if req.resume:
@@ -426,7 +428,10 @@ def run_sweep(req: SweepRequest) -> Dict[str, Any]:
     try:
         concurrent = check_resources(p.workers, p.cpw, p.gpt / p.workers if p.gpt else 0.0, trials=p.n,
                                      driver_cpus=TRIAL_DRIVER_CPU, what="each sweep trial")
-        data = load_table(table, spec)  # once, for every trial (and every restart of one)
+        data = open_data(table, spec)  # once, for every trial (and every restart of one)
+        cfg = p.base_cfg  # trials with the base settings get these from data.memo: read once, here
+        validation_windows(data, cfg.model.seq_len, cfg.train.val_batches, cfg.train.batch_size, seed=cfg.data.seed)
+        quality.train_counts(data)
         start_parent(p)
         tuner = make_tuner(p, data, concurrent)
         if not req.resume:
