@@ -54,10 +54,14 @@ def start(run_dir: str, name: str, db_path: str = "", ttl_s: Optional[float] = N
 
 
 def identity(run_dir: str) -> Optional[Dict[str, Any]]:
-    """The run lease this process holds on `run_dir` as plain data for the workers (folder, lease
-    run id, epoch: no credentials), or None when it holds none."""
+    """The run lease this process holds on `run_dir` for the workers (folder, lease run id, epoch, and
+    for s3:// the driver's S3Options, as the table's reader hands them: a worker's environment may hold
+    no credentials), or None when it holds none."""
     lease = _HELD.get(run_dir)
-    return None if lease is None else {"folder": lease.folder, "run_id": lease.run_id, "epoch": lease.epoch}
+    if lease is None:
+        return None
+    s3 = storage.S3Options.from_env() if storage.is_s3(lease.folder) else None
+    return {"folder": lease.folder, "run_id": lease.run_id, "epoch": lease.epoch, "s3": s3}
 
 
 def check_writer(ident: Optional[Dict[str, Any]], what: str = "a checkpoint") -> None:
@@ -66,7 +70,7 @@ def check_writer(ident: Optional[Dict[str, Any]], what: str = "a checkpoint") ->
     if not ident:
         return
     folder = ident["folder"]
-    s3 = storage.S3Options.from_env() if storage.is_s3(folder) else None
+    s3 = ident.get("s3") or (storage.S3Options.from_env() if storage.is_s3(folder) else None)
     try:
         fence(folder, s3, ident["run_id"], ident["epoch"])
     except LeaseLost:
