@@ -27,10 +27,6 @@ def test_auto_compresses_on_cuda_only_and_halves_the_bytes():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=False, reason="since the node-cache read path (msprior.data.windows, 9df97e5) two "
-                   "same-seed runs differ by 0.02-0.07 nats (windows drawn from files as they land), so a "
-                   "same-seed comparison no longer isolates the hook; passed with the object-store path "
-                   "(bf16 vs none 0.0003, bit-identical without the hook). Needs a deterministic draw.")
 def test_bf16_hook_trains_to_the_same_validation_loss(ray_session, train_table, train_dirs):
     """Two CPU workers (gloo), the same seed: with the bf16 hook the final val_loss is within
     TOLERANCE of uncompressed DDP's, yet not identical (the hook did run)."""

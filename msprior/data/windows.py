@@ -29,6 +29,10 @@ TASK_MEMORY = 64 << 20  # bytes a read task holds besides its data (pyarrow buff
 ROW_GROUP_BYTES = 256 << 20  # the most token bytes a row group is expected to hold (readers hold one at a time)
 FILLS_IN_FLIGHT = 2  # fill tasks a rank keeps running: fill memory does not grow with the table
 FILL_NICE = 10  # CPU priority of a fill's decode thread (0 = the training step's)
+# A rank's share up to this many bytes of data files is cached whole before step 1 and added to the
+# draw in its seeded order: same seed, same windows (seconds of decode). Larger shares start with the
+# first file that lands (time to first step flat in the table), their first draws timing-dependent.
+WAIT_ALL_BYTES = 1 << 30
 
 
 def task_memory(nbytes: int) -> int:
@@ -233,11 +237,34 @@ class TrainWindows:
         self.queue = [(str(f), indexed[f]) for f in order]
         self.nbytes, self.pending, self.read_bytes = file_bytes(self.table), [], 0
         self.sampler = WindowSampler([], seq_len, self.spec.conditioning, self.spec.cond_ratio, seed=seed)
+        if sum(self.nbytes.get(f, 0) for f in self.mine) <= WAIT_ALL_BYTES:
+            self._fill_all()
         self.submit()
         while self.sampler.total == 0:  # training starts with the first file that holds a window
             if not self.pending:
                 raise self.sampler.too_short()
             self.poll(block=True)
+
+    def _fill_all(self) -> None:
+        """Every file of the share, FILLS_IN_FLIGHT at a time, added in the queue's (seeded) order."""
+        import ray
+
+        while self.queue:
+            batch, self.queue = self.queue[:FILLS_IN_FLIGHT], self.queue[FILLS_IN_FLIGHT:]
+            refs = [fill_task(self.spec, rel, sources, self.nbytes.get(rel, 0), self.identity.get(rel))
+                    for rel, sources in batch]
+            self.pending = refs
+            self._add(ray.get(refs))
+        self.pending = []
+
+    def _add(self, outs) -> None:
+        """Each landed fill into the draw, in the order given."""
+        for out in outs:
+            if "error" in out:
+                raise DataError(out["error"])
+            cached = node_cache.open_entry(out["path"])
+            self.read_bytes += out["read_bytes"]
+            self.sampler.add(cached.frames, train_mask(self.table, cached, self.mine[cached.file]))
 
     def submit(self) -> None:
         while self.queue and len(self.pending) < FILLS_IN_FLIGHT:
@@ -252,12 +279,7 @@ class TrainWindows:
             return
         ready, self.pending = ray.wait(self.pending, num_returns=1 if block else len(self.pending),
                                        timeout=None if block else 0)
-        for out in ray.get(ready):
-            if "error" in out:
-                raise DataError(out["error"])
-            cached = node_cache.open_entry(out["path"])
-            self.read_bytes += out["read_bytes"]
-            self.sampler.add(cached.frames, train_mask(self.table, cached, self.mine[cached.file]))
+        self._add(ray.get(ready))
         self.submit()
 
     @property
