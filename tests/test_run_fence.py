@@ -95,12 +95,14 @@ def test_a_training_whose_run_was_taken_over_writes_no_checkpoint(train_table, t
         wait_for(f"a validation after step {last}", lambda: last_validation(db) > last, 300, a)
         # ... and writes no checkpoint there (one would land within a second or two)
         end = time.monotonic() + 20
+        # (an older one may go: Ray's retention deletes it when the last upload before the takeover
+        # registers; the async upload's fence, checked right before the copy, is what keeps new ones out)
         while time.monotonic() < end:
-            assert checkpoints(run_dir) == before, "a checkpoint was written after the takeover"
+            assert not set(checkpoints(run_dir)) - set(before), "a checkpoint was written after the takeover"
             time.sleep(0.5)
         os.kill(a.pid, signal.SIGCONT)
         a.wait(timeout=300)
-        assert checkpoints(run_dir) == before
+        assert not set(checkpoints(run_dir)) - set(before)
         text = log.read_text()
         errors = [line for line in text.splitlines() if line.startswith("error:")]
         assert a.returncode != 0 and errors, text[-3000:]

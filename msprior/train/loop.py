@@ -174,6 +174,10 @@ class Worker:
         self.scheduler = make_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps, world=self.world)
         self.step, self.best, self.bad = 0, math.inf, 0
         self.uploads = Uploads(self.rank, inputs.fault)
+        if self.rank == 0 and inputs.run_lease:  # fenced again when the upload starts (it may wait)
+            from msprior.train.run_lease import check_writer
+
+            self.uploads.before_upload = lambda name: check_writer(inputs.run_lease, name)
         self._restore(ray.train.get_checkpoint())
         self._wrap()
         self.data()

@@ -25,6 +25,9 @@ class Uploads:
     def __init__(self, rank: int, fault: Optional[Fault] = None, report: Optional[Callable] = None,
                  storage: Any = None):
         self.rank, self.fault, self._report, self._storage = rank, fault, report, storage
+        # called with the checkpoint's name right before its copy starts (the run lease's fence): an
+        # upload queued before a takeover must not land after it
+        self.before_upload: Optional[Callable[[str], None]] = None
         self.idle = threading.Event()  # set: no checkpoint upload in flight
         self.idle.set()
 
@@ -50,6 +53,8 @@ class Uploads:
 
         try:
             storage = self._storage or ray.train.get_context().get_storage()  # DeveloperAPI: StorageContext
+            if self.before_upload is not None:
+                self.before_upload(name)
             if self.fault is not None:
                 self._partial_then_fail(storage, checkpoint, name, step)
             return storage.persist_current_checkpoint(checkpoint, name)
