@@ -13,10 +13,12 @@ The library also takes `gpu=True` / `gpu=False` (older callers, sweeps): GPUs / 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 from msprior.errors import UserError
 
@@ -52,11 +54,21 @@ class Machine:
                    name=torch.cuda.get_device_name(0) if n else "")
 
     @classmethod
-    def of_ray(cls) -> "Machine":
-        """The running Ray cluster's GPUs; MPS only when the cluster is this (macOS) machine."""
+    def of_ray(cls, want: Optional[Dict[str, float]] = None, count: int = 0,
+               enough: Optional[float] = None) -> "Machine":
+        """The running Ray cluster's GPUs; MPS only when the cluster is this (macOS) machine.
+
+        `count` bundles of `want` (e.g. {"GPU": 1, "msprior_train": 1}: an explicit --gpu) on a cluster
+        this command joined (RAY_ADDRESS) that has fewer GPUs now: ask its autoscaler for them and wait
+        up to MSPRIOR_GPU_WAIT_S (default 600 s) for the nodes, since an autoscaling cluster idles at
+        0 GPU nodes and `cluster_resources()` counts only the nodes that are up. The wait ends at
+        `enough` GPUs (default: all of them; preprocess's encoders share what there is)."""
         import ray
 
         gpus = int(ray.cluster_resources().get("GPU", 0) + 1e-9)
+        enough = count * want["GPU"] if enough is None and count and want and want.get("GPU") else enough
+        if count and want and want.get("GPU") and gpus < enough:
+            gpus = _wait_for_gpus(want, count, gpus, enough)
         here = len(ray.nodes()) == 1 and (gpus or sys.platform == "darwin")  # torch only when it can tell
         local = cls.probe() if here else cls()
         return cls(cuda=gpus, mps=local.mps, bf16=local.bf16 if local.cuda else None, name=local.name,
@@ -82,6 +94,30 @@ class Device:
             prec = {True: ", bf16 autocast", False: ", fp32 (no bf16 on this card)"}.get(self.bf16, ", bf16 where supported")
             return f"{name}{prec}"
         return {"mps": "Apple MPS", "cpu": "CPU"}[self.kind]
+
+
+RESOURCES_HELP = ("Custom Ray resources per {what}, NAME=AMOUNT[,NAME=AMOUNT] (e.g. msprior_train=1: only "
+                  "the nodes that advertise it, cluster/README.md's pools).")
+
+
+def parse_resources(text: Optional[str], flag: str) -> Dict[str, float]:
+    """`--worker_resources msprior_train=1,x=0.5` -> {"msprior_train": 1.0, "x": 0.5}; one line on a typo.
+    CPU, GPU and memory have their own flags: they are refused here."""
+    out: Dict[str, float] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, eq, amount = item.partition("=")
+        name = name.strip()
+        try:
+            value = float(amount) if eq else -1.0
+        except ValueError:
+            value = -1.0
+        if not name or value <= 0 or name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise DeviceError(f"{flag} {text!r}: give NAME=AMOUNT pairs of custom resources with AMOUNT > 0, "
+                              "comma-separated (CPU, GPU and memory have their own flags)")
+        out[name] = value
+    return out
 
 
 def normalise(gpu: Union[None, bool, int], cpu: bool = False) -> Optional[int]:
@@ -141,6 +177,42 @@ def pin_local_gpu(gpu: Union[None, bool, int], workers: int = 1) -> bool:
     if n:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(g)
     return bool(n)
+
+
+GPU_WAIT_S = 600.0  # MSPRIOR_GPU_WAIT_S: how long an explicit --gpu waits for an autoscaler's GPU nodes
+
+
+def _wait_for_gpus(want: Dict[str, float], count: int, have: int, need: float) -> int:
+    """Ask the autoscaler for `count` x `want` and wait for the GPUs to join; the GPUs there are then.
+    Only on a cluster this command joined: a Ray this command started has no autoscaler."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    address = os.environ.get("RAY_ADDRESS")
+    wait_s = float(os.environ.get("MSPRIOR_GPU_WAIT_S", GPU_WAIT_S))
+    if address in (None, "", "local") or wait_s <= 0:
+        return have
+    from msprior import console
+
+    console.echo(f"waiting up to {wait_s:.0f} s for {need:g} GPU(s) of {dict(want)} x {count} "
+                 f"(the cluster has {have}; the autoscaler adds nodes; MSPRIOR_GPU_WAIT_S sets the wait)")
+    request_resources(bundles=[dict(want)] * count)
+    deadline = time.monotonic() + wait_s
+    bundles = math.ceil(need / want["GPU"] - 1e-9)  # the bundles the wait ends at (preprocess: 1)
+    needs = {k: v * bundles for k, v in want.items()}  # a pool's slots too (msprior_train)
+
+    def short() -> bool:
+        total = ray.cluster_resources()
+        return any(total.get(k, 0.0) < v - 1e-9 for k, v in needs.items())
+
+    while short() and time.monotonic() < deadline:
+        time.sleep(2.0)
+    have = int(ray.cluster_resources().get("GPU", 0) + 1e-9)
+    if short():
+        raise DeviceError(f"--gpu: {needs} asked, the Ray cluster at {address} has {have} GPU(s) after waiting "
+                          f"{wait_s:.0f} s for its autoscaler: check the cluster's GPU node types and limits, "
+                          "raise MSPRIOR_GPU_WAIT_S, or drop --gpu")
+    return have
 
 
 def _ray_running() -> bool:
