@@ -82,6 +82,8 @@ class PipelineRequest:
                                          help="Encoder actors; default --num_workers.")
     encode_batch_size: int = like(PreprocessRequest, "batch_size", names="--encode_batch_size")
     encoder_cpus: float = like(PreprocessRequest, "cpus_per_worker", names="--encoder_cpus")
+    encoder_resources: Optional[str] = like(PreprocessRequest, "encoder_resources")
+    worker_resources: Optional[str] = like(TrainRequest, "worker_resources")
     task_mb: float = like(PreprocessRequest, "task_mb")
     files_per_task: int = like(PreprocessRequest, "files_per_task")
     target_file_mb: float = like(PreprocessRequest, "target_file_mb")
@@ -283,7 +285,8 @@ def preprocess_request(p: Plan, min_frames: int) -> PreprocessRequest:
                              task_mb=req.task_mb, files_per_task=req.files_per_task,
                              target_file_mb=req.target_file_mb, decode_cpus=req.decode_cpus,
                              decode_concurrency=req.decode_concurrency, decode_in_encoder=req.decode_in_encoder,
-                             decode_threads=req.decode_threads, shuffle_seed=req.shuffle_seed)
+                             decode_threads=req.decode_threads, shuffle_seed=req.shuffle_seed,
+                             encoder_resources=req.encoder_resources)
 
 
 def _files_to_retry(table: str) -> int:
@@ -355,7 +358,8 @@ def train_request(p: Plan, resume: bool) -> TrainRequest:
     codebooks = storage.join(p.table, "rave.ts") if req.pretrained_embedding else None
     return TrainRequest(config=p.cfg, db_path=p.table, name=p.name, num_workers=req.num_workers, gpu=req.gpu,
                         batch_size=req.batch_size, max_steps=req.max_steps, val_every=req.val_every, resume=resume,
-                        tracking_uri=req.tracking_uri, storage_path=p.runs, pretrained_embedding=codebooks)
+                        tracking_uri=req.tracking_uri, storage_path=p.runs, pretrained_embedding=codebooks,
+                        worker_resources=req.worker_resources)
 
 
 def stage_export(p: Plan, run_dir: str, tmp: str) -> str:

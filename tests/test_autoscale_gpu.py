@@ -142,3 +142,14 @@ def test_custom_resources_parse_and_typos_are_one_line():
     for bad in ("msprior_train", "msprior_train=zero", "GPU=1", "a=-1"):
         with pytest.raises(DeviceError, match="--worker_resources"):
             devices.parse_resources(bad, "--worker_resources")
+
+
+def test_train_workers_ask_for_their_pools_slot():
+    from msprior.devices import Device
+    from msprior.train import run
+
+    req = run.TrainRequest(db_path="t", name="n", gpu=0, cpus_per_worker=8, worker_resources="msprior_train=1")
+    assert run.worker_resources(req, Device("cuda")) == {"CPU": 8, "GPU": 1.0, "msprior_train": 1.0}
+    assert run.worker_resources(req, Device("cpu")) == {"CPU": 8, "msprior_train": 1.0}
+    plain = run.TrainRequest(db_path="t", name="n")
+    assert run.worker_resources(plain, Device("cpu")) == {"CPU": plain.cpus_per_worker}

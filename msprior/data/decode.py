@@ -164,6 +164,27 @@ def decoded_row(source: str, path: str, s: Settings) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=DECODED)
 
 
+# float32 mono samples per byte of file, at most: PCM 16-bit (2 bytes) -> 4 bytes; FLAC ~2x smaller than
+# PCM; lossy codecs at >= 64 kb/s (8 kB/s) against 44.1 kHz x 4 B = 176 kB/s: ~22x. A resample to a
+# higher rate than the file's grows it further: bounded by 2x here (22.05 -> 44.1 kHz).
+EXPANSION = {"wav": 4.0, "wave": 4.0, "aif": 4.0, "aiff": 4.0, "aifc": 4.0, "flac": 8.0, "wv": 8.0}
+LOSSY_EXPANSION = 44.0
+DECODE_BASE = 256 << 20  # the interpreter, PyAV/soundfile, numpy: measured ~200 MB RSS per decode task
+COPIES = 3  # the decoded audio, its chunks' concatenation (`_cat`) and the Arrow row built from them
+
+
+def decode_memory(tasks: List[list], node_memory: float) -> int:
+    """Ray `memory=` of a decode task: its largest file decoded (a row holds a whole file, a multi-hour
+    file included), so that Ray starts no more decodes on a node than its memory holds; never more than
+    80% of the largest node's memory (a task that fits nowhere would wait forever)."""
+    def decoded(f) -> float:
+        ext = f[0].rsplit(".", 1)[-1].lower() if "." in f[0] else ""
+        return f[2] * EXPANSION.get(ext, LOSSY_EXPANSION)
+
+    largest = max((decoded(f) for t in tasks for f in t), default=0.0)
+    return int(min(DECODE_BASE + COPIES * largest, 0.8 * node_memory))
+
+
 def decode_task(batch: Dict[str, np.ndarray], settings: Settings) -> Iterator[pa.Table]:
     """(Ray Data task, CPU) the files of a task row, one DECODED row each, streamed out file by file."""
     for source, path in zip(flat(batch["source"]), flat(batch["path"])):

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from msprior import storage
-from msprior.devices import CPU_HELP, GPU_HELP
+from msprior.devices import CPU_HELP, GPU_HELP, RESOURCES_HELP, parse_resources
 from msprior.errors import UserError
 from msprior.flags import flag
 
@@ -64,6 +64,7 @@ class PreprocessRequest:
                                           "instead of in the CPU decode stage: the old path, for comparison.")
     decode_threads: int = flag(1, "Decode threads per encoder actor (only with --decode_in_encoder).")
     cpus_per_worker: float = flag(0.5, "Logical CPUs requested per encoder actor (its torch threads).")
+    encoder_resources: Optional[str] = flag(None, RESOURCES_HELP.format(what="encoder actor"))
     shuffle_seed: int = flag(0, "Seed of the order files are grouped into tasks and data files (a new table "
                                 "records it in intent.json; a resume keeps the table's).")
     threads_per_worker: Optional[int] = None  # torch threads per encoder; None: the CPUs Ray assigned it
@@ -122,6 +123,7 @@ def validate(req: PreprocessRequest) -> None:
         raise PreprocessError(f"--condition_ratio must be >= 0 (got {req.condition_ratio}; 0 turns conditioning off)")
     if min(req.num_workers, req.batch_size, req.files_per_task, req.decode_threads) < 1:
         raise PreprocessError("--num_workers, --batch_size, --files_per_task and --decode_threads must be >= 1")
+    parse_resources(req.encoder_resources, "--encoder_resources")  # a typo: one line before anything starts
     if req.task_mb <= 0 or req.decode_cpus <= 0 or (req.decode_concurrency is not None and req.decode_concurrency < 1):
         raise PreprocessError("--task_mb and --decode_cpus must be > 0, --decode_concurrency >= 1")
     _validate_original(req)

@@ -257,6 +257,7 @@ class TrainRequest:
     storage_path: Optional[str] = flag(None, "Where runs live (folder or s3://); default MSPRIOR_STORAGE or ./runs.")
     cpus_per_worker: float = flag(DEFAULT_CPUS_PER_WORKER, "Logical CPUs requested per worker.")
     max_failures: int = flag(3, "Worker-group restarts (a worker or node lost) before the run fails.")
+    worker_resources: Optional[str] = flag(None, devices.RESOURCES_HELP.format(what="Train worker"))
     # the original MSPrior's train flags, same meaning (train/original.py translates them)
     ckpt: Optional[str] = flag(None, "Resume from a checkpoint of run NAME (the original's flag; = --resume).")
     ema: Optional[float] = flag(None, "EMA decay of the weights (the original's flag; = --override train.ema=F).")
@@ -265,6 +266,10 @@ class TrainRequest:
     workers: Optional[int] = flag(None, "The original's data-loader processes: accepted, not needed (windows are "
                                         "drawn from memory); --num_workers sets the DDP workers.")
     ctx: TrainContext = field(default_factory=TrainContext)
+
+    def wants_gpus(self) -> bool:
+        """An explicit --gpu N (not the default choice, not the CPU)."""
+        return devices.normalise(self.gpu, self.cpu) not in (None, devices.CPU)
 
     def gpus(self, device: Optional[Device]) -> float:
         """GPUs per worker on `device` (the choice of msprior.devices)."""
@@ -284,6 +289,19 @@ class Plan:
     codebooks: Any = None
     tracking: Dict[str, Any] = field(default_factory=dict)  # uri, client, run_id
     device: Optional[Device] = None  # msprior.devices' choice, made once Ray is up
+
+
+def worker_resources(req: TrainRequest, device: Optional[Device]) -> Dict[str, float]:
+    """What each Train worker asks Ray for: CPUs, its GPU share on GPUs, and --worker_resources (a pool's slot)."""
+    on_gpu = device is not None and device.gpu
+    return {"CPU": req.cpus_per_worker, **({"GPU": req.gpus(device)} if on_gpu else {}),
+            **devices.parse_resources(req.worker_resources, "--worker_resources")}
+
+
+def ray_machine(req: TrainRequest) -> devices.Machine:
+    """The cluster's GPUs; with an explicit --gpu, after its autoscaler added the workers' GPU nodes."""
+    want = {"GPU": req.gpus(None), **devices.parse_resources(req.worker_resources, "--worker_resources")}
+    return devices.Machine.of_ray(want, req.num_workers if req.wants_gpus() else 0)
 
 
 def _user_cause(e: BaseException) -> Optional[BaseException]:
@@ -497,7 +515,7 @@ def make_trainer(req: TrainRequest, p: Plan, data, val_ref, printer):
 
         callbacks.append(TuneReportCallback())
     on_gpu = p.device is not None and p.device.gpu
-    resources = {"CPU": req.cpus_per_worker, **({"GPU": req.gpus(p.device)} if on_gpu else {})}
+    resources = worker_resources(req, p.device)
     # Ray Train takes a pyarrow filesystem + a path inside it (S3 settings from our environment)
     st_fs, st_path = st.pyarrow_filesystem(p.runs_root) if st.is_s3(p.runs_root) else (None, p.runs_root)
     return TorchTrainer(
@@ -593,7 +611,7 @@ def run_training(req: TrainRequest) -> Dict[str, Any]:
     devices.pin_local_gpu(req.gpu, req.num_workers)  # --gpu N: the only card a local Ray sees
     started_ray = ensure_ray(log_to_driver=not req.ctx.progress)
     try:
-        p.device = devices.choose(req.gpu, req.cpu, devices.Machine.of_ray(), workers=req.num_workers)
+        p.device = devices.choose(req.gpu, req.cpu, ray_machine(req), workers=req.num_workers)
         if req.ctx.progress:
             devices.announce(p.device, "train")
         check_resources(req.num_workers, req.cpus_per_worker, req.gpus(p.device))
