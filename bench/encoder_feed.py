@@ -37,7 +37,6 @@ SCALE_BYTES = 6.3e12  # 10,000 h of WAV (half as FLAC), docs/SCALE.md
 
 
 def run_path(name: str, corpus: Path, rave: str, work: Path, args, old: bool) -> dict:
-    from msprior import storage
     from msprior.data import plan
     from msprior.data.preprocess import PreprocessRequest, preprocess
 
@@ -50,7 +49,7 @@ def run_path(name: str, corpus: Path, rave: str, work: Path, args, old: bool) ->
                             decode_in_encoder=old, decode_threads=1,
                             task_mb=args.old_task_mb if old else args.new_task_mb, progress=False,
                             stats_dir=str(stats))
-    tasks = len(plan.tasks(plan.list_corpus(str(corpus), storage.S3Options())[1], req, 0))
+    tasks = len(plan.tasks(plan.list_corpus(str(corpus))[1], req, 0))
     cpu0 = self_cpu_seconds()
     s = preprocess(req, echo=lambda *_: None)
     driver = self_cpu_seconds() - cpu0

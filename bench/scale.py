@@ -37,15 +37,13 @@ def decode_child(path: str) -> None:
     """The decode side of a task alone: stream, resample, chunk, features (what the decode thread does)."""
     import numpy as np
 
-    from msprior import storage
     from msprior.data import features as feat
     from msprior.data.preprocess import Settings, _file_events
 
     sr, ratio, n = 44100, 1024, len(feat.feature_names())
     s = Settings(audio_root=str(Path(path).parent), out_path="", run_id="", sr=sr, ratio=ratio,
                  chunk_samples=round(16 * sr / ratio) * ratio, min_frames=257, resolution=64, batch_size=64,
-                 condition_ratio=4, centroids=np.zeros((8, n), np.float32), scale=np.ones(n, np.float32),
-                 s3=storage.S3Options())
+                 condition_ratio=4, centroids=np.zeros((8, n), np.float32), scale=np.ones(n, np.float32))
     t = time.perf_counter()
     events = [ev[0] for ev in _file_events("long.wav", path, s)]
     print(json.dumps({"chunks": events.count("chunk"), "last": events[-1], "wall_s": time.perf_counter() - t,
@@ -56,7 +54,6 @@ def rss_child(path: str, rave: str, conditioning: bool, batch_size: int = 64) ->
     """Run one encode task (decode thread + RAVE encode) over `path` in this process; print peak RSS."""
     import numpy as np
 
-    from msprior import storage
     from msprior.data import features as feat
     from msprior.data.preprocess import Encoder, Settings
 
@@ -67,7 +64,7 @@ def rss_child(path: str, rave: str, conditioning: bool, batch_size: int = 64) ->
                  batch_size=batch_size, condition_ratio=4 if conditioning else 0,
                  centroids=np.zeros((8, len(feat.feature_names())), np.float32) if conditioning else None,
                  scale=np.ones(len(feat.feature_names()), np.float32) if conditioning else None,
-                 s3=storage.S3Options(), threads=2)
+                 threads=2)
     enc = Encoder([Path(rave).read_bytes()], s)
     t = time.perf_counter()
     out = enc({"source": np.array(["long.wav"]), "path": np.array([path])})

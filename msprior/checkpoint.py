@@ -100,8 +100,10 @@ def read_run_request(run_dir: str) -> Optional[Dict[str, Any]]:
 
 def resolve_run_dir(run_dir_or_mlflow_id: str, tracking_uri: Optional[str] = None) -> str:
     """A run directory, from itself or from an MLflow run id (tag `msprior.run_dir`)."""
+    from msprior import storage
+
     ref = str(run_dir_or_mlflow_id)
-    if ref.startswith("s3://") or os.path.exists(ref):
+    if ref and storage.Location.of(ref).exists():  # a folder or an s3:// prefix holding the run
         return ref
     if len(ref) == 32 and all(c in "0123456789abcdef" for c in ref):  # MLflow run ids: 32 hex digits
         from msprior.tracking import client

@@ -235,7 +235,7 @@ def _remove(path: str, root: str) -> None:
         fs.rm(local)
         return
     what = "preprocess" if fs.exists(local.rstrip("/") + "/intent.json") else "training"
-    with Lease.acquire(path, storage.S3Options.from_env() if storage.is_s3(path) else None, what=what):
+    with Lease.acquire(path, what=what):
         fs.rm(local, recursive=True)
 
 
@@ -367,24 +367,20 @@ def stage_export(p: Plan, run_dir: str, tmp: str) -> str:
     from msprior.export.run import export_run
 
     req = p.req
-    is_s3 = storage.is_s3(p.model_path)
-    local = os.path.join(tmp, f"{p.name}.ts") if is_s3 else p.model_path
-    done = storage.exists(p.model_path)
+    model = storage.Location.of(p.model_path)
+    local = model.local_path(tmp)  # the model itself, or a copy in tmp the register stage reads
+    done = model.exists()
     guard(p, "export", {"run_dir": run_dir, "checkpoint": "best", "quantize": req.quantize or "none",
                         "export_batch_size": req.export_batch_size}, done)
     if done:
         p.echo(f"[export] skipped: {p.model_path} exists")
-        if is_s3:
-            with open(local, "wb") as f:
-                f.write(storage.read_bytes(p.model_path))
+        model.download_to(local)
         return local
     t0 = time.monotonic()
     os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
     export_run(run_dir, local, checkpoint="best", batch_size=req.export_batch_size, quantize=req.quantize,
                tracking_uri=req.tracking_uri)
-    if is_s3:
-        with open(local, "rb") as f:
-            storage.write_bytes(p.model_path, f.read())
+    model.upload_from(local)
     p.echo(f"[export] {p.model_path} in {time.monotonic() - t0:.0f} s")
     return local
 

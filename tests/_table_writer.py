@@ -34,10 +34,10 @@ def rows(sources):
     return _rows_table([(s, "") for s in sources], {s: {0: chunk(0), 1: chunk(1)} for s in sources}, {})
 
 
-def settings(table, s3, lease) -> Settings:
+def settings(table, lease) -> Settings:
     return Settings(audio_root="", out_path=table, run_id=lease.run_id, sr=44100, ratio=1024, chunk_samples=1,
                     min_frames=1, resolution=64, batch_size=1, condition_ratio=0, centroids=None, scale=None,
-                    s3=s3 or storage.S3Options(), epoch=lease.epoch, faults=faults.spec() or None)
+                    epoch=lease.epoch, faults=faults.spec() or None)
 
 
 def main() -> int:
@@ -49,26 +49,26 @@ def main() -> int:
     ap.add_argument("--stop_bundle", type=int, default=0)
     ap.add_argument("--hold", action="store_true")
     a = ap.parse_args()
-    s3 = storage.S3Options.from_env() if storage.is_s3(a.table) else None
+    table = storage.Location.of(a.table)  # S3 settings read once, here
     stop = os.environ.pop(faults.STOP_ENV, None) if a.stop_bundle else None
-    lease = Lease.acquire(a.table, s3, a.ttl, what="preprocess")
+    lease = Lease.acquire(table, a.ttl, what="preprocess")
     print(json.dumps({"epoch": lease.epoch, "run_id": lease.run_id}), flush=True)
     if a.hold:
         while True:
             time.sleep(1)
     try:
-        entries = commit_mod.seal(a.table, s3, lease.epoch)
-        commit_mod.sweep(a.table, s3)
+        entries = commit_mod.seal(table, lease.epoch)
+        commit_mod.sweep(table)
         pending, _ = _pending([(x, x, 1) for x in a.sources.split(",")], entries)
         todo = [p[0] for p in pending]
         for k in range(0, len(todo), a.per_bundle):
             if stop and k // a.per_bundle + 1 >= a.stop_bundle:
                 os.environ[faults.STOP_ENV] = stop
-            commit_mod.commit_bundle(rows(todo[k:k + a.per_bundle]), settings(a.table, s3, lease))
+            commit_mod.commit_bundle(rows(todo[k:k + a.per_bundle]), settings(table, lease))
         lease.check()
-        entries = commit_mod.drop_duplicates(tbl.read_ledger(a.table, s3), settings(a.table, s3, lease))
+        entries = commit_mod.drop_duplicates(tbl.read_ledger(table), settings(table, lease))
         lease.check()
-        tbl.write_index(a.table, tbl.index_from_ledger(entries), s3)
+        tbl.write_index(table, tbl.index_from_ledger(entries))
         faults.point("finish.after_index")
     except LeaseLost as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -72,8 +72,8 @@ def test_paused_writer_is_fenced_out(table_path):
     time.sleep(3.5)  # past A's TTL on the storage's clock
     with Lease.acquire(table_path, ttl_s=30, run_id="b") as b:
         assert b.epoch == 2 and b.took_over["epoch"] == 1
-        sealed = commit_mod.seal(table_path, None, b.epoch)
-        commit_mod.sweep(table_path, None)
+        sealed = commit_mod.seal(table_path, b.epoch)
+        commit_mod.sweep(table_path)
         assert [s for e in sealed for s, _, _ in e["sources"]] == ["a", "b"]
         os.kill(a.pid, signal.SIGCONT)
         _, err = a.communicate(timeout=120)
@@ -259,9 +259,8 @@ def test_a_heartbeat_whose_answer_never_came_is_adopted_and_the_writer_commits(s
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("MSPRIOR_RETRY_S", "5")
     storage._S3FS.clear()
-    table = f"s3://test-bucket/{key}/table"
-    s3 = storage.S3Options.from_env()
-    lease = Lease.acquire(table, s3, ttl_s=60, run_id="w")
+    table = storage.Location.of(f"s3://test-bucket/{key}/table")  # resolved with the proxy's endpoint
+    lease = Lease.acquire(table, ttl_s=60, run_id="w")
     lease._stop.set()  # the beats are driven by the test, one at a time
     lease._thread.join()
     try:
@@ -271,20 +270,20 @@ def test_a_heartbeat_whose_answer_never_came_is_adopted_and_the_writer_commits(s
             lease.renew()
         proxy.drop_all = False
         assert storage.is_transient(lost.value), lost.value
-        stored, tag = storage.read_versioned(storage.join(table, "lease.json"), s3)
+        stored, tag = table.join("lease.json").read_versioned()
         assert json.loads(stored)["beat"] == 1 and tag != known == lease.tag  # it landed; we never heard
         dropped = proxy.dropped
         assert dropped >= 1
         assert lease.renew() and not lease.lost  # adopted: beat 2 swapped on the lost beat's version
-        assert json.loads(storage.read_versioned(storage.join(table, "lease.json"), s3)[0])["beat"] == 2
+        assert json.loads(table.join("lease.json").read_versioned()[0])["beat"] == 2
         lease.check()
-        commit_mod.commit_bundle(rows(["a", "b"]), settings(table, s3, lease))  # fenced: still ours
-        tbl.write_index(table, tbl.index_from_ledger(tbl.read_ledger(table, s3)), s3)
-        assert sorted(tbl.read_index(table, s3)["source"].to_pylist()) == ["a", "b"]
+        commit_mod.commit_bundle(rows(["a", "b"]), settings(table, lease))  # fenced: still ours
+        tbl.write_index(table, tbl.index_from_ledger(tbl.read_ledger(table)))
+        assert sorted(tbl.read_index(table)["source"].to_pylist()) == ["a", "b"]
     finally:
         lease.release()
         storage._S3FS.clear()
-    assert read_owner(table, s3) is None  # released by its owner, not left held
+    assert read_owner(table) is None  # released by its owner, not left held
 
 
 # --- every kill point of commit, seal and dedup: a real SIGKILL there, then a resume -----------

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from msprior import cli, storage
+from msprior import cli
 from msprior.data import decode, encode, intent, plan
 from msprior.data.request import PreprocessRequest, RaveInfo, Settings
 
@@ -61,10 +61,10 @@ def test_the_seed_is_recorded_and_a_resume_keeps_the_tables(tmp_path):
     corpus = (str(tmp_path / "a"), [("x.wav", str(tmp_path / "a" / "x.wav"), 10)], [])
     kw = dict(condition_ratio=0, min_frames=32)
     first = PreprocessRequest(corpus[0], str(tmp_path / "t"), "r.ts", shuffle_seed=7, **kw)
-    made = intent.check_or_write(first, rave, corpus, storage.S3Options(), "r1", None)
+    made = intent.check_or_write(first, rave, corpus, "r1", None)
     assert json.loads((tmp_path / "t" / "intent.json").read_text())["shuffle_seed"] == 7
     again = PreprocessRequest(corpus[0], str(tmp_path / "t"), "r.ts", shuffle_seed=3, **kw)
-    kept = intent.check_or_write(again, rave, corpus, storage.S3Options(), "r2", None)
+    kept = intent.check_or_write(again, rave, corpus, "r2", None)
     assert intent.shuffle_seed(made, first) == intent.shuffle_seed(kept, again) == 7
     assert intent.shuffle_seed({}, again) == 3  # a table from before the seed was recorded
 
@@ -76,7 +76,7 @@ def _settings(root) -> Settings:
     return Settings(audio_root=str(root), out_path="", run_id="", sr=44100, ratio=1024, chunk_samples=172 * 1024,
                     min_frames=32, resolution=64, batch_size=4, condition_ratio=4,
                     centroids=np.random.default_rng(0).standard_normal((8, n)).astype(np.float32),
-                    scale=np.ones(n, np.float32), s3=storage.S3Options())
+                    scale=np.ones(n, np.float32))
 
 
 def test_decode_stage_rows_encode_exactly_like_the_old_in_actor_decode(tmp_path):

@@ -41,7 +41,6 @@ def test_intent_check_compares_root_and_listing(tmp_path):
     """The same check without Ray: an intent recorded for one request refuses another root or listing."""
     import json
 
-    from msprior import storage
     from msprior.data.preprocess import RaveInfo, _intent, _request_fields
 
     rave = RaveInfo(data=b"", sha256="ab" * 32, facts={"resolution": None})
@@ -49,11 +48,10 @@ def test_intent_check_compares_root_and_listing(tmp_path):
     req = PreprocessRequest(str(tmp_path / "a"), str(tmp_path / "t"), "r.ts", **OPTS)
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "intent.json").write_text(json.dumps({"audio": req.audio, "request": _request_fields(req, rave, corpus)}))
-    s3 = storage.S3Options()
-    assert _intent(req, rave, corpus, s3, "r", None)["audio"] == req.audio  # the same request resumes
+    assert _intent(req, rave, corpus, "r", None)["audio"] == req.audio  # the same request resumes
     other = PreprocessRequest(str(tmp_path / "b"), str(tmp_path / "t"), "r.ts", **OPTS)
     with pytest.raises(PreprocessError, match="audio.root"):
-        _intent(other, rave, (str(tmp_path / "b"), corpus[1], []), s3, "r", None)
+        _intent(other, rave, (str(tmp_path / "b"), corpus[1], []), "r", None)
     grown = (corpus[0], corpus[1] + [("y.wav", str(tmp_path / "a" / "y.wav"), 10)], [])
     with pytest.raises(PreprocessError, match="audio.listing_sha256"):
-        _intent(req, rave, grown, s3, "r", None)
+        _intent(req, rave, grown, "r", None)

@@ -187,7 +187,7 @@ def test_encode_task_with_several_decode_threads_gives_the_same_rows(tmp_path):
         s = Settings(audio_root=str(tmp_path / "c"), out_path="", run_id="", sr=44100, ratio=1024,
                      chunk_samples=172 * 1024, min_frames=32, resolution=64, batch_size=4, condition_ratio=4,
                      centroids=np.random.default_rng(0).standard_normal((8, n)).astype(np.float32),
-                     scale=np.ones(n, np.float32), s3=storage.S3Options(), decode_threads=threads)
+                     scale=np.ones(n, np.float32), decode_threads=threads)
         enc = Encoder([open(rave, "rb").read()], s)
         t = enc({"source": np.array([str(p.relative_to(tmp_path / "c")) for p in files]),
                  "path": np.array([str(p) for p in files])})
@@ -217,7 +217,7 @@ def test_transient_failures_are_not_committed_and_come_back_on_resume(tmp_path):
     t = _rows_table(files, chunks, errors)
     t = t.filter(~((np.asarray(t["source"].to_pylist()) == "partial.wav") & (np.asarray(t["chunk"].to_pylist()) == 1)))
     s = Settings(audio_root="", out_path=out, run_id="r1", sr=44100, ratio=1024, chunk_samples=1024, min_frames=1,
-                 resolution=64, batch_size=1, condition_ratio=0, centroids=None, scale=None, s3=storage.S3Options())
+                 resolution=64, batch_size=1, condition_ratio=0, centroids=None, scale=None)
     with Lease.acquire(out, ttl_s=30, run_id="r1") as lease:
         entry = commit_bundle(t, dataclasses.replace(s, epoch=lease.epoch))
     assert [x[0] for x in entry["sources"]] == ["good.wav"] and entry["skipped"][0][0] == "bad.wav"

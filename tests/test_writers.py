@@ -167,7 +167,7 @@ def test_a_full_disk_is_a_storage_error_not_a_bad_file(full_tmp, s3_env, monkeyp
     monkeypatch.setattr(tempfile, "tempdir", full_tmp)
     s = Settings(audio_root="s3://test-bucket/enospc", out_path="", run_id="", sr=44100, ratio=1024,
                  chunk_samples=44100, min_frames=1, resolution=64, batch_size=1, condition_ratio=0, centroids=None,
-                 scale=None, s3=storage.S3Options.from_env())
+                 scale=None)
     (ev,) = list(_file_events("long.wav", "test-bucket/enospc/long.wav", s))
     assert ev[0] == "error" and ev[3] is True and ev[2].startswith(storage.STORAGE_FULL), ev
     with pytest.raises(PreprocessError, match=r"1 file\(s\) not encoded: storage full .* run the same command again"):

@@ -91,13 +91,13 @@ def _commit(entry: Dict, stem: str, data: Optional[pa.Table], s, where: str) -> 
     if data is not None:
         blob = _write_parquet(data, s)
         entry.update(file=f"{tbl.LATENTS}/{stem}.parquet", bytes=len(blob))
-        path = storage.join(s.out_path, entry["file"])
-        storage.retry(lambda: storage.write_bytes(path, blob, s.s3))
+        path = s.out_path.join(entry["file"])
+        storage.retry(lambda: path.write_bytes(blob))
     _point(f"{where}.after_data", s)
-    fence(s.out_path, s.s3, s.run_id, s.epoch)
+    fence(s.out_path, s.run_id, s.epoch)
     _point(f"{where}.after_fence", s)
     entry["epoch"] = s.epoch
-    tbl.write_ledger_entry(s.out_path, stem, {k: v for k, v in entry.items() if k not in ("failed", "stem")}, s.s3)
+    tbl.write_ledger_entry(s.out_path, stem, {k: v for k, v in entry.items() if k not in ("failed", "stem")})
     _point(f"{where}.after_record", s)
     return entry
 
@@ -105,7 +105,7 @@ def _commit(entry: Dict, stem: str, data: Optional[pa.Table], s, where: str) -> 
 def commit_bundle(t: pa.Table, s) -> Dict:
     """Write one bundle of encode rows: the complete files' chunks into one Parquet file, then its
     ledger record (the commit). Returns the record plus `failed` (transient failures, not committed:
-    a resume retries them). `s` is a preprocess `Settings` (out_path, run_id, epoch, s3, ...)."""
+    a resume retries them). `s` is a preprocess `Settings` (out_path, run_id, epoch, ...)."""
     err = t.filter(pc.not_equal(t["error"], ""))
     good = t.filter(pc.equal(t["error"], ""))
     ok, partial = complete_sources(good)
@@ -132,29 +132,31 @@ def commit_bundle(t: pa.Table, s) -> Dict:
 # --- a new owner: seal, then sweep --------------------------------------------------------------
 
 
-def seal(out: str, s3, epoch: int) -> List[Dict]:
+def seal(out: storage.Where, epoch: int) -> List[Dict]:
     """Record which ledger records are committed as this owner (lease `epoch`) takes the table;
     returns them. Done before the sweep and before any commit of this epoch."""
-    entries = tbl.read_ledger(out, s3)
+    out = storage.Location.of(out)
+    entries = tbl.read_ledger(out)
     body = {"epoch": int(epoch), "stems": sorted(e["stem"] for e in entries), "created": _now()}
-    storage.retry(lambda: storage.write_bytes(storage.join(out, tbl.LEDGER, tbl.SEAL), json.dumps(body).encode(), s3))
+    storage.retry(lambda: out.join(tbl.LEDGER, tbl.SEAL).write_bytes(json.dumps(body).encode()))
     faults.point("seal.after_seal")
     return entries
 
 
-def sweep(out: str, s3) -> int:
+def sweep(out: storage.Where) -> int:
     """Delete what is not committed: records the seal rules out, data files without a committed
     record, temp files a killed run left (the caller holds the lease and sealed the ledger)."""
-    seal_ = tbl.read_seal(out, s3)
+    out = storage.Location.of(out)
+    seal_ = tbl.read_seal(out)
     committed: Set[str] = set()
     n = 0
-    for e in tbl.read_ledger(out, s3, everything=True):
+    for e in tbl.read_ledger(out, everything=True):
         if tbl.is_committed(e, seal_):
             committed.add(e.get("file") or "")
         else:
-            storage.delete(tbl.ledger_path(out, e["stem"]), s3)
+            tbl.ledger_path(out, e["stem"]).delete()
             n += 1
-    fs, root = storage.filesystem(out, s3)
+    fs, root = out.fs()
     for sub in (tbl.LATENTS, tbl.LEDGER):
         d = f"{root}/{sub}"
         if not fs.exists(d):
@@ -173,11 +175,11 @@ def sweep(out: str, s3) -> int:
 
 def _uncommit(e: Dict, s) -> None:
     """Remove a record (the uncommit), then its data file (an orphan from then on)."""
-    fence(s.out_path, s.s3, s.run_id, s.epoch)
-    storage.retry(lambda: storage.delete(tbl.ledger_path(s.out_path, e["stem"]), s.s3))
+    fence(s.out_path, s.run_id, s.epoch)
+    storage.retry(tbl.ledger_path(s.out_path, e["stem"]).delete)
     _point("dedup.after_unrecord", s)
     if e.get("file"):
-        storage.retry(lambda: storage.delete(storage.join(s.out_path, e["file"]), s.s3))
+        storage.retry(s.out_path.join(e["file"]).delete)
 
 
 def _rewrite(e: Dict, keep: Set[str], s) -> Dict:
@@ -188,8 +190,8 @@ def _rewrite(e: Dict, keep: Set[str], s) -> Dict:
                    "replaces": e["stem"]}
     data = None
     if keep:
-        fs, _ = storage.pyarrow_filesystem(s.out_path, s.s3)
-        t = pq.read_table(tbl._fs_path(storage.join(s.out_path, e["file"])), filesystem=fs)
+        fs, root = s.out_path.pyarrow()
+        t = pq.read_table(f"{root}/{e['file']}", filesystem=fs)
         data = t.filter(pc.is_in(t["source"], pa.array(sorted(keep), pa.string())))
         entry.update(file_stats(data, bool(s.condition_ratio)))
         per = e.get("source_counters") or {}

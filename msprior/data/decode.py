@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
-import tempfile
 import threading
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Tuple
@@ -40,17 +38,8 @@ DECODED = pa.schema([("source", pa.string()), ("start_s", pa.list_(pa.float64())
 def local_file(path: str, s: Settings) -> Iterator[str]:
     """A local path to read with libsndfile: the file itself, or a download of an S3 object (the
     download is retried on transient errors; decoding a half-read stream could end silently)."""
-    if not storage.is_s3(s.audio_root):
-        yield path
-        return
-    fs, _ = storage.filesystem(s.audio_root, s.s3)
-    fd, tmp = tempfile.mkstemp(suffix="-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        storage.retry(lambda: fs.get_file(path, tmp))
-        yield tmp
-    finally:
-        os.unlink(tmp)
+    with s.audio_root.at(path).local_copy() as local:
+        yield local
 
 
 def _chunk_event(source: str, n: int, start: int, x: np.ndarray, padded: list, s: Settings) -> tuple:

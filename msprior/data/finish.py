@@ -72,19 +72,19 @@ def build_manifest(intent: Dict, entries: List[Dict], report: Dict) -> Dict:
             "content_sha256": tbl.index_digest(tbl.index_from_ledger(entries))}
 
 
-def finish(req, intent, corpus, entries, returns, pending, s3) -> Tuple[Dict, Dict]:
+def finish(req, intent, corpus, entries, returns, pending) -> Tuple[Dict, Dict]:
     """index.parquet, report.json, then manifest.json (last: its presence means the table is done)."""
-    out = req.out_path
-    tbl.write_index(out, tbl.index_from_ledger(entries), s3)
+    out = storage.Location.of(req.out_path)
+    tbl.write_index(out, tbl.index_from_ledger(entries))
     faults.point("finish.after_index")
     report = build_report(req, intent, corpus, entries, returns, pending)
-    storage.write_bytes(storage.join(out, tbl.REPORT), json.dumps(report, indent=1).encode(), s3)
+    out.join(tbl.REPORT).write_bytes(json.dumps(report, indent=1).encode())
     faults.point("finish.after_report")
     stop_if_storage_full(report, out)
     if not report["counts"]["files_ok"]:
         raise nothing_encoded(req.audio, out, report["skipped"])
     manifest = build_manifest(intent, entries, report)
-    storage.write_bytes(storage.join(out, tbl.MANIFEST), json.dumps(manifest, indent=1).encode(), s3)
+    out.join(tbl.MANIFEST).write_bytes(json.dumps(manifest, indent=1).encode())
     return report, manifest
 
 

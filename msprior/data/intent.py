@@ -49,15 +49,11 @@ def audio_options(req: PreprocessRequest) -> Dict:
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def read_rave(req: PreprocessRequest, s3: storage.S3Options) -> bytes:
-    if storage.is_s3(req.rave):
-        if not storage.exists(req.rave, s3):
-            raise PreprocessError(f"{req.rave}: no such object; expected a RAVE model exported as TorchScript")
-        return storage.read_bytes(req.rave, s3)
-    if not os.path.exists(req.rave):
+def read_rave(req: PreprocessRequest) -> bytes:
+    where = storage.Location.of(req.rave)
+    if not where.exists():
         raise PreprocessError(f"--rave {req.rave}: no such file; expected a RAVE model exported as TorchScript (.ts)")
-    with open(req.rave, "rb") as f:
-        return f.read()
+    return where.read_bytes()
 
 
 def inspect_rave(data: bytes, name: str, resolution: int) -> Dict:
@@ -98,10 +94,10 @@ class RayUp:
             self.init_s += time.monotonic() - t
 
 
-def rave_info(req: PreprocessRequest, s3: storage.S3Options, old_intent: Optional[Dict], ray_up) -> RaveInfo:
+def rave_info(req: PreprocessRequest, old_intent: Optional[Dict], ray_up) -> RaveInfo:
     """The RAVE export's bytes, sha256 and facts; the facts come from the table's intent when it
     was made with the same file, else from loading it (in a Ray task)."""
-    data = read_rave(req, s3)
+    data = read_rave(req)
     sha = hashlib.sha256(data).hexdigest()
     head = {"file": tbl.RAVE_FILE, "original_name": os.path.basename(req.rave), "sha256": sha}
     if old_intent and old_intent["rave"]["sha256"] == sha:
@@ -126,12 +122,12 @@ def request_fields(req: PreprocessRequest, rave: RaveInfo, corpus) -> Dict:
             **audio_options(req)}
 
 
-def fit_conditioning(files, audio_root, sr, ratio, cond_ratio, k, s3, max_files=16):
+def fit_conditioning(files, audio_root, sr, ratio, cond_ratio, k, max_files=16):
     """Features of the first 30 s of a few of `files` -> (centroids, scale)."""
     step = 1
     s = Settings(audio_root=audio_root, out_path="", run_id="", sr=sr, ratio=ratio, chunk_samples=1,
                  min_frames=1, resolution=2, batch_size=1, condition_ratio=cond_ratio, centroids=None,
-                 scale=None, s3=s3)
+                 scale=None)
     hop, sample = cond_ratio * ratio, []
     for _, path, _ in files[::step][: max_files * 2]:
         try:
@@ -154,7 +150,7 @@ def fit_conditioning(files, audio_root, sr, ratio, cond_ratio, k, s3, max_files=
     return feat.fit_tokens(np.concatenate(sample), k)
 
 
-def fit_latent_bins(rave_bytes: bytes, files, audio_root: str, sr: int, s3, max_files: int = 8):
+def fit_latent_bins(rave_bytes: bytes, files, audio_root: storage.Location, sr: int, max_files: int = 8):
     """(in a Ray task) per-dimension (loc, scale) of a continuous RAVE's latents over the first 30 s
     of a few files; (None, None) when none of them decodes (the run reports why)."""
     import torch
@@ -166,7 +162,7 @@ def fit_latent_bins(rave_bytes: bytes, files, audio_root: str, sr: int, s3, max_
         f.flush()
         model = load_rave(f.name)
     s = Settings(audio_root=audio_root, out_path="", run_id="", sr=sr, ratio=model.ratio, chunk_samples=1,
-                 min_frames=1, resolution=2, batch_size=1, condition_ratio=0, centroids=None, scale=None, s3=s3)
+                 min_frames=1, resolution=2, batch_size=1, condition_ratio=0, centroids=None, scale=None)
     clips = []
     for _, path, _ in files:
         try:
@@ -181,37 +177,37 @@ def fit_latent_bins(rave_bytes: bytes, files, audio_root: str, sr: int, s3, max_
     return model.fit_bins(clips) if clips else (None, None)
 
 
-def latent_bins(req: PreprocessRequest, rave: RaveInfo, corpus, s3) -> Dict:
+def latent_bins(req: PreprocessRequest, rave: RaveInfo, corpus) -> Dict:
     """The manifest's `rave.latent_loc/latent_scale`: fitted on a sample, or standard latents."""
     audio_root, files, _ = corpus
     sample = files[:: max(1, len(files) // 8)][:16]
-    loc, scale = remote(fit_latent_bins, rave.data, sample, audio_root, rave.facts["sr"], s3, num_cpus=1.0)
+    loc, scale = remote(fit_latent_bins, rave.data, sample, audio_root, rave.facts["sr"], num_cpus=1.0)
     q = rave.facts["latent_size"]
     return {"latent_loc": loc or [0.0] * q, "latent_scale": scale or [1.0] * q}
 
 
-def save_npy(path: str, a: np.ndarray, s3) -> str:
+def save_npy(path: storage.Location, a: np.ndarray) -> str:
     buf = io.BytesIO()
     np.save(buf, a)
-    storage.write_bytes(path, buf.getvalue(), s3)
+    path.write_bytes(buf.getvalue())
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
-def check_or_write(req: PreprocessRequest, rave: RaveInfo, corpus, s3, run_id: str, ray_up) -> Dict:
+def check_or_write(req: PreprocessRequest, rave: RaveInfo, corpus, run_id: str, ray_up) -> Dict:
     """Check the table's intent record against this request, or write it (before any encoding):
     settings, RAVE facts and the conditioning centroids, fitted once and never again."""
-    out = req.out_path
-    path = storage.join(out, tbl.INTENT)
+    out = storage.Location.of(req.out_path)
+    path = out.join(tbl.INTENT)
     want = request_fields(req, rave, corpus)
-    if storage.exists(path, s3):
-        intent = json.loads(storage.read_bytes(path, s3))
+    if path.exists():
+        intent = json.loads(path.read_bytes())
         was = {"audio.root": intent.get("audio"), **intent["request"]}  # older intents: no listing digest
         for name, value in want.items():
             if name in was and was.get(name) != value:
                 raise PreprocessError(f"--out_path {out} holds a table made with {name}={was.get(name)}, "
                                       f"this run has {value}; use a new --out_path (or the same settings to resume)")
         return intent
-    if storage.exists(storage.join(out, tbl.MANIFEST), s3):
+    if out.join(tbl.MANIFEST).exists():
         raise PreprocessError(f"--out_path {out} holds a table written by an older msprior (no {tbl.INTENT}); "
                               "it stays readable, but resume it into a new --out_path")
     sr, ratio = rave.facts["sr"], rave.facts["ratio"]
@@ -221,8 +217,8 @@ def check_or_write(req: PreprocessRequest, rave: RaveInfo, corpus, s3, run_id: s
         sample = files[:: max(1, len(files) // 16)][:32]  # evenly spaced files, fitted in a Ray task
         ray_up()
         centroids, scale = remote(fit_conditioning, sample, audio_root, sr, ratio, req.condition_ratio,
-                                  req.condition_tokens, s3, num_cpus=1.0)
-        sha = save_npy(storage.join(out, tbl.CENTROIDS), centroids, s3)
+                                  req.condition_tokens, num_cpus=1.0)
+        sha = save_npy(out.join(tbl.CENTROIDS), centroids)
         names = feat.feature_names()
         cond = {"ratio": int(req.condition_ratio), "features": {"names": names, "size": len(names)},
                 "tokens": {"vocab_size": int(len(centroids)), "centroids": tbl.CENTROIDS, "sha256": sha,
@@ -230,24 +226,25 @@ def check_or_write(req: PreprocessRequest, rave: RaveInfo, corpus, s3, run_id: s
     facts = {**rave.facts, "latent_loc": None, "latent_scale": None}  # discrete: no latent bins
     if facts.get("continuous"):  # the latent bins' affine, fitted once and kept by every resume
         ray_up()
-        facts.update(latent_bins(req, rave, corpus, s3))
-    storage.write_bytes(storage.join(out, tbl.RAVE_FILE), rave.data, s3)
+        facts.update(latent_bins(req, rave, corpus))
+    out.join(tbl.RAVE_FILE).write_bytes(rave.data)
     intent = {"format_version": tbl.FORMAT_VERSION, "msprior_version": __version__, "created": now(),
               "run_id": run_id, "audio": req.audio, "request": want, "rave": facts,
               "chunk": {"num_secs": float(req.num_secs), "frames": max(1, round(req.num_secs * sr / ratio)),
                         "min_frames": int(req.min_frames)},
               "conditioning": cond, "shuffle_seed": int(req.shuffle_seed)}
-    storage.create_exclusive(path, json.dumps(intent, indent=1).encode(), s3)  # we hold the lease
+    path.create_exclusive(json.dumps(intent, indent=1).encode())  # we hold the lease
     return intent
 
 
-def conditioning_arrays(intent: Dict, out: str, s3) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+def conditioning_arrays(intent: Dict, out: storage.Where) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(centroids, scale) of the intent, checked against the sha256 the intent recorded."""
     cond = intent.get("conditioning")
     if not cond:
         return None, None
-    data = storage.read_bytes(storage.join(out, tbl.CENTROIDS), s3)
+    path = storage.Location.of(out).join(tbl.CENTROIDS)
+    data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != cond["tokens"]["sha256"]:
-        raise PreprocessError(f"{storage.join(out, tbl.CENTROIDS)} is not the file {tbl.INTENT} recorded; "
+        raise PreprocessError(f"{path} is not the file {tbl.INTENT} recorded; "
                               "the table was edited: use a new --out_path")
     return np.load(io.BytesIO(data)), np.asarray(cond["tokens"]["scale"], np.float32)

@@ -1,8 +1,8 @@
 """One writer per latent table (or run folder): a lease object `<folder>/lease.json` with an epoch.
 
-    with Lease.acquire(table, s3, ttl_s=60) as lease:   # raises LeaseHeld naming the live owner
+    with Lease.acquire(table, ttl_s=60) as lease:       # raises LeaseHeld naming the live owner
         ...                                              # a thread renews the heartbeat
-        fence(table, s3, lease.run_id, lease.epoch)      # raises LeaseLost once another run took it
+        fence(table, lease.run_id, lease.epoch)          # raises LeaseLost once another run took it
 
 Part of the table contract (docs/RELIABILITY.md, "Fencing"):
 
@@ -76,9 +76,9 @@ def _dead_here(owner: dict) -> bool:
 
 
 class Lease:
-    def __init__(self, folder: str, s3: Optional[storage.S3Options], ttl_s: float, run_id: str, what: str):
-        self.path = storage.join(folder, LEASE)
-        self.folder, self.s3, self.ttl_s, self.run_id, self.what = folder, s3, ttl_s, run_id, what
+    def __init__(self, folder: storage.Location, ttl_s: float, run_id: str, what: str):
+        self.path = folder.join(LEASE)
+        self.folder, self.ttl_s, self.run_id, self.what = folder, ttl_s, run_id, what
         self.tag, self.epoch, self.beat = "", 0, 0
         self.lost: Optional[str] = None
         self._sent: Optional[bytes] = None  # a heartbeat whose answer may have been lost
@@ -93,10 +93,10 @@ class Lease:
                 "epoch": self.epoch, "beat": self.beat, "ttl_s": self.ttl_s, "heartbeat": _wall()}
 
     @classmethod
-    def acquire(cls, folder: str, s3: Optional[storage.S3Options] = None, ttl_s: Optional[float] = None,
+    def acquire(cls, folder: storage.Where, ttl_s: Optional[float] = None,
                 run_id: Optional[str] = None, what: str = "preprocess") -> "Lease":
         ttl = float(ttl_s if ttl_s is not None else os.environ.get("MSPRIOR_LEASE_TTL_S", 60))
-        lease = cls(folder, s3, ttl, run_id or uuid.uuid4().hex[:12], what)
+        lease = cls(storage.Location.of(folder), ttl, run_id or uuid.uuid4().hex[:12], what)
         lease._take()
         lease._thread = threading.Thread(target=lease._beat, name="msprior-lease", daemon=True)
         lease._thread.start()
@@ -106,12 +106,12 @@ class Lease:
         for _ in range(5):  # create; or replace a released/expired/dead one; a lost race is re-examined
             self.epoch = 1
             try:
-                self.tag = storage.retry(lambda: storage.create_exclusive(self.path, self._data(), self.s3))
+                self.tag = storage.retry(lambda: self.path.create_exclusive(self._data()))
                 return
             except storage.Conflict:
                 pass
             try:
-                data, tag, age = storage.retry(lambda: storage.read_aged(self.path, self.s3))
+                data, tag, age = storage.retry(self.path.read_aged)
             except FileNotFoundError:
                 continue  # released and removed between our create and our read: create again
             owner = _parse(data)
@@ -125,7 +125,7 @@ class Lease:
             faults.point("lease.before_takeover")
             self.epoch = int(owner.get("epoch", 0)) + 1
             try:
-                self.tag = storage.replace_if(self.path, self._data(), tag, self.s3)
+                self.tag = self.path.replace_if(self._data(), tag)
                 self.took_over = owner if held else None
                 return
             except storage.Conflict:
@@ -141,13 +141,13 @@ class Lease:
         next one finds our own bytes there) is recognised as ours, not as a lost lease."""
         prev = self._sent
         try:
-            self.tag = storage.replace_if(self.path, self._data(state), self.tag, self.s3)
+            self.tag = self.path.replace_if(self._data(state), self.tag)
         except storage.Conflict:
-            data, tag = storage.read_versioned(self.path, self.s3)
+            data, tag = self.path.read_versioned()
             if prev is None or data != prev:
                 raise
             self.tag = tag  # our previous write landed: swap again on its version
-            self.tag = storage.replace_if(self.path, self._data(state), self.tag, self.s3)
+            self.tag = self.path.replace_if(self._data(state), self.tag)
 
     def renew(self) -> bool:
         """One heartbeat. False (and `lost` set) when another run took the lease over; a storage
@@ -175,7 +175,7 @@ class Lease:
         """Raise LeaseLost if a heartbeat found the lease taken over, or the lease no longer names us."""
         if not self.lost:
             try:
-                fence(self.folder, self.s3, self.run_id, self.epoch)
+                fence(self.folder, self.run_id, self.epoch)
             except LeaseLost as e:
                 self.lost = str(e)
         if self.lost:
@@ -208,20 +208,20 @@ def _parse(data: bytes) -> dict:
         return {"epoch": 0}
 
 
-def read_owner(folder: str, s3: Optional[storage.S3Options] = None) -> Optional[dict]:
+def read_owner(folder: storage.Where) -> Optional[dict]:
     """The lease record of `folder` while someone holds it (released or absent: None)."""
     try:
-        owner = _parse(storage.read_versioned(storage.join(folder, LEASE), s3)[0])
+        owner = _parse(storage.Location.of(folder).join(LEASE).read_versioned()[0])
     except FileNotFoundError:
         return None
     return owner if owner.get("state", "held") == "held" else None
 
 
-def live_owner(folder: str, s3: Optional[storage.S3Options] = None) -> Optional[dict]:
+def live_owner(folder: storage.Where) -> Optional[dict]:
     """The holder of `folder`'s lease if it is live (held, heartbeat within its TTL by the storage's
     clock, process not known dead), with `age_s`; else None."""
     try:
-        data, _, age = storage.read_aged(storage.join(folder, LEASE), s3)
+        data, _, age = storage.Location.of(folder).join(LEASE).read_aged()
     except FileNotFoundError:
         return None
     owner = _parse(data)
@@ -230,11 +230,11 @@ def live_owner(folder: str, s3: Optional[storage.S3Options] = None) -> Optional[
     return {**owner, "age_s": age}
 
 
-def fence(folder: str, s3: Optional[storage.S3Options], run_id: str, epoch: int) -> None:
+def fence(folder: storage.Where, run_id: str, epoch: int) -> None:
     """Refuse (LeaseLost) unless the lease still names `run_id` at `epoch`: the check every commit
     makes right before its ledger record."""
     try:
-        data = storage.retry(lambda: storage.read_bytes(storage.join(folder, LEASE), s3))
+        data = storage.retry(storage.Location.of(folder).join(LEASE).read_bytes)
     except FileNotFoundError:
         data = b"{}"
     owner = _parse(data)

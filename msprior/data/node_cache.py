@@ -55,12 +55,10 @@ def cache_root(spec: ReadSpec) -> str:
 
 def _stat(spec: ReadSpec, rel: str):
     """(size, mtime_ns) of a data file on its storage (one HEAD request on S3)."""
-    from msprior import storage
-
-    fs, root = storage.pyarrow_filesystem(spec.db_path, spec.s3)
+    fs, root = spec.where.pyarrow()
     info = fs.get_file_info(f"{root}/{rel}")
     if info.size is None:
-        raise DataError(f"{storage.join(spec.db_path, rel)}: listed in the index but missing; re-run preprocess")
+        raise DataError(f"{spec.where.join(rel)}: listed in the index but missing; re-run preprocess")
     return int(info.size), int(info.mtime_ns or 0)
 
 

@@ -20,18 +20,20 @@ from msprior.data.request import PreprocessError, PreprocessRequest
 MIN_TASKS_PER_ENCODER = 4  # a small corpus still spreads over the decoders and every encoder
 
 
-def list_corpus(audio: str, s3: storage.S3Options):
-    """(corpus root, [(source, full path, bytes)] audio files, [ignored non-audio sources])."""
-    fs, root = storage.filesystem(audio, s3)
+def list_corpus(audio: storage.Where):
+    """(corpus root Location, [(source, full path as its filesystem names it, bytes)] audio files,
+    [ignored non-audio sources])."""
+    where = storage.Location.of(audio)
+    fs, root = where.fs()
     if not fs.exists(root):
         raise PreprocessError(f"--audio {audio}: no such directory or s3:// prefix")
     if fs.isfile(root):  # a single file is a corpus of one, rooted at its folder
         parent, name = root.rsplit("/", 1) if "/" in root else ("", root)
-        audio_root = ("s3://" + parent) if storage.is_s3(audio) else parent
+        audio_root = where.at(parent)
         files = [(name, int(fs.info(root).get("size") or 0))]
     else:
-        audio_root, files = audio, storage.list_files(audio, s3)
-    _, base = storage.filesystem(audio_root, s3)
+        audio_root, files = where, where.list_files()
+    _, base = audio_root.fs()
     good = [(rel, f"{base}/{rel}", size) for rel, size in files if audio_mod.is_audio_name(rel)]
     ignored = [rel for rel, _ in files if not audio_mod.is_audio_name(rel)]
     if not good:

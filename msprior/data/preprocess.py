@@ -47,13 +47,14 @@ def _tuple(v) -> Optional[Tuple[float, ...]]:
     return tuple(float(x) for x in v) if v is not None else None
 
 
-def _settings(req: PreprocessRequest, intent: Dict, audio_root: str, run_id: str, cond, s3, epoch: int) -> Settings:
+def _settings(req: PreprocessRequest, intent: Dict, audio_root: storage.Location, out: storage.Location, run_id: str,
+              cond, epoch: int) -> Settings:
     """The plain values every Ray task of this run gets (torch threads: from Ray's assignment)."""
     rave, chunk = intent["rave"], intent["chunk"]
-    return Settings(audio_root=audio_root, out_path=req.out_path, run_id=run_id, sr=rave["sr"], ratio=rave["ratio"],
+    return Settings(audio_root=audio_root, out_path=out, run_id=run_id, sr=rave["sr"], ratio=rave["ratio"],
                     chunk_samples=chunk["frames"] * rave["ratio"], min_frames=req.min_frames,
                     resolution=req.resolution, batch_size=req.batch_size, condition_ratio=req.condition_ratio,
-                    centroids=cond[0], scale=cond[1], s3=s3, threads=req.threads_per_worker or 0,
+                    centroids=cond[0], scale=cond[1], threads=req.threads_per_worker or 0,
                     normalize=req.normalize, silence_db=req.silence_threshold, pad_short=req.short == "pad",
                     target_bytes=int(req.target_file_mb * 2**20), decode_threads=req.decode_threads,
                     latent_loc=_tuple(rave.get("latent_loc")), latent_scale=_tuple(rave.get("latent_scale")),
@@ -82,30 +83,30 @@ def preprocess(req: PreprocessRequest, echo=print) -> Dict:
     """
     t0 = time.monotonic()
     req.audio, req.out_path = storage.absolute(req.audio), storage.absolute(req.out_path)
-    s3 = storage.S3Options.from_env()
+    out = storage.Location.of(req.out_path)  # the S3 settings are read here, once, and travel with it
     validate(req)
     devices.pin_local_gpu(req.gpu, req.num_workers)  # --gpu N: the only card a local Ray sees
-    intent_path = storage.join(req.out_path, tbl.INTENT)
-    old_intent = json.loads(storage.read_bytes(intent_path, s3)) if storage.exists(intent_path, s3) else None
+    intent_path = out.join(tbl.INTENT)
+    old_intent = json.loads(intent_path.read_bytes()) if intent_path.exists() else None
     ray_up = intent_mod.RayUp()
-    rave = intent_mod.rave_info(req, s3, old_intent, ray_up)
+    rave = intent_mod.rave_info(req, old_intent, ray_up)
     note_original(req, rave, echo)
-    corpus = plan.list_corpus(req.audio, s3)
+    corpus = plan.list_corpus(req.audio)
     run_id = uuid.uuid4().hex[:12]
-    with Lease.acquire(req.out_path, s3, req.lease_ttl_s, run_id) as lease:
-        intent = intent_mod.check_or_write(req, rave, corpus, s3, run_id, ray_up)
+    with Lease.acquire(out, req.lease_ttl_s, run_id) as lease:
+        intent = intent_mod.check_or_write(req, rave, corpus, run_id, ray_up)
         intent["this_run"] = run_id
-        cond = intent_mod.conditioning_arrays(intent, req.out_path, s3)
-        entries = commit_mod.seal(req.out_path, s3, lease.epoch)  # a fenced-out writer's later records never count
-        commit_mod.sweep(req.out_path, s3)
+        cond = intent_mod.conditioning_arrays(intent, out)
+        entries = commit_mod.seal(out, lease.epoch)  # a fenced-out writer's later records never count
+        commit_mod.sweep(out)
         pending, already = plan.pending(corpus[1], entries)
-        s = _settings(req, intent, corpus[0], run_id, cond, s3, lease.epoch)
+        s = _settings(req, intent, corpus[0], out, run_id, cond, lease.epoch)
         returns = []
         if pending:
             ray_up()
             returns = _run(pending, s, req, rave, intent_mod.shuffle_seed(intent, req))
         lease.check()
-        entries = commit_mod.drop_duplicates(tbl.read_ledger(req.out_path, s3), s)
+        entries = commit_mod.drop_duplicates(tbl.read_ledger(out), s)
         lease.check()
-        report, manifest = finish.finish(req, intent, corpus, entries, returns, pending, s3)
+        report, manifest = finish.finish(req, intent, corpus, entries, returns, pending)
     return finish.summary(req, t0, ray_up.init_s, run_id, entries, report, manifest, already, echo)

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from msprior.errors import UserError
+from msprior.storage import Location
 
 CACHE_ENV = "MSPRIOR_CACHE_DIR"  # where each node caches decoded data files (msprior.data.node_cache)
 READ_THREADS = 16  # concurrent file reads in one process (object storage latency, not CPU)
@@ -155,19 +156,21 @@ class ReadSpec:
     cond_ratio: int = 1
     cond_features: int = 0
     cond_vocab: int = 0
-    s3: object = None  # msprior.storage.S3Options read once on the driver
     cache_dir: Optional[str] = None  # the node cache's root (msprior.data.node_cache); None: each node's default
+    where: Optional[Location] = None  # db_path resolved where the spec is made (the driver): its S3 settings travel
+
+    def __post_init__(self) -> None:
+        if self.where is None:
+            self.where = Location.of(self.db_path)
 
     @classmethod
     def of(cls, table: Table, conditioning: str = "none", cond_ratio: int = 1) -> "ReadSpec":
-        from msprior import storage
         from msprior.model import DatasetFacts  # the one reader of the manifest's shapes
 
         f = DatasetFacts.from_manifest(table.manifest)
         return cls(db_path=table.db_path, columns=table.columns, num_quantizers=f.num_quantizers,
                    vocab_size=f.vocab_size, conditioning=conditioning, cond_ratio=cond_ratio,
                    cond_features=f.cond_features, cond_vocab=f.cond_vocab,
-                   s3=storage.S3Options.from_env() if storage.is_s3(table.db_path) else None,
                    cache_dir=os.environ.get(CACHE_ENV) or None)
 
     def frames_kwargs(self) -> Dict:
@@ -207,15 +210,13 @@ def check_rows(rows: pa.Table, spec: ReadSpec, where: str) -> None:
             raise DataError(f"{where}: column features holds NaN or inf values; re-run preprocess")
 
 
-def _read_file(spec: ReadSpec, fs, rel: str, wanted: pa.Array) -> pa.Table:
+def _read_file(spec: ReadSpec, fs, root: str, rel: str, wanted: pa.Array) -> pa.Table:
     """One data file's rows of the `wanted` sources, checked; its footer and columns read once."""
     import pyarrow.parquet as pq
 
-    from msprior import storage
-
-    path = storage.join(spec.db_path, rel)
+    path = spec.where.join(rel).url
     try:
-        with fs.open_input_file(path[len("s3://"):] if storage.is_s3(path) else path) as f:
+        with fs.open_input_file(f"{root}/{rel}") as f:
             pf = pq.ParquetFile(f)
             names = pf.schema_arrow.names
             if any(c not in names for c in spec.columns):  # say which, naming the file
@@ -233,10 +234,8 @@ def open_parquet(spec: ReadSpec, rel: str):
     one-line DataError naming the file when it is missing, unreadable or lacks a column."""
     import pyarrow.parquet as pq
 
-    from msprior import storage
-
-    path = storage.join(spec.db_path, rel)
-    fs, root = storage.pyarrow_filesystem(spec.db_path, spec.s3)
+    path = spec.where.join(rel).url
+    fs, root = spec.where.pyarrow()
     try:
         info = fs.get_file_info(f"{root}/{rel}")
         pf = pq.ParquetFile(fs.open_input_file(f"{root}/{rel}"))
@@ -252,14 +251,12 @@ def read_files(spec: ReadSpec, files: Sequence[str], sources: Sequence[str]) -> 
     """The rows of `sources` held by `files` (relative to the table root), each file read once and checked."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from msprior import storage
-
     if not files:
         raise DataError(f"{spec.db_path}: the index lists no data file for this split")
-    fs, _ = storage.pyarrow_filesystem(spec.db_path, spec.s3)
+    fs, root = spec.where.pyarrow()
     wanted = pa.array(sorted(set(sources)), pa.string())
     with ThreadPoolExecutor(min(READ_THREADS, len(files))) as pool:
-        tables = list(pool.map(lambda rel: _read_file(spec, fs, rel, wanted), files))
+        tables = list(pool.map(lambda rel: _read_file(spec, fs, root, rel, wanted), files))
     return pa.concat_tables(tables).combine_chunks()
 
 

@@ -76,10 +76,12 @@ class PreprocessRequest:
 
 @dataclass(frozen=True)
 class Settings:
-    """What decode, encode and write tasks need: plain values, cheap to ship to Ray workers."""
+    """What decode, encode and write tasks need: plain values, cheap to ship to Ray workers. The
+    corpus and the table are Locations made on the driver: their S3 settings travel with them (a URL
+    given here is resolved when the Settings is made)."""
 
-    audio_root: str
-    out_path: str
+    audio_root: storage.Location
+    out_path: storage.Location
     run_id: str
     sr: int
     ratio: int
@@ -90,7 +92,6 @@ class Settings:
     condition_ratio: int
     centroids: Optional[np.ndarray]
     scale: Optional[np.ndarray]
-    s3: storage.S3Options
     threads: int = 0  # torch threads of an encoder; 0: the CPUs Ray assigned it (never os.cpu_count())
     decode_threads: int = 1
     gpu: bool = False
@@ -105,6 +106,10 @@ class Settings:
     epoch: int = 0  # the lease epoch every commit is fenced on (msprior.data.lease.fence)
     faults: Optional[Dict[str, str]] = None  # fault-injection settings of the driver (tests only)
     stats_dir: Optional[str] = None  # where encoders write their busy time (benchmarks only)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "audio_root", storage.Location.of(self.audio_root))
+        object.__setattr__(self, "out_path", storage.Location.of(self.out_path))
 
 
 @dataclass(frozen=True)

@@ -65,55 +65,55 @@ def data_schema(conditioning: bool) -> pa.Schema:
     return SCHEMA if conditioning else pa.schema([f for f in SCHEMA if f.name not in ("tokens", "features")])
 
 
-def load_manifest(table_path: str, s3: Optional[storage.S3Options] = None) -> Dict:
+def load_manifest(table_path: storage.Where) -> Dict:
     """The table's manifest.json as a dict (see docs/ARCHITECTURE.md)."""
-    path = storage.join(table_path, MANIFEST)
-    if not storage.exists(path, s3):
+    path = storage.Location.of(table_path).join(MANIFEST)
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest; run `msprior preprocess --out_path {table_path}` first")
-    return json.loads(storage.read_bytes(path, s3))
+    return json.loads(path.read_bytes())
 
 
-def load_report(table_path: str, s3: Optional[storage.S3Options] = None) -> Dict:
-    return json.loads(storage.read_bytes(storage.join(table_path, REPORT), s3))
+def load_report(table_path: storage.Where) -> Dict:
+    return json.loads(storage.Location.of(table_path).join(REPORT).read_bytes())
 
 
-def load_centroids(table_path: str, s3: Optional[storage.S3Options] = None) -> np.ndarray:
-    return np.load(io.BytesIO(storage.read_bytes(storage.join(table_path, CENTROIDS), s3)))
+def load_centroids(table_path: storage.Where) -> np.ndarray:
+    return np.load(io.BytesIO(storage.Location.of(table_path).join(CENTROIDS).read_bytes()))
 
 
-def _legacy_shards(table_path: str, s3: Optional[storage.S3Options]) -> List[str]:
-    base = storage.join(table_path, LATENTS)
-    return [storage.join(base, rel) for rel, _ in storage.list_files(base, s3)
+def _legacy_shards(table: storage.Location) -> List[str]:
+    """Format 1: the shards under latents/, relative to the table."""
+    return [f"{LATENTS}/{rel}" for rel, _ in table.join(LATENTS).list_files()
             if rel.endswith(".parquet") and "/" not in rel]
 
 
-def list_shards(table_path: str, s3: Optional[storage.S3Options] = None) -> List[str]:
+def _data_files(table: storage.Location) -> List[str]:
+    """The committed data files, relative to the table, sorted (see `list_shards`)."""
+    if table.join(INDEX).exists():
+        return sorted(set(read_index(table)["file"].to_pylist()))
+    if table.join(LEDGER).exists():
+        return sorted({e["file"] for e in read_ledger(table) if e.get("file")})
+    return _legacy_shards(table)
+
+
+def list_shards(table_path: storage.Where) -> List[str]:
     """Full paths (local paths or s3:// URIs) of the table's committed data files, sorted.
 
     A table with an index or a ledger lists only committed files (a file a killed run left behind,
     without its ledger record, is not part of the table); a table of format 1 lists its shards.
     """
-    if storage.exists(storage.join(table_path, INDEX), s3):
-        files = sorted(set(read_index(table_path, s3)["file"].to_pylist()))
-    elif storage.exists(storage.join(table_path, LEDGER), s3):
-        files = sorted({e["file"] for e in read_ledger(table_path, s3) if e.get("file")})
-    else:
-        return _legacy_shards(table_path, s3)
-    return [storage.join(table_path, f) for f in files]
+    table = storage.Location.of(table_path)
+    return [table.join(f).url for f in _data_files(table)]
 
 
-def _fs_path(p: str) -> str:
-    return p[len("s3://"):] if storage.is_s3(p) else p
-
-
-def read_table(table_path: str, columns: Optional[List[str]] = None,
-               s3: Optional[storage.S3Options] = None) -> pa.Table:
+def read_table(table_path: storage.Where, columns: Optional[List[str]] = None) -> pa.Table:
     """All rows of a latent table as one pyarrow Table (fine for tables that fit in memory)."""
-    shards = list_shards(table_path, s3)
-    if not shards:
+    table = storage.Location.of(table_path)
+    files = _data_files(table)
+    if not files:
         return pa.table({}, schema=SCHEMA) if columns is None else SCHEMA.empty_table().select(columns)
-    fs, _ = storage.pyarrow_filesystem(table_path, s3)
-    tables = [pq.read_table(_fs_path(p), columns=columns, filesystem=fs) for p in shards]
+    fs, root = table.pyarrow()
+    tables = [pq.read_table(f"{root}/{f}", columns=columns, filesystem=fs) for f in files]
     return pa.concat_tables(tables, promote_options="default")
 
 
@@ -123,46 +123,46 @@ def rave_array(row_rave, frames: int) -> np.ndarray:
     return a.reshape(frames, -1)
 
 
-def write_index(table_path: str, index: pa.Table, s3: Optional[storage.S3Options] = None) -> None:
+def write_index(table_path: storage.Where, index: pa.Table) -> None:
     """Write `index.parquet` (INDEX_SCHEMA, sorted by source) in one atomic write."""
     buf = io.BytesIO()
     pq.write_table(index.cast(INDEX_SCHEMA).sort_by("source"), buf, compression="zstd")
-    storage.write_bytes(storage.join(table_path, INDEX), buf.getvalue(), s3)
+    storage.Location.of(table_path).join(INDEX).write_bytes(buf.getvalue())
 
 
-def read_index(table_path: str, s3: Optional[storage.S3Options] = None) -> pa.Table:
+def read_index(table_path: storage.Where) -> pa.Table:
     """The table's index (INDEX_SCHEMA): one row per committed source.
 
     A table written before the index existed (one shard per source under latents/) is indexed from
     its shards' `source` and `frames` columns: slower, but such tables keep working.
     """
-    path = storage.join(table_path, INDEX)
-    if storage.exists(path, s3):
-        fs, _ = storage.pyarrow_filesystem(table_path, s3)
-        return pq.read_table(path[len("s3://"):] if storage.is_s3(path) else path, filesystem=fs).cast(INDEX_SCHEMA)
-    if storage.exists(storage.join(table_path, LEDGER), s3):  # a run still going (or killed): its commits
-        return index_from_ledger(read_ledger(table_path, s3))
-    return _index_from_shards(table_path, s3)
+    table = storage.Location.of(table_path)
+    if table.join(INDEX).exists():
+        fs, root = table.pyarrow()
+        return pq.read_table(f"{root}/{INDEX}", filesystem=fs).cast(INDEX_SCHEMA)
+    if table.join(LEDGER).exists():  # a run still going (or killed): its commits
+        return index_from_ledger(read_ledger(table))
+    return _index_from_shards(table)
 
 
-def _index_from_shards(table_path: str, s3: Optional[storage.S3Options]) -> pa.Table:
+def _index_from_shards(table: storage.Location) -> pa.Table:
     """A format-1 table (one shard per source, no index): its shards' `source` and `frames` columns,
     read LEGACY_READ_THREADS at a time (object storage latency, not CPU, is what limits)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    fs, _ = storage.pyarrow_filesystem(table_path, s3)
+    fs, root = table.pyarrow()
 
     def one(shard: str) -> pa.Table:
         try:
-            t = pq.read_table(_fs_path(shard), columns=["source", "frames"], filesystem=fs)
+            t = pq.read_table(f"{root}/{shard}", columns=["source", "frames"], filesystem=fs)
         except (OSError, pa.ArrowInvalid) as e:
-            raise OSError(f"{shard}: unreadable ({str(e).splitlines()[0]})") from None
+            raise OSError(f"{table.join(shard)}: unreadable ({str(e).splitlines()[0]})") from None
         g = t.group_by("source").aggregate([("frames", "count"), ("frames", "sum")])
-        return pa.table({"source": g["source"], "file": pa.array([LATENTS + "/" + shard.rsplit("/", 1)[-1]] * g.num_rows),
+        return pa.table({"source": g["source"], "file": pa.array([shard] * g.num_rows),
                          "chunks": g["frames_count"].cast(pa.int32()), "frames": g["frames_sum"].cast(pa.int64())},
                         schema=INDEX_SCHEMA)
 
-    shards = _legacy_shards(table_path, s3)
+    shards = _legacy_shards(table)
     if not shards:
         return INDEX_SCHEMA.empty_table()
     with ThreadPoolExecutor(min(LEGACY_READ_THREADS, len(shards))) as pool:
@@ -183,21 +183,21 @@ def data_file_stem(sources: List[str]) -> str:
     return "part-" + hashlib.sha1("\n".join(sorted(sources)).encode("utf-8")).hexdigest()[:20]
 
 
-def ledger_path(table_path: str, stem: str) -> str:
-    return storage.join(table_path, LEDGER, stem + ".json")
+def ledger_path(table_path: storage.Where, stem: str) -> storage.Location:
+    return storage.Location.of(table_path).join(LEDGER, stem + ".json")
 
 
-def write_ledger_entry(table_path: str, stem: str, entry: Dict, s3: Optional[storage.S3Options] = None) -> None:
+def write_ledger_entry(table_path: storage.Where, stem: str, entry: Dict) -> None:
     data = json.dumps(entry, separators=(",", ":")).encode()
-    storage.retry(lambda: storage.write_bytes(ledger_path(table_path, stem), data, s3))
+    storage.retry(lambda: ledger_path(table_path, stem).write_bytes(data))
 
 
-def read_seal(table_path: str, s3: Optional[storage.S3Options] = None) -> Optional[Dict]:
+def read_seal(table_path: storage.Where) -> Optional[Dict]:
     """`ledger/_seal.json`: {"epoch": E, "stems": [...]}, written by the owner of lease epoch E when it
     took the table: the records of earlier epochs that are committed. None for a table never resumed."""
-    path = storage.join(table_path, LEDGER, SEAL)
+    path = storage.Location.of(table_path).join(LEDGER, SEAL)
     try:
-        return json.loads(storage.retry(lambda: storage.read_bytes(path, s3)))
+        return json.loads(storage.retry(path.read_bytes))
     except FileNotFoundError:
         return None
 
@@ -210,18 +210,18 @@ def is_committed(entry: Dict, seal: Optional[Dict]) -> bool:
     return int(entry.get("epoch", 0)) >= int(seal["epoch"]) or entry["stem"] in set(seal["stems"])
 
 
-def read_ledger(table_path: str, s3: Optional[storage.S3Options] = None, everything: bool = False) -> List[Dict]:
+def read_ledger(table_path: storage.Where, everything: bool = False) -> List[Dict]:
     """Every committed record of the table (sorted by name); each gets `"stem"`. `everything` also
     returns the records the seal rules out (the sweep deletes them)."""
-    base = storage.join(table_path, LEDGER)
-    files = storage.retry(lambda: storage.list_files(base, s3))
-    seal = None if everything else read_seal(table_path, s3)
+    base = storage.Location.of(table_path).join(LEDGER)
+    files = storage.retry(base.list_files)
+    seal = None if everything else read_seal(table_path)
     out = []
     for rel, _ in files:
         if not rel.endswith(".json") or "/" in rel or rel.startswith("_"):
             continue
         try:
-            e = json.loads(storage.retry(lambda: storage.read_bytes(storage.join(base, rel), s3)))
+            e = json.loads(storage.retry(base.join(rel).read_bytes))
         except FileNotFoundError:  # removed since the listing (a duplicate dropped by the writer)
             continue
         e["stem"] = rel[: -len(".json")]
@@ -249,9 +249,9 @@ def index_digest(index: pa.Table) -> str:
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
-def content_digest(table_path: str, s3: Optional[storage.S3Options] = None) -> str:
+def content_digest(table_path: storage.Where) -> str:
     """`index_digest` of the table at `table_path` (the manifest's `content_sha256`)."""
-    return index_digest(read_index(table_path, s3))
+    return index_digest(read_index(table_path))
 
 
 def moments(x: np.ndarray) -> Dict:

@@ -54,17 +54,15 @@ def export_and_publish(req: ExportRequest, echo: Callable[[str], Any] = print) -
                           "configs condition on audio features (encoder_decoder_continuous) or their k-means "
                           "tokens (encoder_decoder), computed by `msprior preprocess`")
     out = req.out or default_out(req.run, req.tracking_uri)
+    where = storage.Location.of(out)
     with tempfile.TemporaryDirectory(prefix="msprior-export-") as tmp:
-        local = os.path.join(tmp, os.path.basename(out)) if storage.is_s3(out) else out
-        path = export_run(req.run, local, checkpoint=req.checkpoint, batch_size=req.batch_size,
-                          continuous=True if req.continuous else None, quantize=req.quantize,
-                          tracking_uri=req.tracking_uri, ema_weights=req.ema_weights,
-                          temporal_ratio=req.temporal_ratio)
-        if storage.is_s3(out):
-            with open(local, "rb") as f:
-                storage.write_bytes(out, f.read())
-            path = out
-        echo(f"exported {path} (sha256 {sha256_file(local)[:12]})")
+        local = where.local_path(tmp)  # the file itself, or a copy uploaded once written
+        export_run(req.run, local, checkpoint=req.checkpoint, batch_size=req.batch_size,
+                   continuous=True if req.continuous else None, quantize=req.quantize,
+                   tracking_uri=req.tracking_uri, ema_weights=req.ema_weights,
+                   temporal_ratio=req.temporal_ratio)
+        where.upload_from(local)
+        echo(f"exported {where} (sha256 {sha256_file(local)[:12]})")
         if not req.register:
             return None
         return publish(local, run=req.run, checkpoint=req.checkpoint, name=req.name, tracking_uri=req.tracking_uri,
@@ -138,17 +136,13 @@ def preview(ts_path: str, table: Optional[str], seconds: float, echo: Callable[[
     if not table:
         echo("no preview: the run does not record its latent table (db_path)")
         return None
-    rave = storage.join(table, "rave.ts")
+    where = storage.Location.of(table).join("rave.ts")
     try:
-        if storage.is_s3(rave):
-            local = os.path.splitext(ts_path)[0] + ".rave.ts"
-            with open(local, "wb") as f:
-                f.write(storage.read_bytes(rave))
-            rave = local
-        if not os.path.exists(rave):
-            echo(f"no preview: {rave} not found")
+        if not where.exists():
+            echo(f"no preview: {where} not found")
             return None
-        wav = render_preview(ts_path, rave, os.path.splitext(ts_path)[0] + ".preview.wav", seconds=seconds)
+        with where.local_copy() as rave:  # the table's own copy, or a download of it
+            wav = render_preview(ts_path, rave, os.path.splitext(ts_path)[0] + ".preview.wav", seconds=seconds)
     except Exception as e:  # a preview is a nicety: never fail a publish for it
         echo(f"no preview: {type(e).__name__}: {e}")
         return None

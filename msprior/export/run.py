@@ -76,7 +76,7 @@ def default_out(run: str, tracking_uri: Optional[str] = None) -> str:
         raise ExportError(str(e)) from None
     info = ckpt.read_run_json(run_dir) or {}
     name = info.get("name") or os.path.basename(str(run_dir).rstrip("/"))
-    return storage.join(run_dir, f"{name}.ts") if storage.is_s3(run_dir) else os.path.join(os.path.abspath(run_dir), f"{name}.ts")
+    return storage.join(run_dir, f"{name}.ts")  # a local folder made absolute
 
 
 def check_temporal_ratio(loaded: LoadedRun, temporal_ratio: Optional[int]) -> None:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional
 
 from msprior.errors import UserError
@@ -41,9 +40,10 @@ def resumes(ckpt: Optional[str], run_dir: str, name: str) -> bool:
     """--ckpt: True (resume run NAME) when the path lies inside the run's folder; else one line."""
     if ckpt is None:
         return False
-    inside = "://" not in ckpt and "://" not in run_dir and \
-        os.path.commonpath([os.path.abspath(ckpt), run_dir]) == run_dir
-    if inside or ckpt.rstrip("/").startswith(run_dir.rstrip("/")):
+    from msprior import storage
+
+    ck, run = storage.Location.of(ckpt), storage.Location.of(run_dir)
+    if ck == run or ck.url.startswith(run.join("").url):  # the run folder or a path inside it
         return True
     raise OriginalFlagError(
         f"--ckpt {ckpt}: not a checkpoint of run {name!r} ({run_dir}); a run continues from its own last "

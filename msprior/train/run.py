@@ -84,12 +84,15 @@ def check_name(name: str, flag: str = "--name") -> str:
 
 
 def _runs_root(storage_path: Optional[str]) -> str:
-    path = storage_path or os.environ.get("MSPRIOR_STORAGE") or "runs"
-    return path.rstrip("/") if "://" in path else os.path.abspath(path)
+    from msprior import storage
+
+    return storage.absolute(storage_path or os.environ.get("MSPRIOR_STORAGE") or "runs")
 
 
 def _join(root: str, name: str) -> str:
-    return f"{root}/{name}" if "://" in root else os.path.join(root, name)
+    from msprior import storage
+
+    return storage.join(root, name)
 
 
 def run_folder(storage_path: Optional[str], name: str) -> str:
@@ -100,15 +103,13 @@ def run_folder(storage_path: Optional[str], name: str) -> str:
 def _has_checkpoints(run_dir: str) -> bool:
     from msprior import storage
 
-    fs, p = storage.filesystem(run_dir)
-    return fs.exists(p) and any(os.path.basename(x.rstrip("/")).startswith("checkpoint_") for x in fs.ls(p, detail=False))
+    return any(n.startswith("checkpoint_") for n in storage.Location.of(run_dir).listdir())
 
 
 def _ckpt_uri(checkpoint) -> Optional[str]:
-    if checkpoint is None:
-        return None
-    proto = getattr(checkpoint.filesystem, "type_name", "local")
-    return checkpoint.path if proto == "local" else f"{proto}://{checkpoint.path}"
+    from msprior import storage
+
+    return None if checkpoint is None else storage.url_of(checkpoint.filesystem, checkpoint.path)
 
 
 # --- pretrained embedding -----------------------------------------------------------------------
@@ -122,10 +123,11 @@ def read_codebooks(rave_ts: str):
 
     from msprior import storage
 
-    if not storage.exists(rave_ts):
+    where = storage.Location.of(rave_ts)  # local or s3:// (a latent table's copy of its RAVE model)
+    if not where.exists():
         raise TrainError(f"--pretrained_embedding {rave_ts}: file not found")
-    try:  # local or s3:// (a latent table's copy of its RAVE model)
-        module = torch.jit.load(io.BytesIO(storage.read_bytes(rave_ts)), map_location="cpu")
+    try:
+        module = torch.jit.load(io.BytesIO(where.read_bytes()), map_location="cpu")
     except Exception as e:  # not TorchScript
         raise TrainError(f"--pretrained_embedding {rave_ts}: not a TorchScript RAVE export ({e.__class__.__name__})") from None
     pattern = re.compile(r"encoder\.rvq\.layers\.(\d+)\._codebook\.embed$")
@@ -517,7 +519,7 @@ def make_trainer(req: TrainRequest, p: Plan, data, val_ref, printer):
     on_gpu = p.device is not None and p.device.gpu
     resources = worker_resources(req, p.device)
     # Ray Train takes a pyarrow filesystem + a path inside it (S3 settings from our environment)
-    st_fs, st_path = st.pyarrow_filesystem(p.runs_root) if st.is_s3(p.runs_root) else (None, p.runs_root)
+    st_path, st_fs = st.Location.of(p.runs_root).ray_storage()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_inputs(req, p, data, val_ref, printer),

@@ -36,9 +36,8 @@ def start(run_dir: str, name: str, db_path: str = "", ttl_s: Optional[float] = N
     """Take the run folder's lease (released by the caller) after checking that `db_path` is not
     being written. A lease taken over later interrupts the main thread: the training stops."""
     check_table_idle(db_path)
-    s3 = storage.S3Options.from_env() if storage.is_s3(run_dir) else None
     try:
-        lease = Lease.acquire(run_dir, s3, ttl_s, what="training")
+        lease = Lease.acquire(storage.Location.of(run_dir), ttl_s, what="training")
     except LeaseHeld as e:
         holder = str(e).split("(", 1)[1].split(")")[0] if "(" in str(e) else str(e)
         raise RunBusy(f"run {name!r} is being written by another training ({holder}); wait for it to end, "
@@ -54,14 +53,13 @@ def start(run_dir: str, name: str, db_path: str = "", ttl_s: Optional[float] = N
 
 
 def identity(run_dir: str) -> Optional[Dict[str, Any]]:
-    """The run lease this process holds on `run_dir` for the workers (folder, lease run id, epoch, and
-    for s3:// the driver's S3Options, as the table's reader hands them: a worker's environment may hold
-    no credentials), or None when it holds none."""
+    """The run lease this process holds on `run_dir` for the workers (its folder as a Location, which
+    carries the driver's S3 settings as the table's reader does: a worker's environment may hold no
+    credentials; lease run id, epoch), or None when it holds none."""
     lease = _HELD.get(run_dir)
     if lease is None:
         return None
-    s3 = storage.S3Options.from_env() if storage.is_s3(lease.folder) else None
-    return {"folder": lease.folder, "run_id": lease.run_id, "epoch": lease.epoch, "s3": s3}
+    return {"folder": lease.folder, "run_id": lease.run_id, "epoch": lease.epoch}
 
 
 def check_writer(ident: Optional[Dict[str, Any]], what: str = "a checkpoint") -> None:
@@ -69,12 +67,11 @@ def check_writer(ident: Optional[Dict[str, Any]], what: str = "a checkpoint") ->
     names this training at its epoch (`identity`). None: a training without a run lease."""
     if not ident:
         return
-    folder = ident["folder"]
-    s3 = ident.get("s3") or (storage.S3Options.from_env() if storage.is_s3(folder) else None)
+    folder = ident["folder"]  # a Location made on the driver
     try:
-        fence(folder, s3, ident["run_id"], ident["epoch"])
+        fence(folder, ident["run_id"], ident["epoch"])
     except LeaseLost:
-        owner = read_owner(folder, s3) or {}
+        owner = read_owner(folder) or {}
         raise RunTakenOver(f"{folder}: another training took this run over (host {owner.get('host')}, pid "
                            f"{owner.get('pid')}, epoch {owner.get('epoch')}; ours was {ident['epoch']}, paused past "
                            f"its lease); this one stops without writing {what}") from None
@@ -84,8 +81,7 @@ def check_table_idle(db_path: str) -> None:
     """Refuse a table that a live preprocess is writing (its index and manifest may change)."""
     if not db_path:
         return
-    s3 = storage.S3Options.from_env() if storage.is_s3(db_path) else None
-    owner = live_owner(db_path, s3)
+    owner = live_owner(storage.Location.of(db_path))
     if owner is not None and owner.get("what", "preprocess") == "preprocess":
         raise RunBusy(f"{db_path}: a preprocess is writing this table (host {owner.get('host')}, pid "
                       f"{owner.get('pid')}, heartbeat {owner['age_s']:.0f} s ago); train once it has finished")

@@ -484,15 +484,15 @@ def _trial_summary(result, sweep_name: str, runs_root: str, db_path: str, uri: s
     if read_run_json(run_dir) is not None:
         return out
     df = result.metrics_dataframe
-    uri_of = (lambda p: f"s3://{p}") if st.is_s3(runs_root) else (lambda p: p)
+    root = st.Location.of(runs_root)  # Tune reports checkpoint paths inside the runs' filesystem
     rows = df.dropna(subset=["val_loss", "checkpoint_path"]) if df is not None else None
     if rows is None or rows.empty:
         return out
     best_row = rows.loc[rows["val_loss"].idxmin()]
     run_id = tracking.find_run(client, sweep_name, run_dir)
     write_run_json(run_dir, {
-        "name": f"{sweep_name}-{trial_id}", "best_checkpoint": uri_of(best_row["checkpoint_path"]),
-        "last_checkpoint": uri_of(rows.iloc[-1]["checkpoint_path"]), "best_val_loss": float(rows["val_loss"].min()),
+        "name": f"{sweep_name}-{trial_id}", "best_checkpoint": root.at(best_row["checkpoint_path"]).url,
+        "last_checkpoint": root.at(rows.iloc[-1]["checkpoint_path"]).url, "best_val_loss": float(rows["val_loss"].min()),
         "step": int(rows.iloc[-1]["step"]), "mlflow_run_id": run_id, "tracking_uri": redact_uri(uri), "db_path": db_path,
         "stopped_early_by": "ASHA"})
     if run_id:
