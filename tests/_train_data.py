@@ -5,7 +5,8 @@ Tokens follow a learnable process: per quantizer q, the next token is the previo
 ~ log V) while the conditional entropy is low, so a prior that learns anything beats the unigram.
 Conditioning columns (`tokens`, `features`) follow docs/ARCHITECTURE.md. `sources_per_file` sources
 share one data file and `index.parquet` lists them (the table layout preprocess writes);
-`index=False` leaves the index out (a table written before the index existed).
+`index=False` leaves the index out (a table written before the index existed); `feature_names`
+(default f0, f1, ...) names the `features` columns in the manifest.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 def write_synthetic_table(root, *, num_files=8, chunks_per_file=4, frames=64, quantizers=4, vocab=16,
                           ratio=4, cond_vocab=8, features=3, p=0.9, seed=0, sources_per_file=1,
-                          index=True) -> dict:
+                          index=True, feature_names=None) -> dict:
     root = Path(root)
     (root / "latents").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -72,7 +73,8 @@ def write_synthetic_table(root, *, num_files=8, chunks_per_file=4, frames=64, qu
                  "continuous": False, "resolution": None},
         "chunk": {"num_secs": frames * 2048 / 44100, "frames": frames},
         "conditioning": {"ratio": ratio,
-                         "features": {"names": [f"f{i}" for i in range(features)], "size": features,
+                         "features": {"names": list(feature_names or [f"f{i}" for i in range(features)]),
+                                      "size": features,
                                       "mean": [0.0] * features, "std": [1.0] * features},
                          "tokens": {"vocab_size": cond_vocab, "centroids": "centroids.npy"}},
         "counts": {"files_ok": num_files, "files_skipped": 0, "chunks": num_files * chunks_per_file,

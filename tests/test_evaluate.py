@@ -95,7 +95,7 @@ def test_evaluate_refuses_in_one_line(run_dir, train_table, tmp_path, capsys):
         (["--run", run_dir, "--db_path", str(short)], "no chunk holds seq_len \\+ 1 = 17 frames"),
         (["--run", run_dir, "--db_path", train_table, "--checkpoint", "first"], "--checkpoint must be 'best' or 'last'"),
         (["--run", run_dir, "--db_path", train_table, "--batch_size", "0"], "--batch_size 0: must be >= 1"),
-        (["--run", cond_run, "--db_path", train_table], "the table's conditioning \\(ratio 4"),
+        (["--run", cond_run, "--db_path", train_table], "conditioning ratio differs \\(2 vs 4\\)"),
     ]
     for args, match in cases:
         with pytest.raises(SystemExit) as err:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from export_runs import Q, RATIO, V, make_run, save_decoder, synthetic_batch, window
+from msprior.conditioning import ConditioningSpec
 from msprior.export.run import ExportError, export_run, load_trained, quantize_int8, read_metadata
 from msprior.latent_bins import dequantize, quantize
 
@@ -138,6 +139,12 @@ def test_manifest_facts_and_metadata(exported):
     assert meta["ratio"] == RATIO and meta["num_quantizers"] == Q and meta["continuous"] is True
     assert meta["resolution"] == V  # the preprocessing resolution, from the manifest
     assert meta["conditioning"] == "features" and meta["batch_size"] == BATCH
+    # the prior's ConditioningSpec, feature names included; the nn~ inlets are derived from it
+    spec = ConditioningSpec.from_dict(meta["conditioning_spec"])
+    assert (spec.kind, spec.ratio, spec.names, spec.channels) == ("features", 2, ("loudness", "centroid", "flatness"), 3)
+    m = torch.jit.load(exported["encoder_decoder_continuous-continuous"][1])
+    assert list(m.forward_input_labels)[Q:] == list(spec.labels()) and "(loudness)" in spec.labels()[0]
+    assert ConditioningSpec.from_dict(read_metadata(exported["decoder_only"][1])["conditioning_spec"]).channels == 0
     assert read_metadata(exported["decoder_only-int8"][1])["quantize"] == "int8"
 
 
@@ -218,6 +225,27 @@ def test_int8_effect_on_the_runs_validation_split(exported, tmp_path):
         assert ok.value.code in (0, None)
     finally:
         write_run_json(run, info)
+
+
+def test_int8_effect_refuses_a_table_with_other_conditioning(exported, tmp_path):
+    """The export compares the prior's ConditioningSpec with the table it scores: other feature
+    names, one line naming the field (and publish reports it instead of a number)."""
+    from msprior.conditioning import ConditioningError
+    from msprior.export.evaluate import int8_effect
+    from msprior.export.publish import int8_effect_tags
+    from msprior.export.run import conditioning_of
+    from tests._train_data import write_synthetic_table
+
+    run = exported["encoder_decoder_continuous"][0]  # features loudness, centroid, flatness; ratio 2
+    db = str(tmp_path / "t")
+    write_synthetic_table(db, num_files=4, quantizers=Q, vocab=V, ratio=2, features=3)  # features f0, f1, f2
+    loaded = load_trained(run)
+    with pytest.raises(ConditioningError, match=r"the prior's conditioning vs this table's: conditioning names "
+                                                r"differs \(\[loudness, centroid, flatness\] vs \[f0, f1, f2\]\)"):
+        int8_effect(loaded.prior, loaded.config, db, trained=conditioning_of(loaded))
+    said = []
+    assert int8_effect_tags(run, "best", None, {"db_path": db}, said.append) == {}
+    assert said and said[0].startswith("int8 effect not measured: ") and "conditioning names differs" in said[0]
 
 
 def test_cli_export_and_checkpoint_dir(exported, tmp_path):

@@ -27,20 +27,22 @@ ALLOWED: Dict[str, Set[str]] = {
     "storage": {"errors"},
     "metadata": set(),
     "latent_bins": set(),
-    "model": {"config"},
+    "conditioning": {"errors"},  # ConditioningSpec, a leaf
+    "model": {"config", "conditioning"},
     "rave": {"errors", "storage", "latent_bins"},
     "codec": {"storage"},
     "checkpoint": {"errors", "storage", "config", "tracking"},
     "data": {"errors", "flags", "console", "runtime", "storage", "rave", "codec", "config", "latent_bins",
-             "devices", "model"},  # model: DatasetFacts, the one reader of the manifest's shapes
+             "devices", "model", "conditioning"},  # model: DatasetFacts, the one reader of the manifest's shapes
     "tracking": {"errors", "redact", "storage"},
     "train": {"errors", "flags", "console", "runtime", "storage", "config", "model", "data", "checkpoint",
-              "tracking", "redact", "devices"},
-    "export": {"errors", "storage", "config", "model", "checkpoint", "metadata", "redact", "latent_bins"},
+              "tracking", "redact", "devices", "conditioning"},
+    "export": {"errors", "storage", "config", "model", "checkpoint", "metadata", "redact", "latent_bins",
+               "conditioning"},
     "registry": {"errors", "flags", "redact", "storage", "tracking", "metadata"},
     "combine": {"errors", "flags", "metadata", "rave"},  # msprior/export/combine.py: prior + RAVE in one .ts
     "publish": {"errors", "flags", "redact", "storage", "export", "registry", "checkpoint", "tracking", "metadata",
-                "train", "config", "model", "data"},  # data: the table's one reader (validation windows)
+                "train", "config", "model", "data", "conditioning"},  # data: the table's one reader (validation windows)
     "pipeline": {"errors", "flags", "console", "redact", "storage", "config", "data", "train", "checkpoint",
                  "export", "publish", "registry", "tracking"},
     "demo": {"flags", "codec", "data", "pipeline"},

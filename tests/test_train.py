@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from msprior.errors import UserError
 from msprior.train import TrainError, load_run, train
 from msprior.data.reader import frames_from_arrow, open_table, read_split, unigram_entropy
 from tests.test_train_windows import TINY
@@ -72,6 +73,12 @@ def test_decoder_only_learns_logs_and_resumes(ray_session, train_table, train_di
     write_synthetic_table(other, num_files=6)  # another corpus, same RAVE model
     with pytest.raises(TrainError, match="another table"):
         _train("decoder_only", other, train_dirs, "dec", resume=True, max_steps=130)
+    renamed = str(tmp_path / "renamed")  # the same content, features named otherwise: another table
+    write_synthetic_table(renamed, feature_names=["loudness", "centroid", "flatness"])
+    with pytest.raises(UserError, match=r"conditioning names differs \(\[f0, f1, f2\] vs \[loudness, centroid, "
+                                        r"flatness\]\); resume with its table") as e:
+        _train("decoder_only", renamed, train_dirs, "dec", resume=True, max_steps=130)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.timeout(240)

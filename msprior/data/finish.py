@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Dict, List, Tuple
 
 from msprior import __version__, storage
+from msprior.conditioning import NONE, ConditioningSpec
 from msprior.data import faults
 from msprior.data import table as tbl
 from msprior.data.request import PreprocessError
@@ -60,14 +62,12 @@ def build_manifest(intent: Dict, entries: List[Dict], report: Dict) -> Dict:
     if rave.get("continuous"):  # latents clamped into an edge bin, over every run of the table
         n = counts.setdefault("latents_out_of_range", 0)
         counts["latents_out_of_range_fraction"] = n / max(1, frames * rave["latent_size"])
-    cond = None
-    if intent.get("conditioning"):
+    cond = ConditioningSpec.from_manifest(intent)  # the intent's, plus the table's feature statistics
+    if cond.kind != NONE:
         mean, std = tbl.mean_std(tbl.merge_moments([e.get("features") for e in entries]))
-        c = intent["conditioning"]
-        cond = {"ratio": c["ratio"], "features": {**c["features"], "mean": mean, "std": [v + 1e-6 for v in std]},
-                "tokens": {k: v for k, v in c["tokens"].items() if k != "sha256"}}
+        cond = replace(cond, mean=tuple(float(v) for v in mean), std=tuple(float(v) + 1e-6 for v in std))
     return {"format_version": tbl.FORMAT_VERSION, "msprior_version": __version__, "created": intent["created"],
-            "audio": intent["audio"], "rave": rave, "chunk": intent["chunk"], "conditioning": cond,
+            "audio": intent["audio"], "rave": rave, "chunk": intent["chunk"], "conditioning": cond.to_manifest(),
             "counts": counts, "shuffle_seed": intent.get("shuffle_seed"),  # how files were grouped (plan.py)
             "content_sha256": tbl.index_digest(tbl.index_from_ledger(entries))}
 

@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from msprior import __version__, storage
+from msprior.conditioning import NONE, TABLE, ConditioningSpec
 from msprior.data import audio as audio_mod
 from msprior.data import decode
 from msprior.data import features as feat
@@ -219,10 +220,9 @@ def check_or_write(req: PreprocessRequest, rave: RaveInfo, corpus, run_id: str, 
         centroids, scale = remote(fit_conditioning, sample, audio_root, sr, ratio, req.condition_ratio,
                                   req.condition_tokens, num_cpus=1.0)
         sha = save_npy(out.join(tbl.CENTROIDS), centroids)
-        names = feat.feature_names()
-        cond = {"ratio": int(req.condition_ratio), "features": {"names": names, "size": len(names)},
-                "tokens": {"vocab_size": int(len(centroids)), "centroids": tbl.CENTROIDS, "sha256": sha,
-                           "scale": [float(v) for v in scale]}}
+        cond = ConditioningSpec(kind=TABLE, ratio=int(req.condition_ratio), names=tuple(feat.feature_names()),
+                                vocab_size=int(len(centroids)), scale=tuple(float(v) for v in scale),
+                                centroids=tbl.CENTROIDS, centroids_sha256=sha).to_manifest()
     facts = {**rave.facts, "latent_loc": None, "latent_scale": None}  # discrete: no latent bins
     if facts.get("continuous"):  # the latent bins' affine, fitted once and kept by every resume
         ray_up()
@@ -239,12 +239,12 @@ def check_or_write(req: PreprocessRequest, rave: RaveInfo, corpus, run_id: str, 
 
 def conditioning_arrays(intent: Dict, out: storage.Where) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(centroids, scale) of the intent, checked against the sha256 the intent recorded."""
-    cond = intent.get("conditioning")
-    if not cond:
+    cond = ConditioningSpec.from_manifest(intent)
+    if cond.kind == NONE:
         return None, None
     path = storage.Location.of(out).join(tbl.CENTROIDS)
     data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != cond["tokens"]["sha256"]:
+    if hashlib.sha256(data).hexdigest() != cond.centroids_sha256:
         raise PreprocessError(f"{path} is not the file {tbl.INTENT} recorded; "
                               "the table was edited: use a new --out_path")
-    return np.load(io.BytesIO(data)), np.asarray(cond["tokens"]["scale"], np.float32)
+    return np.load(io.BytesIO(data)), np.asarray(cond.scale, np.float32)

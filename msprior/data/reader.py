@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from msprior.conditioning import ConditioningSpec
 from msprior.errors import UserError
 from msprior.storage import Location
 
@@ -116,7 +117,7 @@ def read_table_index(db_path: str) -> pa.Table:
 def open_table(db_path: str, val_fraction: float, seed: int, conditioning: str = "none") -> Table:
     """Read the manifest and the index (two small files) and split by source file."""
     manifest = read_manifest(db_path)
-    if conditioning != "none" and not (manifest.get("conditioning") or {}):
+    if not ConditioningSpec.from_manifest(manifest).has(conditioning):
         raise DataError(
             f"{db_path}: config model.conditioning={conditioning!r} but the table has no conditioning; "
             "preprocess with conditioning or train a config without it"

@@ -10,24 +10,31 @@ from typing import Dict, Optional
 
 import torch
 
+from msprior.conditioning import ConditioningSpec
 from msprior.config import Config
 from msprior.model import Prior
 
 
-def validation_batches(config: Config, db_path: str, batches: int = 8, batch_size: int = 8, seed: int = 0):
+def validation_batches(config: Config, db_path: str, batches: int = 8, batch_size: int = 8, seed: int = 0,
+                       trained: Optional[ConditioningSpec] = None):
     """`batches` fixed batches of validation windows (falls back to training files when the split
-    holds no validation file, e.g. a one-file corpus)."""
+    holds no validation file, e.g. a one-file corpus). `trained`: the prior's conditioning, which
+    the table's must match (one line naming the field that differs)."""
     from msprior.data import reader
     from msprior.data.windows import WindowSampler
     from msprior.model import DatasetFacts
 
     m = config.model
     table = reader.open_table(db_path, config.data.val_fraction, config.data.seed, m.conditioning)
+    cond = ConditioningSpec.from_manifest(table.manifest).use(m.conditioning, db_path)
+    if trained is not None:
+        trained.check_compatible(cond, f"{db_path}: the prior's conditioning vs this table's",
+                                 "score the export on the table it was trained on")
     arrow = reader.read_split(table, val=True)
     if arrow.num_rows == 0:
         arrow = reader.read_split(table, val=False)
     facts = DatasetFacts.from_manifest(table.manifest)
-    frames = reader.frames_from_arrow(arrow, facts.num_quantizers, m.conditioning, m.cond_ratio, facts.cond_features)
+    frames = reader.frames_from_arrow(arrow, facts.num_quantizers, m.conditioning, m.cond_ratio, cond.num_features)
     sampler = WindowSampler(frames, m.seq_len, m.conditioning, m.cond_ratio, seed=seed)
     return [{k: torch.from_numpy(v) for k, v in sampler.sample(batch_size).items()} for _ in range(batches)]
 
@@ -39,11 +46,12 @@ def cross_entropy(prior: Prior, batches) -> float:
     return float(sum(float(prior.loss(b)) for b in batches) / len(batches))
 
 
-def int8_effect(prior: Prior, config: Config, db_path: str, batches: int = 8) -> Optional[Dict[str, float]]:
+def int8_effect(prior: Prior, config: Config, db_path: str, batches: int = 8,
+                trained: Optional[ConditioningSpec] = None) -> Optional[Dict[str, float]]:
     """{"val_ce_fp32", "val_ce_int8", "val_ce_int8_delta"} on the same validation windows."""
     from msprior.export.run import quantize_int8
 
-    data = validation_batches(config, db_path, batches)
+    data = validation_batches(config, db_path, batches, trained=trained)
     fp32 = cross_entropy(prior, data)
     int8 = cross_entropy(quantize_int8(prior), data)
     return {"val_ce_fp32": fp32, "val_ce_int8": int8, "val_ce_int8_delta": int8 - fp32}

@@ -116,11 +116,11 @@ def int8_effect_tags(run: str, checkpoint: str, tracking_uri: Optional[str], met
         echo("int8 effect not measured: the run does not record its latent table (db_path)")
         return {}
     from msprior.export.evaluate import int8_effect
-    from msprior.export.run import load_trained
+    from msprior.export.run import conditioning_of, load_trained
 
     loaded = load_trained(run, checkpoint, tracking_uri)
     try:
-        effect = int8_effect(loaded.prior, loaded.config, meta["db_path"])
+        effect = int8_effect(loaded.prior, loaded.config, meta["db_path"], trained=conditioning_of(loaded))
     except (ValueError, OSError) as e:  # unreachable / changed table: the export itself is fine
         echo(f"int8 effect not measured: {str(e).splitlines()[0]}")
         return {}

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from msprior import storage
+from msprior.conditioning import ConditioningSpec
 from msprior.config import Config
 from msprior.storage import sha256_file  # noqa: F401  (re-exported for the CLI and registry)
 from msprior.export.metadata import METADATA_FILE, read_metadata  # noqa: F401 (re-export)
@@ -79,6 +80,12 @@ def default_out(run: str, tracking_uri: Optional[str] = None) -> str:
     return storage.join(run_dir, f"{name}.ts")  # a local folder made absolute
 
 
+def conditioning_of(loaded: LoadedRun) -> ConditioningSpec:
+    """The prior's conditioning: its table's spec (the checkpoint's manifest) narrowed to the kind it reads."""
+    return ConditioningSpec.from_manifest(loaded.manifest).use(loaded.config.model.conditioning,
+                                                               "the run's checkpoint (manifest vs config)")
+
+
 def check_temporal_ratio(loaded: LoadedRun, temporal_ratio: Optional[int]) -> None:
     """The original's `--temporal_ratio` (RAVE's samples per latent frame, default 1024): msprior reads
     it from the latent table; a value given must agree with it."""
@@ -127,9 +134,7 @@ def build_scripted(loaded: LoadedRun, batch_size: int = 1, continuous: Optional[
     if continuous and resolution != loaded.prior.vocab_size:
         raise ExportError(f"manifest rave.resolution={resolution} but the prior has {loaded.prior.vocab_size} "
                           "tokens per quantizer: the checkpoint and its manifest disagree")
-    facts = DatasetFacts.from_manifest(loaded.manifest)
-    cond = loaded.config.model.conditioning
-    cond_channels = {"none": 0, "tokens": 1, "features": facts.cond_features}[cond]
+    cond = conditioning_of(loaded)  # the nn~ conditioning inlets and attributes come from it
 
     prior = copy.deepcopy(loaded.prior).eval()
     if quantize == "int8":
@@ -140,8 +145,7 @@ def build_scripted(loaded: LoadedRun, batch_size: int = 1, continuous: Optional[
     for p in prior.parameters():
         p.requires_grad_(False)
     module = ScriptedPrior(prior, ratio=int(rave["ratio"]), sr=int(rave["sr"]), batch_size=batch_size,
-                           continuous=continuous, resolution=resolution, conditioning=cond,
-                           cond_channels=cond_channels, cond_vocab=facts.cond_vocab,
+                           continuous=continuous, resolution=resolution, cond=cond,
                            latent_loc=rave.get("latent_loc"), latent_scale=rave.get("latent_scale"))
     scripted = torch.jit.script(module.eval())
     _self_test(scripted, batch_size)
@@ -196,7 +200,8 @@ def metadata(loaded: LoadedRun, scripted: torch.jit.ScriptModule, quantize: Opti
                                           "continuous", "resolution", "version")},
         "continuous": bool(scripted.continuous),
         "resolution": int(scripted.resolution),
-        "conditioning": loaded.config.model.conditioning,
+        "conditioning": loaded.config.model.conditioning,  # the kind, as export format 1 wrote it
+        "conditioning_spec": conditioning_of(loaded).to_manifest(),  # ConditioningSpec.from_dict reads it
         "batch_size": int(scripted.batch_size),
         "quantize": quantize or "none",
         "torch_version": torch.__version__.split("+")[0],

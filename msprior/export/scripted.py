@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from msprior.conditioning import TOKENS, ConditioningSpec
 from msprior.model.prior import Prior
 from msprior.latent_bins import dequantize, quantize
 
@@ -98,9 +99,7 @@ class ScriptedPrior(nn.Module):
         batch_size: int = 1,
         continuous: bool = False,
         resolution: int = 0,
-        conditioning: str = "none",
-        cond_channels: int = 0,
-        cond_vocab: int = 0,
+        cond: ConditioningSpec = ConditioningSpec(),
         listen: bool = True,
         temperature: float = 1.0,
         latent_loc: Optional[List[float]] = None,
@@ -123,19 +122,15 @@ class ScriptedPrior(nn.Module):
         q0 = prior.num_quantizers
         self.register_buffer("latent_loc", torch.tensor(latent_loc if latent_loc is not None else [0.0] * q0))
         self.register_buffer("latent_scale", torch.tensor(latent_scale if latent_scale is not None else [1.0] * q0))
-        self.cond_tokens = conditioning == "tokens"
-        self.cond_channels = cond_channels
-        self.cond_vocab = max(cond_vocab, 1)
+        self.cond_tokens = cond.kind == TOKENS
+        self.cond_channels = cond.channels  # nn~ inlets after the Q latents: 0, 1 token or F features
+        self.cond_vocab = max(cond.vocab_size, 1)
 
         # -- nn~ registry ---------------------------------------------------------------------
         q = self.num_quantizers
-        in_ch = q + cond_channels
+        in_ch = q + cond.channels
         kind = "latent" if continuous else "token"
-        labels = [f"(signal) rave {kind} {i + 1}" for i in range(q)]
-        if conditioning == "tokens":
-            labels.append("(signal) conditioning token")
-        elif conditioning == "features":
-            labels += [f"(signal) conditioning feature {i + 1}" for i in range(cond_channels)]
+        labels = [f"(signal) rave {kind} {i + 1}" for i in range(q)] + list(cond.labels())
         self._methods: List[str] = ["forward"]
         self.register_buffer("forward_params", torch.tensor([in_ch, ratio, q + 1, ratio]))
         self.forward_input_labels: List[str] = labels

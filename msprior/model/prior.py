@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from msprior.conditioning import ConditioningSpec
 from msprior.config import ModelConfig
 from msprior.model.layers import GRUStack, TransformerStack
 from msprior.model.predictor import FilmPredictor, MultivariateEmbedding, SkipPredictor
@@ -51,18 +52,8 @@ class DatasetFacts:
     @classmethod
     def from_manifest(cls, manifest: Dict) -> "DatasetFacts":
         rave = manifest["rave"]
-        cond = manifest.get("conditioning") or {}
-        feats = cond.get("features") or {}
-        toks = cond.get("tokens") or {}
-        return cls(
-            num_quantizers=int(rave["num_quantizers"]),
-            vocab_size=int(rave["vocab_size"]),
-            cond_ratio=int(cond.get("ratio") or 0),
-            cond_vocab=int(toks.get("vocab_size") or 0),
-            cond_features=int(feats.get("size") or 0),
-            feature_mean=[float(v) for v in feats.get("mean") or []],
-            feature_std=[float(v) for v in feats.get("std") or []],
-        )
+        cond = ConditioningSpec.from_manifest(manifest)  # plain numbers from the one reader of the section
+        return cls(num_quantizers=int(rave["num_quantizers"]), vocab_size=int(rave["vocab_size"]), **cond.dims())
 
 
 # --- conditioning ------------------------------------------------------------------------------

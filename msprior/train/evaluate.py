@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
+from msprior.conditioning import ConditioningSpec
 from msprior.errors import UserError
 from msprior.flags import flag
 
@@ -52,16 +53,10 @@ def check_table(run: str, trained: Dict, table: Dict, db_path: str, conditioning
             f"--db_path {db_path}: the table has {b.num_quantizers} quantizers x {b.vocab_size} tokens, the prior "
             f"({run}) was trained on {a.num_quantizers} x {a.vocab_size}: score it on a table encoded by the same "
             "RAVE model")
-    if conditioning == "none":
-        return
-    if not table.get("conditioning"):
-        raise EvaluateError(f"--db_path {db_path}: the prior is conditioned ({conditioning}) but the table has no "
-                            "conditioning; preprocess it with --condition_ratio")
-    if (a.cond_ratio, a.cond_vocab, a.cond_features) != (b.cond_ratio, b.cond_vocab, b.cond_features):
-        raise EvaluateError(
-            f"--db_path {db_path}: the table's conditioning (ratio {b.cond_ratio}, {b.cond_vocab} tokens, "
-            f"{b.cond_features} features) is not the prior's (ratio {a.cond_ratio}, {a.cond_vocab} tokens, "
-            f"{a.cond_features} features): preprocess it with the prior's conditioning settings")
+    prior = ConditioningSpec.from_manifest(trained).use(conditioning, f"--run {run}")
+    prior.check_compatible(ConditioningSpec.from_manifest(table).use(conditioning, f"--db_path {db_path}"),
+                           f"--db_path {db_path}: the prior's conditioning vs the table's",
+                           "preprocess it with the prior's conditioning settings")
 
 
 def evaluate(req: EvaluateRequest, echo: Optional[Callable[[str], Any]] = None) -> Dict[str, Any]:

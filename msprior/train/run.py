@@ -23,6 +23,7 @@ from msprior.errors import UserError
 from msprior.flags import flag
 from msprior.train import run_lease
 
+from msprior.conditioning import ConditioningSpec
 from msprior.config import Config, load_config
 from msprior.redact import redact_uri
 from msprior.runtime import ensure_ray
@@ -329,15 +330,15 @@ def resolve_config(config: Union[str, Config, Dict], overrides: Sequence[str] = 
 
 
 def _check_table_vs_config(cfg: Config, manifest: Dict, db_path: str) -> None:
-    cond = manifest.get("conditioning") or {}
+    table = ConditioningSpec.from_manifest(manifest)
     if cfg.model.conditioning != "none":
-        if not cond:
+        if not table.has(cfg.model.conditioning):
             raise TrainError(f"{db_path}: config {cfg.name} needs conditioning ({cfg.model.conditioning}) but the "
                              "table has none; preprocess with conditioning or use --config decoder_only")
-        if int(cond.get("ratio", 0)) != cfg.model.cond_ratio:
-            raise TrainError(f"{db_path}: the table's conditioning ratio is {cond.get('ratio')}, the config's "
+        if table.ratio != cfg.model.cond_ratio:
+            raise TrainError(f"{db_path}: the table's conditioning ratio is {table.ratio}, the config's "
                              f"model.cond_ratio is {cfg.model.cond_ratio}: pass --override model.cond_ratio="
-                             f"{cond.get('ratio')}")
+                             f"{table.ratio}")
 
 
 def _check_codebooks(codebooks, manifest: Dict, path: str) -> None:
@@ -405,7 +406,8 @@ RESUME_SECTIONS = ("model", "data")  # what a checkpoint's weights and split dep
 
 
 def _request_record(cfg: Config, table) -> Dict[str, Any]:
-    return {"config": cfg.to_dict(), "table": table.identity(), "db_path": table.db_path}
+    return {"config": cfg.to_dict(), "table": table.identity(), "db_path": table.db_path,
+            "conditioning": ConditioningSpec.from_manifest(table.manifest).to_manifest()}  # the table's
 
 
 def check_resume(name: str, run_dir: str, cfg: Config, table) -> None:
@@ -427,6 +429,11 @@ def check_resume(name: str, run_dir: str, cfg: Config, table) -> None:
         if was is not None and was != now:
             raise TrainError(f"--resume {name}: the run was trained on another table ({key} {was} there, {now} in "
                              f"{table.db_path}): resume with its table ({old.get('db_path')}) or choose another --name")
+    if "conditioning" in old:  # recorded since ConditioningSpec; feature names included
+        ConditioningSpec.from_dict(old["conditioning"]).check_compatible(
+            ConditioningSpec.from_dict(new["conditioning"]),
+            f"--resume {name}: the run's table ({old.get('db_path')}) vs {table.db_path}",
+            "resume with its table or choose another --name")
 
 
 # --- step 2: the table's layout, the fixed validation windows -----------------------------------
