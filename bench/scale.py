@@ -38,14 +38,15 @@ def decode_child(path: str) -> None:
     import numpy as np
 
     from msprior.data import features as feat
-    from msprior.data.preprocess import Settings, _file_events
+    from msprior.data.decode import file_events
+    from msprior.data.request import Settings
 
     sr, ratio, n = 44100, 1024, len(feat.feature_names())
     s = Settings(audio_root=str(Path(path).parent), out_path="", run_id="", sr=sr, ratio=ratio,
                  chunk_samples=round(16 * sr / ratio) * ratio, min_frames=257, resolution=64, batch_size=64,
                  condition_ratio=4, centroids=np.zeros((8, n), np.float32), scale=np.ones(n, np.float32))
     t = time.perf_counter()
-    events = [ev[0] for ev in _file_events("long.wav", path, s)]
+    events = [ev[0] for ev in file_events("long.wav", path, s)]
     print(json.dumps({"chunks": events.count("chunk"), "last": events[-1], "wall_s": time.perf_counter() - t,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -55,7 +56,8 @@ def rss_child(path: str, rave: str, conditioning: bool, batch_size: int = 64) ->
     import numpy as np
 
     from msprior.data import features as feat
-    from msprior.data.preprocess import Encoder, Settings
+    from msprior.data.encode import Encoder
+    from msprior.data.request import Settings
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sr, ratio = 44100, 1024

@@ -8,7 +8,6 @@ Unknown keys and mistyped values fail at load with a message naming the key and 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -17,11 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
-from msprior.errors import UserError
-
-
-class ConfigError(UserError):
-    """A config problem, phrased as a one-line message for the user."""
+from msprior.strict import ConfigError, build, choice, suggest
 
 
 @dataclass
@@ -41,9 +36,9 @@ class ModelConfig:
     predictor: str = "film"  # "film": one nonlinear FiLM per quantizer; "linear_film": shared linear FiLM (older runs)
 
     def validate(self, where: str) -> None:
-        _choice(where, "model.family", self.family, ("transformer", "gru"))
-        _choice(where, "model.conditioning", self.conditioning, ("none", "tokens", "features"))
-        _choice(where, "model.predictor", self.predictor, ("film", "linear_film"))
+        choice(where, "model.family", self.family, ("transformer", "gru"))
+        choice(where, "model.conditioning", self.conditioning, ("none", "tokens", "features"))
+        choice(where, "model.predictor", self.predictor, ("film", "linear_film"))
         for key in ("dim", "num_layers", "num_heads", "head_dim", "ff_mult", "seq_len", "cond_ratio"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{where}: model.{key} must be >= 1, got {getattr(self, key)}")
@@ -78,7 +73,7 @@ class OptimConfig:
     def validate(self, where: str) -> None:
         if self.lr <= 0:
             raise ConfigError(f"{where}: optim.lr must be > 0, got {self.lr}")
-        _choice(where, "optim.lr_scaling", self.lr_scaling, LR_SCALING)
+        choice(where, "optim.lr_scaling", self.lr_scaling, LR_SCALING)
         for key in ("weight_decay", "grad_clip"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}: optim.{key} must be >= 0, got {getattr(self, key)}")
@@ -128,10 +123,10 @@ class TrainConfig:
         if self.checkpoint_every < 0:
             raise ConfigError(f"{where}: train.checkpoint_every must be >= 0 (0: every val_every), got "
                               f"{self.checkpoint_every}")
-        _choice(where, "train.grad_compression", self.grad_compression, ("auto", "bf16", "none"))
+        choice(where, "train.grad_compression", self.grad_compression, ("auto", "bf16", "none"))
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"{where}: train.ema must be in [0, 1), got {self.ema}")
-        _choice(where, "train.compile", self.compile, ("auto", "true", "false"))
+        choice(where, "train.compile", self.compile, ("auto", "true", "false"))
 
 
 @dataclass
@@ -173,7 +168,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any], where: str = "config") -> "Config":
-        return _build(cls, data, where, prefix="").validate(where)
+        return build(cls, data, where, prefix="").validate(where)
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -256,7 +251,7 @@ def load_config(name_or_path: Union[str, Path], overrides: Sequence[str] = ()) -
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, optim, train, data)")
     data.setdefault("name", path.stem)
-    cfg = _build(Config, data, str(path), prefix="")
+    cfg = build(Config, data, str(path), prefix="")
     cfg = apply_overrides(cfg, overrides, where=str(path))
     return cfg.validate(str(path))
 
@@ -319,6 +314,10 @@ def from_gin(item: str) -> str:
     return f"{ours}={raw}"
 
 
+def _sections() -> List[str]:
+    return ["model", "optim", "train", "data"]
+
+
 def check_key(key: str, what: str) -> tuple:
     """(section, name) of a dotted `section.key`, or a ConfigError with a did-you-mean."""
     parts = key.strip().split(".")
@@ -327,10 +326,10 @@ def check_key(key: str, what: str) -> tuple:
     section, name = parts
     known = {f.name: f for f in dataclasses.fields(Config)}
     if section not in _sections():
-        raise ConfigError(f"{what}: unknown section {section!r}{_suggest(section, _sections())}")
+        raise ConfigError(f"{what}: unknown section {section!r}{suggest(section, _sections())}")
     names = [f.name for f in dataclasses.fields(typing.get_type_hints(Config)[known[section].name])]
     if name not in names:
-        raise ConfigError(f"{what}: unknown key {key.strip()!r}{_suggest(name, names)}")
+        raise ConfigError(f"{what}: unknown key {key.strip()!r}{suggest(name, names)}")
     return section, name
 
 
@@ -353,70 +352,4 @@ def apply_overrides(cfg: Config, overrides: Sequence[str], where: str = "config"
                 except ValueError:
                     pass
         data[section][name] = value
-    return _build(Config, data, f"{where} (with --override)", prefix="").validate(where)
-
-
-# --- strict dataclass construction --------------------------------------------------------------
-
-
-def _choice(where: str, key: str, value: str, options: Sequence[str]) -> None:
-    if value not in options:
-        raise ConfigError(f"{where}: {key} must be one of {', '.join(map(repr, options))}, got {value!r}")
-
-
-def _sections() -> List[str]:
-    return ["model", "optim", "train", "data"]
-
-
-def _suggest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(options)})"
-
-
-def _build(cls, data: Any, where: str, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown key {prefix + str(key)!r}{_suggest(str(key), list(fields))}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, where, prefix=f"{prefix}{key}.")
-        else:
-            kwargs[key] = _check(value, hint, where, prefix + key)
-    return cls(**kwargs)
-
-
-def _check(value: Any, hint: Any, where: str, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (list, List):
-        (item_type,) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
-        return [_check(v, item_type, where, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
-        if not math.isfinite(value):  # YAML's .nan / .inf would pass every range check below
-            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, bool):  # YAML reads true/false as booleans: choices spell them as words
-            return "true" if value else "false"
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: {key}: unsupported type {hint}")  # pragma: no cover
+    return build(Config, data, f"{where} (with --override)", prefix="").validate(where)

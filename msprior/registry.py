@@ -48,7 +48,9 @@ class RegistryError(UserError):
     """A missing model / alias / version, a corpus mismatch or a corrupted download; one line."""
 
 
-def _client(tracking_uri: Optional[str]):
+def registry_client(tracking_uri: Optional[str]):
+    """The MLflow client of `tracking_uri` (a recorded, redacted URI gets MLFLOW_TRACKING_URI's
+    credentials back; None: the default store)."""
     from msprior.tracking import client, default_tracking_uri
 
     return client(default_tracking_uri(with_credentials(tracking_uri)))
@@ -169,7 +171,7 @@ def register_export(ts_path: str, name: Optional[str] = None, tracking_uri: Opti
     from msprior.tracking import active
 
     meta = read_metadata(ts_path)
-    c = _client(tracking_uri or meta.get("tracking_uri"))
+    c = registry_client(tracking_uri or meta.get("tracking_uri"))
     digest = sha256_file(ts_path)
     tags = version_tags(meta, digest, extra_tags)
     name = name or default_name(c, meta.get("run_name") or "prior", tags)
@@ -353,7 +355,7 @@ def pull(ref: str, out: str, tracking_uri: Optional[str] = None) -> str:
     from msprior.storage import sha256_file
     from msprior.tracking import active
 
-    c = _client(tracking_uri)
+    c = registry_client(tracking_uri)
     mv = resolve(c, ref)
     if not (mv.tags or {}).get("sha256"):  # a registration interrupted before its tags: unverifiable
         raise RegistryError(f"{mv.name} v{mv.version} has no sha256 tag, so its download cannot be verified; "

@@ -25,13 +25,15 @@ from msprior.data import commit as commit_mod
 from msprior.data import faults
 from msprior.data import table as tbl
 from msprior.data.lease import Lease, LeaseLost
-from msprior.data.preprocess import Settings, _pending, _rows_table
+from msprior.data.encode import rows_table
+from msprior.data.plan import pending as pending_files
+from msprior.data.request import Settings
 
 
 def rows(sources):
     chunk = lambda i: {"start_s": float(i), "frames": 3, "rave": np.arange(6, dtype=np.int16) + i,  # noqa: E731
                        "tokens": np.zeros(0, np.int16), "features": np.zeros(0, np.float32), "counts": {"hits": 1}}
-    return _rows_table([(s, "") for s in sources], {s: {0: chunk(0), 1: chunk(1)} for s in sources}, {})
+    return rows_table([(s, "") for s in sources], {s: {0: chunk(0), 1: chunk(1)} for s in sources}, {})
 
 
 def settings(table, lease) -> Settings:
@@ -59,7 +61,7 @@ def main() -> int:
     try:
         entries = commit_mod.seal(table, lease.epoch)
         commit_mod.sweep(table)
-        pending, _ = _pending([(x, x, 1) for x in a.sources.split(",")], entries)
+        pending, _ = pending_files([(x, x, 1) for x in a.sources.split(",")], entries)
         todo = [p[0] for p in pending]
         for k in range(0, len(todo), a.per_bundle):
             if stop and k // a.per_bundle + 1 >= a.stop_bundle:

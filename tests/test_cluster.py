@@ -283,7 +283,7 @@ def test_runtime_env_is_valid_and_ships_the_package(tmp_path):
     pkg = tmp_path / "pkg.zip"
     create_package(str(ROOT), pkg, include_gitignore=True, excludes=env["excludes"])
     names = set(zipfile.ZipFile(pkg).namelist())
-    assert {"msprior/__init__.py", "msprior/devstack.py", "configs/decoder_only.yaml"} <= names
+    assert {"msprior/__init__.py", "msprior/devstack/stack.py", "configs/decoder_only.yaml"} <= names
     assert not any(n.startswith((".venv/", ".git/", "tests/", ".msprior-stack/")) for n in names)
     assert pkg.stat().st_size < min(GCS_STORAGE_MAX_SIZE, 100 * 2**20) // 10, pkg.stat().st_size
 
@@ -422,7 +422,8 @@ def pid_alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_local_stack_up_answers_and_down_leaves_nothing(tmp_path):
-    from msprior.devstack import Stack, _owned_pids
+    from msprior.devstack import Stack
+    from msprior.devstack.procs import owned_pids
 
     stack_dir = tmp_path / "stack"
     t0 = time.monotonic()
@@ -498,7 +499,7 @@ def test_local_stack_up_answers_and_down_leaves_nothing(tmp_path):
         print(f"local.sh down: {time.monotonic() - t1:.1f} s")
     assert down.returncode == 0, down.stderr
     assert [p for p in pids if pid_alive(p)] == []
-    assert all(_owned_pids(pid, mark) == [] for pid, mark in marks)
+    assert all(owned_pids(pid, mark) == [] for pid, mark in marks)
     assert not (stack_dir / "state.json").exists()
     assert not Path(stack.ray.temp_dir).exists()
     assert (stack_dir / "mlflow" / "mlflow.db").exists(), "down keeps the data"

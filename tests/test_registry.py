@@ -48,7 +48,7 @@ def test_round_trip_and_champion_moves_only_when_better(store, tmp_path):
     assert open(registry.pull("msprior-tiny/2", str(tmp_path / "v2.ts"), tracking_uri=uri), "rb").read() == \
         open(worse, "rb").read()
 
-    c = registry._client(uri)
+    c = registry.registry_client(uri)
     tags = c.get_model_version("msprior-tiny", "3").tags
     assert tags["val_loss"] == "1.5" and tags["continuous"] == "false" and tags["config"] == "decoder_only"
     assert tags["rave_sha256"] == "ab" * 32 and len(tags["sha256"]) == 64 and tags["torch_version"]
@@ -66,7 +66,7 @@ def test_missing_name_alias_version_are_one_line_errors(store, tmp_path):
     from msprior import registry
 
     root, uri = store
-    if not registry._client(uri).search_registered_models():
+    if not registry.registry_client(uri).search_registered_models():
         registry.register_export(_export(root, 2.0, "d"), tracking_uri=uri)
     with pytest.raises(registry.RegistryError, match=r"no registered model 'nope'; registered models: .*msprior-tiny"):
         registry.pull("nope@champion", str(tmp_path / "x.ts"), tracking_uri=uri)
@@ -157,7 +157,7 @@ def test_a_model_holds_one_corpus_and_versions_carry_it(tmp_path):
     with pytest.raises(registry.RegistryError, match=r"^registered model 'msprior-x' holds priors of another "
                        r"corpus .*pass another name \(e\.g\. --name msprior-x-[0-9a-f]{8}\)$"):
         registry.register_export(b, name="msprior-x", tracking_uri=uri)  # a name given: refused
-    c = registry._client(uri)
+    c = registry.registry_client(uri)
     assert [str(v.version) for v in registry.all_versions(c, "msprior-x")] == ["1"]  # nothing half-registered
     v2 = registry.register_export(b, tracking_uri=uri)  # the default name: its own model
     assert v2["name"] == f"msprior-x-{registry.corpus_id('bb' * 32, '/data/corpus-b')[:8]}" and v2["champion"]
@@ -177,7 +177,7 @@ def test_version_without_sha256_is_refused_by_pull_and_never_a_duplicate(tmp_pat
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ts = _export_for(tmp_path, "t", 1.0)
     first = registry.register_export(ts, name="msprior-t", tracking_uri=uri)
-    c = registry._client(uri)
+    c = registry.registry_client(uri)
     src = c.get_model_version("msprior-t", first["version"]).source
     from msprior.tracking import active
 
@@ -254,7 +254,7 @@ def test_champion_survives_a_stalled_concurrent_registration(tmp_path):
     a_out = "".join(lines) + _finish(a)
     # A wrote its stale choice, read again, and put the alias back on B's better version
     assert a_out.index("champion -> version 2") < a_out.rindex("champion -> version 3"), a_out[-2000:]
-    c = registry._client(uri)
+    c = registry.registry_client(uri)
     assert str(c.get_model_version_by_alias("msprior-race", "champion").version) == "3"
 
 
@@ -268,7 +268,7 @@ def test_two_processes_registering_at_once_leave_the_better_champion(tmp_path):
     procs = [_register_proc(ts, "msprior-duo", uri) for ts in exports[1:]]  # three at once, no stall
     for p in procs:
         _finish(p)
-    c = registry._client(uri)
+    c = registry.registry_client(uri)
     losses = {str(v.version): float(v.tags["val_loss"]) for v in registry.all_versions(c, "msprior-duo")}
     assert sorted(losses.values()) == [1.1, 1.2, 1.4, 1.7]
     assert str(c.get_model_version_by_alias("msprior-duo", "champion").version) == min(losses, key=losses.get)

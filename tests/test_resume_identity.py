@@ -41,17 +41,18 @@ def test_intent_check_compares_root_and_listing(tmp_path):
     """The same check without Ray: an intent recorded for one request refuses another root or listing."""
     import json
 
-    from msprior.data.preprocess import RaveInfo, _intent, _request_fields
+    from msprior.data.intent import check_or_write, request_fields
+    from msprior.data.request import RaveInfo
 
     rave = RaveInfo(data=b"", sha256="ab" * 32, facts={"resolution": None})
     corpus = (str(tmp_path / "a"), [("x.wav", str(tmp_path / "a" / "x.wav"), 10)], [])
     req = PreprocessRequest(str(tmp_path / "a"), str(tmp_path / "t"), "r.ts", **OPTS)
     (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "intent.json").write_text(json.dumps({"audio": req.audio, "request": _request_fields(req, rave, corpus)}))
-    assert _intent(req, rave, corpus, "r", None)["audio"] == req.audio  # the same request resumes
+    (tmp_path / "t" / "intent.json").write_text(json.dumps({"audio": req.audio, "request": request_fields(req, rave, corpus)}))
+    assert check_or_write(req, rave, corpus, "r", None)["audio"] == req.audio  # the same request resumes
     other = PreprocessRequest(str(tmp_path / "b"), str(tmp_path / "t"), "r.ts", **OPTS)
     with pytest.raises(PreprocessError, match="audio.root"):
-        _intent(other, rave, (str(tmp_path / "b"), corpus[1], []), "r", None)
+        check_or_write(other, rave, (str(tmp_path / "b"), corpus[1], []), "r", None)
     grown = (corpus[0], corpus[1] + [("y.wav", str(tmp_path / "a" / "y.wav"), 10)], [])
     with pytest.raises(PreprocessError, match="audio.listing_sha256"):
-        _intent(req, rave, grown, "r", None)
+        check_or_write(req, rave, grown, "r", None)

@@ -174,7 +174,8 @@ def test_encode_task_with_several_decode_threads_gives_the_same_rows(tmp_path):
     exactly the rows of one decode thread, each file complete, bad files as one error row each."""
     from msprior.codec import save_codec
     from msprior.data import features as feat
-    from msprior.data.preprocess import Encoder, Settings
+    from msprior.data.encode import Encoder
+    from msprior.data.request import Settings
     from msprior.data.synthetic import write_bad_files, write_corpus
 
     write_corpus(str(tmp_path / "c"), n_files=4, seconds=9.0, seed=0)
@@ -205,7 +206,10 @@ def test_transient_failures_are_not_committed_and_come_back_on_resume(tmp_path):
     only the first two are committed (the ledger says so), and the next run's pending list has the
     third again; a data file holds only complete files."""
     from msprior.data.lease import Lease
-    from msprior.data.preprocess import Settings, _pending, _rows_table, commit_bundle
+    from msprior.data.commit import commit_bundle
+    from msprior.data.encode import rows_table
+    from msprior.data.plan import pending as pending_files
+    from msprior.data.request import Settings
 
     out = str(tmp_path / "table")
     chunk = {"start_s": 0.0, "frames": 2, "rave": np.zeros(8, np.int16), "tokens": np.zeros(0, np.int16),
@@ -214,7 +218,7 @@ def test_transient_failures_are_not_committed_and_come_back_on_resume(tmp_path):
     chunks = {"good.wav": {0: chunk, 1: chunk}, "partial.wav": {0: chunk, 1: chunk}}
     errors = {"bad.wav": ("cannot decode: Format not recognised.", False),
               "flaky.wav": ("ReadTimeoutError: Read timeout on endpoint URL", True)}
-    t = _rows_table(files, chunks, errors)
+    t = rows_table(files, chunks, errors)
     t = t.filter(~((np.asarray(t["source"].to_pylist()) == "partial.wav") & (np.asarray(t["chunk"].to_pylist()) == 1)))
     s = Settings(audio_root="", out_path=out, run_id="r1", sr=44100, ratio=1024, chunk_samples=1024, min_frames=1,
                  resolution=64, batch_size=1, condition_ratio=0, centroids=None, scale=None)
@@ -224,6 +228,6 @@ def test_transient_failures_are_not_committed_and_come_back_on_resume(tmp_path):
     assert {x[0] for x in entry["failed"]} == {"flaky.wav", "partial.wav"}
     (rec,) = tbl.read_ledger(out)
     assert "failed" not in rec and rec["file"] == entry["file"]
-    pending, done = _pending([(f, f, 1) for f, _ in files], [rec])
+    pending, done = pending_files([(f, f, 1) for f, _ in files], [rec])
     assert sorted(p[0] for p in pending) == ["flaky.wav", "partial.wav"] and done == 1
     assert tbl.read_table(out)["source"].to_pylist() == ["good.wav", "good.wav"]

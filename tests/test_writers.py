@@ -160,7 +160,9 @@ def test_a_full_disk_is_a_storage_error_not_a_bad_file(full_tmp, s3_env, monkeyp
     import numpy as np
     import soundfile as sf
 
-    from msprior.data.preprocess import PreprocessError, Settings, _file_events, _stop_if_storage_full
+    from msprior.data.decode import file_events
+    from msprior.data.finish import stop_if_storage_full
+    from msprior.data.request import PreprocessError, Settings
 
     sf.write(str(tmp_path / "long.wav"), np.zeros(44100 * 3, np.float32) + 0.1, 44100)
     storage.write_bytes("s3://test-bucket/enospc/long.wav", (tmp_path / "long.wav").read_bytes())
@@ -168,8 +170,8 @@ def test_a_full_disk_is_a_storage_error_not_a_bad_file(full_tmp, s3_env, monkeyp
     s = Settings(audio_root="s3://test-bucket/enospc", out_path="", run_id="", sr=44100, ratio=1024,
                  chunk_samples=44100, min_frames=1, resolution=64, batch_size=1, condition_ratio=0, centroids=None,
                  scale=None)
-    (ev,) = list(_file_events("long.wav", "test-bucket/enospc/long.wav", s))
+    (ev,) = list(file_events("long.wav", "test-bucket/enospc/long.wav", s))
     assert ev[0] == "error" and ev[3] is True and ev[2].startswith(storage.STORAGE_FULL), ev
     with pytest.raises(PreprocessError, match=r"1 file\(s\) not encoded: storage full .* run the same command again"):
-        _stop_if_storage_full({"skipped": [{"source": "long.wav", "reason": ev[2] + " (transient: retried on resume)"}]},
+        stop_if_storage_full({"skipped": [{"source": "long.wav", "reason": ev[2] + " (transient: retried on resume)"}]},
                               "/out")

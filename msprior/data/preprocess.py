@@ -32,14 +32,6 @@ from msprior.data.progress import Progress
 from msprior.data.request import PreprocessError, PreprocessRequest, RaveInfo, Settings, note_original, validate
 from msprior.data import table as tbl
 
-# the names tests and benches used before preprocess was split by job (docs/ARCHITECTURE.md module map)
-from msprior.data.commit import commit_bundle  # noqa: E402,F401
-from msprior.data.decode import file_events as _file_events  # noqa: F401
-from msprior.data.encode import Encoder, ChunkEncoder, rows_table as _rows_table  # noqa: F401
-from msprior.data.finish import stop_if_storage_full as _stop_if_storage_full  # noqa: F401
-from msprior.data.intent import check_or_write as _intent, request_fields as _request_fields  # noqa: F401
-from msprior.data.plan import listing_digest, pending as _pending  # noqa: F401
-
 __all__ = ["preprocess", "PreprocessRequest", "PreprocessError", "Settings", "RaveInfo"]
 
 

@@ -82,7 +82,7 @@ def publish(ts_path: str, *, run: Optional[str] = None, checkpoint: str = "best"
     meta = read_metadata(ts_path)
     uri = tracking_uri or with_credentials(meta.get("tracking_uri"))
     digest = sha256_file(ts_path)
-    c = registry._client(uri)
+    c = registry.registry_client(uri)
     name = name or registry.default_name(c, run_name or meta.get("run_name") or "prior", registry.corpus_tags(meta))
     try:
         versions = registry.all_versions(c, name)

@@ -88,6 +88,23 @@ def _bool_str(b: bool) -> str:
     return "true" if b else "false"
 
 
+def _register_nn_api(m: nn.Module, cond: ConditioningSpec) -> None:
+    """What nn~ reads off the module (plain Python, run in `__init__` before scripting): the method
+    list, `forward_params` [in_ch, ratio, out_ch, ratio], the inlet/outlet labels and the attributes
+    with their type ids."""
+    q, ratio = m.num_quantizers, m.ratio
+    kind = "latent" if m.continuous else "token"
+    m._methods = ["forward"]
+    m.register_buffer("forward_params", torch.tensor([q + cond.channels, ratio, q + 1, ratio]))
+    m.forward_input_labels = [f"(signal) rave {kind} {i + 1}" for i in range(q)] + list(cond.labels())
+    m.forward_output_labels = [f"(signal) rave {kind} {i + 1}" for i in range(q)] + ["(signal) perplexity"]
+    m._attributes = ["none", "temperature", "listen", "learn_context", "reset"]
+    m.register_buffer("temperature_params", torch.tensor([TYPE_FLOAT]))
+    m.register_buffer("listen_params", torch.tensor([TYPE_STR]))
+    m.register_buffer("learn_context_params", torch.tensor([TYPE_STR]))
+    m.register_buffer("reset_params", torch.tensor([TYPE_STR]))
+
+
 class ScriptedPrior(nn.Module):
     prior: StreamingPrior
 
@@ -125,23 +142,7 @@ class ScriptedPrior(nn.Module):
         self.cond_tokens = cond.kind == TOKENS
         self.cond_channels = cond.channels  # nn~ inlets after the Q latents: 0, 1 token or F features
         self.cond_vocab = max(cond.vocab_size, 1)
-
-        # -- nn~ registry ---------------------------------------------------------------------
-        q = self.num_quantizers
-        in_ch = q + cond.channels
-        kind = "latent" if continuous else "token"
-        labels = [f"(signal) rave {kind} {i + 1}" for i in range(q)] + list(cond.labels())
-        self._methods: List[str] = ["forward"]
-        self.register_buffer("forward_params", torch.tensor([in_ch, ratio, q + 1, ratio]))
-        self.forward_input_labels: List[str] = labels
-        self.forward_output_labels: List[str] = [f"(signal) rave {kind} {i + 1}" for i in range(q)] + [
-            "(signal) perplexity"
-        ]
-        self._attributes: List[str] = ["none", "temperature", "listen", "learn_context", "reset"]
-        self.register_buffer("temperature_params", torch.tensor([TYPE_FLOAT]))
-        self.register_buffer("listen_params", torch.tensor([TYPE_STR]))
-        self.register_buffer("learn_context_params", torch.tensor([TYPE_STR]))
-        self.register_buffer("reset_params", torch.tensor([TYPE_STR]))
+        _register_nn_api(self, cond)
 
         # -- attribute values and streaming state ---------------------------------------------
         self.temperature = float(temperature)
