@@ -27,7 +27,7 @@ from msprior.pipeline import PipelineRequest
 from msprior.redact import redact_text, redact_uri
 from msprior.registry import PullRequest
 from msprior.train.evaluate import EvaluateRequest
-from msprior.train.run import TrainRequest, run_folder
+from msprior.train.request import TrainRequest, run_folder
 from msprior.train.tune import SweepRequest
 
 app = typer.Typer(

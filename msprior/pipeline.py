@@ -24,27 +24,21 @@ import dataclasses
 import hashlib
 import json
 import os
-import posixpath
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from msprior import storage
-from msprior.errors import UserError
 from msprior.data.preprocess import PreprocessRequest
 from msprior.export.publish import ExportRequest
 from msprior.flags import flag, like
-from msprior.train.run import TrainRequest, check_name
+from msprior.train.request import TrainRequest, check_name
 from msprior.train.tune import SweepRequest
 from msprior.redact import redact_uri
+from msprior.stages import STAGES, PipelineError, guard, invalidate
 
-STAGES = ("preprocess", "train", "export")  # recorded stages; registration is idempotent by sha256
 FORCE_ALIASES = {"tune": "train"}
-
-
-class PipelineError(UserError):
-    """A re-run whose arguments differ from a finished stage's, or a bad --force; one line."""
 
 
 @dataclass
@@ -155,90 +149,6 @@ def _forced_stages(force: Sequence[str]) -> List[str]:
     return list(STAGES[first:])
 
 
-# --- stage records -----------------------------------------------------------------------------
-
-
-def _digest(inputs: Dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _read_record(p: Plan, stage: str) -> Optional[Dict[str, Any]]:
-    path = p.record_path(stage)
-    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
-
-
-def guard(p: Plan, stage: str, inputs: Dict[str, Any], has_output: bool) -> Dict[str, Any]:
-    """Refuse a re-run with other arguments; else record this stage's inputs before it runs.
-
-    `inputs` also gets `upstream`: the digest of the previous stage's inputs."""
-    i = STAGES.index(stage)
-    if i:
-        prev = _read_record(p, STAGES[i - 1])
-        inputs = {**inputs, "upstream": _digest(prev["inputs"]) if prev else None}
-    inputs = json.loads(json.dumps(inputs, default=str))  # compare as written
-    old = _read_record(p, stage)
-    if old is not None:
-        diff = [k for k in sorted(set(old["inputs"]) | set(inputs)) if old["inputs"].get(k) != inputs.get(k)]
-        if diff:
-            k = diff[0]
-            what = f"from another {STAGES[i - 1]} output" if k == "upstream" else \
-                f"with {k}={old['inputs'].get(k)!r}; this run asks {k}={inputs.get(k)!r}"
-            more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
-            raise PipelineError(f"[{stage}] {p.record_path(stage)} was made {what}{more}: pass --force {stage} "
-                                "to redo it (and the stages after it), or another --out")
-        return inputs
-    if has_output:
-        p.echo(f"[{stage}] no record of the arguments its output was made with (older msprior): recording these")
-    record = {"stage": stage, "inputs": inputs, "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    storage.write_bytes(p.record_path(stage), json.dumps(record, indent=1).encode())
-    return inputs
-
-
-def invalidate(p: Plan) -> None:
-    """Remove the outputs, then the records, of the forced stages. Interrupted, it leaves old
-    records over missing or partial outputs: a re-run with the old arguments completes them, one
-    with the new arguments is refused again (never an old output adopted under new arguments)."""
-    for stage in p.forced:
-        for path in _outputs(p, stage):
-            if storage.exists(path):
-                p.echo(f"[{stage}] --force: removing {path}")
-                _remove(path, p.req.out)
-    for stage in p.forced:
-        _remove(p.record_path(stage), p.req.out)
-
-
-def _outputs(p: Plan, stage: str) -> List[str]:
-    if stage == "preprocess":
-        return [p.table]
-    if stage == "export":
-        return [p.model_path]
-    sweep_record = storage.join(p.runs, f"{p.name}.sweep.json")
-    trials = []
-    if storage.exists(sweep_record):  # a sweep's trial runs, as it recorded them
-        trials = [t["run_dir"] for t in json.loads(storage.read_bytes(sweep_record)).get("trials", []) if t.get("run_dir")]
-    return [p.run_dir, *trials, sweep_record]
-
-
-def _remove(path: str, root: str) -> None:
-    """Delete `path` (strictly inside the output root `root`); a folder only once we hold its lease:
-    a table or run another process is writing is refused in one line, never deleted under it."""
-    from msprior.data.lease import Lease
-
-    fs, local = storage.filesystem(path)
-    _, top = storage.filesystem(root)
-    local, top = posixpath.normpath(local), posixpath.normpath(top)  # s3 keys are not resolved by the filesystem
-    if not (local.rstrip("/") + "/").startswith(top.rstrip("/") + "/") or local.rstrip("/") == top.rstrip("/"):
-        raise PipelineError(f"--force: {path} is not inside --out {root}; nothing deleted")
-    if not fs.exists(local):
-        return
-    if not fs.isdir(local):
-        fs.rm(local)
-        return
-    what = "preprocess" if fs.exists(local.rstrip("/") + "/intent.json") else "training"
-    with Lease.acquire(path, what=what):
-        fs.rm(local, recursive=True)
-
-
 # --- the stages --------------------------------------------------------------------------------
 
 
@@ -343,9 +253,10 @@ def stage_train(p: Plan) -> str:
     if summary:
         p.echo(f"[train] skipped: {p.run_dir}/run.json exists (best val CE {summary.get('best_val_loss')})")
         return p.run_dir
-    from msprior.train.run import _has_checkpoints, run_training
+    from msprior.train.request import has_checkpoints
+    from msprior.train.run import run_training
 
-    resume = _has_checkpoints(p.run_dir)  # an interrupted training continues from its last checkpoint
+    resume = has_checkpoints(p.run_dir)  # an interrupted training continues from its last checkpoint
     p.echo(f"[train] {req.config} on {p.table} -> {p.run_dir}" + (" (resuming)" if resume else ""))
     summary = run_training(train_request(p, resume))
     p.echo(f"[train] done in {time.monotonic() - t0:.0f} s: best val CE {summary.get('best_val_loss')}")

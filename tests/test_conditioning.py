@@ -106,7 +106,7 @@ def test_resume_refuses_a_table_with_other_feature_names(tmp_path):
     from msprior.checkpoint import write_run_request
     from msprior.config import load_config
     from msprior.data.reader import open_table
-    from msprior.train.run import _request_record, check_resume
+    from msprior.train.plan import check_resume, request_record
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     write_synthetic_table(a, num_files=4)  # features f0, f1, f2
@@ -115,7 +115,7 @@ def test_resume_refuses_a_table_with_other_feature_names(tmp_path):
     run_dir = str(tmp_path / "runs" / "r")
     table_a, table_b = open_table(a, 0.25, 0, "tokens"), open_table(b, 0.25, 0, "tokens")
     assert table_a.identity() == table_b.identity()  # the indexed content alone cannot tell them apart
-    write_run_request(run_dir, _request_record(cfg, table_a))
+    write_run_request(run_dir, request_record(cfg, table_a))
     check_resume("r", run_dir, cfg, table_a)  # the same table resumes
     with pytest.raises(UserError) as e:
         check_resume("r", run_dir, cfg, table_b)

@@ -138,7 +138,7 @@ def test_train_flags_of_the_original_in_our_terms(tmp_path):
 
 
 def test_pretrained_embedding_of_a_continuous_rave_warns_and_trains_on(capsys):
-    from msprior.train.run import read_codebooks
+    from msprior.train.plan import read_codebooks
 
     assert read_codebooks(str(FIXTURES / "rave" / "v2_continuous.ts")) is None
     out = capsys.readouterr()

@@ -213,7 +213,8 @@ def test_failed_trial_error_is_redacted_in_tune_files_and_results(ray_session, t
     carries a credential: Tune's error.txt / error.pkl / experiment state, the result's error,
     the sweep's summary and error line, and the driver's output hold it redacted."""
     from msprior.train import TrainError
-    from msprior.train.tune import _trial_summary, load_shared, make_tuner, start_parent, summarise
+    from msprior.train.sweep_summary import summarise, trial_summary
+    from msprior.train.tune import load_shared, make_tuner, start_parent
     from msprior.data.layout import open_data
 
     p = _sweep_plan(tmp_path, "leaky", db_path=train_table)
@@ -225,12 +226,12 @@ def test_failed_trial_error_is_redacted_in_tune_files_and_results(ray_session, t
     assert len(grid) == 1 and grid[0].error is not None
     text = str(grid[0].error)
     assert "optim.grad_clip must be a number" in text and "http://mlflow.example.org:5000" in text, text
-    summary = _trial_summary(grid[0], p.req.name, p.runs_root, p.req.db_path, p.tracking["uri"], p.tracking["client"])
+    summary = trial_summary(grid[0], p.req.name, p.storage_path, p.req.db_path, p.tracking["uri"], p.tracking["client"])
     assert summary["error"] and SECRET not in summary["error"]
     with pytest.raises(TrainError, match="no trial reported a validation") as e:
         summarise(p, grid)
     assert SECRET not in str(e.value)
-    files = [f for f in Path(p.sweep_dir).rglob("*") if f.is_file()]
+    files = [f for f in Path(p.experiment_path).rglob("*") if f.is_file()]
     assert any(f.name == "error.txt" for f in files), files
     leaked = [str(f) for f in files if SECRET.encode() in f.read_bytes()]
     assert leaked == [], leaked
@@ -243,11 +244,11 @@ def test_trial_summary_redacts_the_error(monkeypatch):
     through the trial function)."""
     from types import SimpleNamespace
 
-    from msprior.train.tune import _trial_summary
+    from msprior.train.sweep_summary import trial_summary
 
     result = SimpleNamespace(metrics={}, config={}, metrics_dataframe=None,
                              error=RuntimeError(f"GET http://u:{SECRET}@h:1/x failed"))
-    out = _trial_summary(result, "s", "/runs", "/table", "sqlite:///x.db", client=None)
+    out = trial_summary(result, "s", "/runs", "/table", "sqlite:///x.db", client=None)
     assert out["error"] == "GET http://h:1/x failed"
 
 

@@ -251,7 +251,7 @@ def test_run_names_cannot_leave_the_storage_folder(train_table, tmp_path, name):
 
 def test_codebooks_from_a_discrete_export(tmp_path):
     from msprior.codec import build_codec
-    from msprior.train.run import TrainError, read_codebooks
+    from msprior.train.plan import TrainError, read_codebooks
 
     torch.jit.save(build_codec(discrete=True, num_quantizers=4, codebook_size=16), str(tmp_path / "d.ts"))
     assert tuple(read_codebooks(str(tmp_path / "d.ts")).shape[:2]) == (4, 16)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from msprior.train import load_run, tracking
-from msprior.train.tune import load_sweep, search_space
+from msprior.train.sweep_file import load_sweep, param_space
 from tests.test_train_windows import TINY
 
 SWEEP = {
@@ -37,7 +37,7 @@ def test_sweep_file_errors_are_one_line(tmp_path):
     p.write_text(yaml.safe_dump({**SWEEP, "search": {"model.dim": {"pick": [1, 2]}}}))
     with pytest.raises(TrainError, match="choice"):
         load_sweep(str(p))
-    assert set(search_space(load_sweep("configs/sweeps/default.yaml")["search"])) >= {"model.family", "optim.lr"}
+    assert set(param_space(load_sweep("configs/sweeps/default.yaml")["param_space"])) >= {"model.family", "optim.lr"}
 
 
 @pytest.mark.slow

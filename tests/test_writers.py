@@ -110,12 +110,12 @@ def test_a_name_never_reaches_outside_out(tmp_path, capsys):
     rc, _, errors = cli(argv + ["--name", "../..", "--force", "train"], capsys)
     assert rc == 2 and len(errors) == 1 and "--name '../..'" in errors[0]
     assert (tmp_path / "keep.txt").exists() and (out / "data" / "intent.json").exists()
-    from msprior.pipeline import PipelineError, _remove
+    from msprior.stages import PipelineError, remove_output
 
     with pytest.raises(PipelineError, match="not inside --out"):
-        _remove(str(out / "runs" / ".." / ".."), str(out))
+        remove_output(str(out / "runs" / ".." / ".."), str(out))
     with pytest.raises(PipelineError, match="not inside --out"):
-        _remove("s3://bucket/out/runs/../..", "s3://bucket/out")
+        remove_output("s3://bucket/out/runs/../..", "s3://bucket/out")
     assert (tmp_path / "keep.txt").exists()
 
 

@@ -7,7 +7,7 @@ build its flags without paying for torch at every `msprior --help`.
 
 from importlib import import_module
 
-_WHERE = {"train": "msprior.train.run", "TrainError": "msprior.train.run", "load_run": "msprior.checkpoint",
+_WHERE = {"train": "msprior.train.run", "TrainError": "msprior.train.request", "load_run": "msprior.checkpoint",
           "load_checkpoint": "msprior.checkpoint", "RunNotFound": "msprior.checkpoint"}
 
 __all__ = list(_WHERE)

@@ -1,6 +1,7 @@
-"""`train(...)`: one training run on Ray Train, from the driver's side.
+"""`train(...)`: one training run on Ray Train, from the driver's side: the run's steps.
 
-Steps (one function each): resolve the request (config, name, resume checks), open the latent
+Steps (one function each): resolve the request (msprior.train.plan; the request itself is
+msprior.train.request), open the latent
 table (its index and layout; workers read their files through the node cache), check the cluster
 can hold the request (fail fast, never a silent resource deadlock), create or continue the MLflow
 run, run a `TorchTrainer` over `loop.train_loop_per_worker`, print the progress lines rank 0 sends,
@@ -10,31 +11,25 @@ and write `run.json`. A sweep opens the table once and hands the same `TableData
 from __future__ import annotations
 
 import math
-import os
-import re
 import threading
 import time
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Sequence, Union
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 from msprior import console, devices
-from msprior.devices import CPU_HELP, GPU_HELP, Device
+from msprior.config import Config
+from msprior.devices import Device
 from msprior.errors import UserError
-from msprior.flags import flag
-from msprior.train import run_lease
-
-from msprior.conditioning import ConditioningSpec
-from msprior.config import Config, load_config
 from msprior.redact import redact_uri
 from msprior.runtime import ensure_ray
+from msprior.train import run_lease
+from msprior.train.plan import Plan, plan, request_record
+from msprior.train.request import TrainContext, TrainError, TrainRequest
+
+if TYPE_CHECKING:
+    from msprior.train.inputs import LoopInputs
 
 DATA_CPU = 0.25  # what Ray Data's read tasks need to make progress next to the train workers
-DEFAULT_CPUS_PER_WORKER = 0.5  # logical: workers set their own torch threads from the node's cores
-CONFIG_HELP = "Shipped config name (msprior/configs/*.yaml) or a YAML path."
-
-
-class TrainError(UserError):
-    """A training request that cannot run as asked; a one-line message for the user."""
 
 
 # --- resources ----------------------------------------------------------------------------------
@@ -70,80 +65,13 @@ def check_resources(num_workers: int, cpus_per_worker: float, gpus_per_worker: f
     return max(1, min(trials, fit))
 
 
-# --- paths --------------------------------------------------------------------------------------
-
-
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
-
-
-def check_name(name: str, flag: str = "--name") -> str:
-    """A run (or sweep) name is one folder under the storage path: no separators, no '..'."""
-    if not name or not NAME_RE.fullmatch(name) or ".." in name:
-        raise TrainError(f"{flag} {name!r}: use letters, digits and . _ - (one folder name, not starting "
-                         "with '.' or containing '..' or '/')")
-    return name
-
-
-def _runs_root(storage_path: Optional[str]) -> str:
-    from msprior import storage
-
-    return storage.absolute(storage_path or os.environ.get("MSPRIOR_STORAGE") or "runs")
-
-
-def _join(root: str, name: str) -> str:
-    from msprior import storage
-
-    return storage.join(root, name)
-
-
-def run_folder(storage_path: Optional[str], name: str) -> str:
-    """Where the run `name` lives: `<--storage_path or MSPRIOR_STORAGE or ./runs>/<name>`."""
-    return _join(_runs_root(storage_path), name)
-
-
-def _has_checkpoints(run_dir: str) -> bool:
-    from msprior import storage
-
-    return any(n.startswith("checkpoint_") for n in storage.Location.of(run_dir).listdir())
+# --- checkpoints ---------------------------------------------------------------------------------
 
 
 def _ckpt_uri(checkpoint) -> Optional[str]:
     from msprior import storage
 
     return None if checkpoint is None else storage.url_of(checkpoint.filesystem, checkpoint.path)
-
-
-# --- pretrained embedding -----------------------------------------------------------------------
-
-
-def read_codebooks(rave_ts: str):
-    """The RVQ codebooks (`encoder.rvq.layers.N._codebook.embed`, (V, d) each) of a discrete RAVE export."""
-    import io
-
-    import torch
-
-    from msprior import storage
-
-    where = storage.Location.of(rave_ts)  # local or s3:// (a latent table's copy of its RAVE model)
-    if not where.exists():
-        raise TrainError(f"--pretrained_embedding {rave_ts}: file not found")
-    try:
-        module = torch.jit.load(io.BytesIO(where.read_bytes()), map_location="cpu")
-    except Exception as e:  # not TorchScript
-        raise TrainError(f"--pretrained_embedding {rave_ts}: not a TorchScript RAVE export ({e.__class__.__name__})") from None
-    pattern = re.compile(r"encoder\.rvq\.layers\.(\d+)\._codebook\.embed$")
-    found = {int(m.group(1)): b.detach().float().clone()
-             for n, b in module.named_buffers() if (m := pattern.search(n))}
-    if not found and hasattr(module, "encode"):  # a continuous RAVE: the original warned and trained on
-        console.echo(f"warning: --pretrained_embedding {rave_ts}: a continuous RAVE has no codebooks; training "
-                     "without pretrained embeddings (pretrained embeddings need a discrete RAVE)")
-        return None
-    if not found:
-        raise TrainError(
-            f"--pretrained_embedding {rave_ts}: no RVQ codebooks (encoder.rvq.layers.N._codebook.embed) and no "
-            "encode method: not a RAVE export"
-        )
-    return torch.stack([found[i] for i in sorted(found)])  # [Q, V, d]
 
 
 # --- progress on the console --------------------------------------------------------------------
@@ -214,84 +142,7 @@ class Progress:
             pass
 
 
-# --- the request -------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainContext:
-    """What a library caller fills in for one training, never a flag of `msprior train`.
-
-    `experiment` / `parent_run_id` / `tune_report` / `data` / `gpus_per_worker` are for sweeps
-    (nested MLflow runs, Tune reports, the table opened once by the sweep driver, a trial's GPU
-    share); `progress` off for sweeps and quiet callers; `fault_injection` = the fields of
-    `msprior.train.inputs.Fault` (tests only).
-    """
-
-    progress: bool = True
-    experiment: Optional[str] = None
-    parent_run_id: Optional[str] = None
-    tune_report: bool = False
-    fault_injection: Optional[Dict[str, Any]] = None
-    data: Any = None  # msprior.data.layout.TableData, already opened (a sweep's); else opened here
-    gpus_per_worker: Optional[float] = None  # a sweep's share of its trial's GPUs; else 1 on a GPU
-
-
-@dataclass
-class TrainRequest:
-    """One training as the user asks it: the flags of `msprior train` (the pipeline and sweeps set
-    the same fields), plus `ctx`, what a library caller fills in (`TrainContext`)."""
-
-    config: Union[str, Config, Dict] = flag("decoder_only", CONFIG_HELP, repeat=True)
-    db_path: str = flag("", "Latent table (folder or s3:// prefix) from `msprior preprocess`.", required=True)
-    name: str = flag("", "Run name: the run folder under --storage_path and the MLflow experiment.",
-                     required=True)
-    pretrained_embedding: Optional[str] = flag(None, "RAVE .ts: start from its codebooks (a continuous RAVE has "
-                                                     "none: a warning, and training goes on without).")
-    num_workers: int = flag(1, "Ray Train workers (DDP).")
-    gpu: Optional[int] = flag(None, GPU_HELP)
-    cpu: bool = flag(False, CPU_HELP)
-    batch_size: Optional[int] = flag(None, "Windows per worker per step (global: x workers); default: config.")
-    max_steps: Optional[int] = flag(None, "Training steps; default: config.")
-    val_every: Optional[int] = flag(None, "Steps between validations (and checkpoints: train.checkpoint_every); "
-                                          "default: config.")
-    overrides: Sequence[str] = flag((), "section.key=value, repeatable.", names="--override")
-    resume: bool = flag(False, "Continue the run NAME from its last checkpoint.")
-    tracking_uri: Optional[str] = flag(None, "MLflow URI (default MLFLOW_TRACKING_URI or ./mlflow.db).")
-    storage_path: Optional[str] = flag(None, "Where runs live (folder or s3://); default MSPRIOR_STORAGE or ./runs.")
-    cpus_per_worker: float = flag(DEFAULT_CPUS_PER_WORKER, "Logical CPUs requested per worker.")
-    max_failures: int = flag(3, "Worker-group restarts (a worker or node lost) before the run fails.")
-    worker_resources: Optional[str] = flag(None, devices.RESOURCES_HELP.format(what="Train worker"))
-    # the original MSPrior's train flags, same meaning (train/original.py translates them)
-    ckpt: Optional[str] = flag(None, "Resume from a checkpoint of run NAME (the original's flag; = --resume).")
-    ema: Optional[float] = flag(None, "EMA decay of the weights (the original's flag; = --override train.ema=F).")
-    val_size: Optional[int] = flag(None, "Validation chunks (the original's flag): files holding about this many "
-                                         "chunks are held out; default: data.val_fraction of the files.")
-    workers: Optional[int] = flag(None, "The original's data-loader processes: accepted, not needed (windows are "
-                                        "drawn from memory); --num_workers sets the DDP workers.")
-    ctx: TrainContext = field(default_factory=TrainContext)
-
-    def wants_gpus(self) -> bool:
-        """An explicit --gpu N (not the default choice, not the CPU)."""
-        return devices.normalise(self.gpu, self.cpu) not in (None, devices.CPU)
-
-    def gpus(self, device: Optional[Device]) -> float:
-        """GPUs per worker on `device` (the choice of msprior.devices)."""
-        on = device.gpu if device is not None else devices.normalise(self.gpu, self.cpu) not in (None, devices.CPU)
-        share = self.ctx.gpus_per_worker
-        return (share if share is not None else 1.0) if on else 0.0
-
-
-@dataclass
-class Plan:
-    """What the driver resolved before starting anything on Ray."""
-
-    cfg: Config
-    table: Any  # msprior.data.reader.Table
-    runs_root: str  # the folder (or s3:// prefix) that holds one folder per run
-    run_dir: str
-    codebooks: Any = None
-    tracking: Dict[str, Any] = field(default_factory=dict)  # uri, client, run_id
-    device: Optional[Device] = None  # msprior.devices' choice, made once Ray is up
+# --- what each worker asks Ray for ---------------------------------------------------------------
 
 
 def worker_resources(req: TrainRequest, device: Optional[Device]) -> Dict[str, float]:
@@ -314,126 +165,6 @@ def _user_cause(e: BaseException) -> Optional[BaseException]:
             if isinstance(candidate, UserError):
                 return candidate
     return None
-
-
-def resolve_config(config: Union[str, Config, Dict], overrides: Sequence[str] = (), *, batch_size=None,
-                   max_steps=None, val_every=None) -> Config:
-    from msprior.config import apply_overrides
-
-    flags = [f"train.{k}={v}" for k, v in
-             (("batch_size", batch_size), ("max_steps", max_steps), ("val_every", val_every)) if v is not None]
-    if isinstance(config, Config):
-        return apply_overrides(config, list(overrides) + flags)
-    if isinstance(config, dict):
-        return apply_overrides(Config.from_dict(config), list(overrides) + flags)
-    return load_config(config, list(overrides) + flags)
-
-
-def _check_table_vs_config(cfg: Config, manifest: Dict, db_path: str) -> None:
-    table = ConditioningSpec.from_manifest(manifest)
-    if cfg.model.conditioning != "none":
-        if not table.has(cfg.model.conditioning):
-            raise TrainError(f"{db_path}: config {cfg.name} needs conditioning ({cfg.model.conditioning}) but the "
-                             "table has none; preprocess with conditioning or use --config decoder_only")
-        if table.ratio != cfg.model.cond_ratio:
-            raise TrainError(f"{db_path}: the table's conditioning ratio is {table.ratio}, the config's "
-                             f"model.cond_ratio is {cfg.model.cond_ratio}: pass --override model.cond_ratio="
-                             f"{table.ratio}")
-
-
-def _check_codebooks(codebooks, manifest: Dict, path: str) -> None:
-    q, v = manifest["rave"]["num_quantizers"], manifest["rave"]["vocab_size"]
-    if codebooks.shape[0] != q or codebooks.shape[1] != v:
-        raise TrainError(f"--pretrained_embedding {path}: {codebooks.shape[0]} codebooks of {codebooks.shape[1]} "
-                         f"entries, the table has {q} quantizers x {v}: use the RAVE model that encoded the table")
-
-
-# --- step 1: resolve the request (no Ray yet) ---------------------------------------------------
-
-
-def _run_dir_state(req: TrainRequest, runs_root: str, run_dir: str) -> None:
-    exists = _has_checkpoints(run_dir)
-    if exists and not req.resume:
-        raise TrainError(f"run {req.name!r} already has checkpoints in {runs_root}: pass --resume to continue it "
-                         "or choose another --name")
-    if req.resume and not exists:
-        raise TrainError(f"--resume: run {req.name!r} has no checkpoint in {runs_root} (check --name / --storage_path)")
-
-
-def plan(req: TrainRequest) -> Plan:
-    """Config, table (manifest + index), run folder and resume checks: every fast failure first."""
-    from msprior import storage as st
-    from msprior.train import original
-    from msprior.data.reader import open_table, read_manifest
-
-    check_name(req.name)
-    if not req.db_path and req.ctx.data is None:
-        raise TrainError("--db_path: give the latent table written by `msprior preprocess`")
-    if req.num_workers < 1:
-        raise TrainError(f"--num_workers {req.num_workers}: must be >= 1")
-    overrides, codebooks = list(req.overrides) + original.overrides(req.ema), None
-    if req.pretrained_embedding:
-        codebooks = read_codebooks(req.pretrained_embedding)
-    if codebooks is not None:
-        overrides.append(f"model.pretrained_embedding_dim={int(codebooks.shape[2])}")
-    if req.val_size is not None and req.ctx.data is None:
-        frac = original.val_fraction(req.val_size, read_manifest(st.absolute(req.db_path)))
-        overrides.append(f"data.val_fraction={frac}")
-    if original.workers_note(req.workers) and req.ctx.progress:
-        console.echo(original.workers_note(req.workers))
-    cfg = resolve_config(req.config, overrides, batch_size=req.batch_size, max_steps=req.max_steps,
-                         val_every=req.val_every)
-    if req.ctx.data is not None:
-        table = req.ctx.data.table
-    else:
-        table = open_table(st.absolute(req.db_path), cfg.data.val_fraction, cfg.data.seed, cfg.model.conditioning)
-    _check_table_vs_config(cfg, table.manifest, table.db_path)
-    if codebooks is not None:
-        _check_codebooks(codebooks, table.manifest, req.pretrained_embedding)
-    runs_root = _runs_root(req.storage_path)
-    run_dir = _join(runs_root, req.name)
-    if original.resumes(req.ckpt, run_dir, req.name):  # the original's --ckpt: a checkpoint of this run
-        req.resume = True
-    _run_dir_state(req, runs_root, run_dir)
-    if req.resume:
-        check_resume(req.name, run_dir, cfg, table)
-    return Plan(cfg=cfg, table=table, runs_root=runs_root, run_dir=run_dir, codebooks=codebooks)
-
-
-# --- resume: the same config and the same table -------------------------------------------------
-
-RESUME_SECTIONS = ("model", "data")  # what a checkpoint's weights and split depend on
-
-
-def _request_record(cfg: Config, table) -> Dict[str, Any]:
-    return {"config": cfg.to_dict(), "table": table.identity(), "db_path": table.db_path,
-            "conditioning": ConditioningSpec.from_manifest(table.manifest).to_manifest()}  # the table's
-
-
-def check_resume(name: str, run_dir: str, cfg: Config, table) -> None:
-    """Refuse (one line) to resume a run with another model/data config or another table."""
-    from msprior.checkpoint import read_run_request
-
-    old = read_run_request(run_dir)
-    if old is None:  # a run started before the request was recorded: nothing to compare
-        return
-    new = _request_record(cfg, table)
-    for section in RESUME_SECTIONS:
-        was, now = old["config"].get(section) or {}, new["config"][section]
-        for key in sorted(now):
-            if key in was and was[key] != now[key]:
-                raise TrainError(f"--resume {name}: the run was trained with {section}.{key}={was[key]!r}, the "
-                                 f"request gives {now[key]!r}: resume with the same config or choose another --name")
-    for key, now in new["table"].items():
-        was = old["table"].get(key)
-        if was is not None and was != now:
-            raise TrainError(f"--resume {name}: the run was trained on another table ({key} {was} there, {now} in "
-                             f"{table.db_path}): resume with its table ({old.get('db_path')}) or choose another --name")
-    if "conditioning" in old:  # recorded since ConditioningSpec; feature names included
-        ConditioningSpec.from_dict(old["conditioning"]).check_compatible(
-            ConditioningSpec.from_dict(new["conditioning"]),
-            f"--resume {name}: the run's table ({old.get('db_path')}) vs {table.db_path}",
-            "resume with its table or choose another --name")
 
 
 # --- step 2: the table's layout, the fixed validation windows -----------------------------------
@@ -626,7 +357,7 @@ def run_training(req: TrainRequest) -> Dict[str, Any]:
         check_resources(req.num_workers, req.cpus_per_worker, req.gpus(p.device))
         data = req.ctx.data if req.ctx.data is not None else load_data(p)
         val_ref = validation_windows(p, data)
-        write_run_request(p.run_dir, _request_record(p.cfg, p.table))
+        write_run_request(p.run_dir, request_record(p.cfg, p.table))
         start_tracking(req, p, data)
         quality.log_floor(p.tracking, data, val_ref)  # the unigram floor of these validation windows, once
         printer = Progress(req.name) if req.ctx.progress else None

@@ -27,13 +27,13 @@ def start_run(c, experiment: str, run_name: str, params: Dict[str, Any], tags: D
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # how MLflow nests runs
     run = c.create_run(experiment_id(c, experiment), run_name=run_name, tags=tags)
-    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    items = [Param(k, param_value(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         c.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id
 
 
-def _param_value(v: Any) -> str:
+def param_value(v: Any) -> str:
     s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
     return s[:6000]
 
