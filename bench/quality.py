@@ -322,6 +322,27 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def per_quantizer(report: dict) -> str:
+    """Means of seeds per quantizer at 3 decimals, their difference and its standard error
+    (sqrt(s_o^2 / n_o + s_m^2 / n_m), seed standard deviations s)."""
+    o, m = np.array([r["ce"] for r in report["original"]]), np.array([r["ce"] for r in report["msprior"]])
+    if not (len(o) and len(m)):
+        return ""
+    q = o.shape[1]
+    sd = lambda a: a.std(axis=0, ddof=1) if len(a) > 1 else np.full(q, np.nan)  # noqa: E731
+    se = np.sqrt(sd(o) ** 2 / len(o) + sd(m) ** 2 / len(m))
+
+    def row(name, v, fmt="{:.3f}", mean=True):
+        cells = [fmt.format(x) for x in v] + ([fmt.format(float(np.mean(v)))] if mean else [""])
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    return "\n".join([
+        "| quantizer | " + " | ".join(f"q{i}" for i in range(q)) + " | mean |", "|---" * (q + 2) + "|",
+        row(f"original, mean of {len(o)} seeds", o.mean(axis=0)), row(f"msprior, mean of {len(m)} seeds", m.mean(axis=0)),
+        row("difference", m.mean(axis=0) - o.mean(axis=0), "{:+.3f}"), row("s.e. of the difference", se, mean=False),
+        row("seed s.d. original", sd(o), mean=False), row("seed s.d. msprior", sd(m), mean=False)])
+
+
 def gain_ratio(report: dict):
     if not (report["original"] and report["msprior"]):
         return None
@@ -342,6 +363,7 @@ def finish(args, report: dict, t0: float) -> None:
           f"batch {report['batch_size']}; params original {original[0]['params'] if original else '?'}, msprior "
           f"{msprior[0]['params'] if msprior else '?'}\n")
     print(table(report))
+    print("\n" + per_quantizer(report))
     g = report["gain_ratio"]
     print(f"\ngain ratio (unigram - msprior) / (unigram - original): {g:.3f}" if g is not None else
           "\ngain ratio: n/a (no original result, or the original is not below the unigram floor)")
@@ -349,13 +371,20 @@ def finish(args, report: dict, t0: float) -> None:
 
 
 def rereport(args, path: str) -> None:
-    """--report: a results JSON again, with the original's results cached since (nothing trains)."""
-    report = json.load(open(path))
+    """--report: a results JSON again, with the original's results cached since (nothing trains);
+    several, comma-separated (same corpus and steps): msprior's seeds of all of them in one table."""
+    paths = path.split(",")
+    report = json.load(open(paths[0]))
+    for other in paths[1:]:
+        more = json.load(open(other))
+        if (more["tokens"]["train_sha256"], more["steps"]) != (report["tokens"]["train_sha256"], report["steps"]):
+            raise SystemExit(f"bench/quality: {other} was trained on other tokens or steps than {paths[0]}")
+        report["msprior"] += more["msprior"]
     args.steps, args.batch_size, args.seq_len = report["steps"], report["batch_size"], report["seq_len"]
     args.only = "msprior"  # run_original: cached results only
     seeds = sorted({r["seed"] for r in report["msprior"] + report["original"]})
     report["original"] = [r for r in (run_original(args, report["tokens"], s) for s in seeds) if r]
-    report["command"] += f"  (table: bench/quality.py --report {os.path.basename(path)})"
+    report["command"] += f"  (table: bench/quality.py --report {','.join(map(os.path.basename, paths))})"
     finish(args, report, time.time())
 
 

@@ -102,6 +102,10 @@ def train_inprocess(cfg, facts, train: List[np.ndarray], seed: int, steps: int, 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     prior = build_prior(cfg.model, facts)
+    if cfg.train.unigram_bias:  # as a fresh `msprior train` does, from every training token here
+        from msprior.train.quality import token_counts
+
+        prior.init_output_bias(torch.from_numpy(token_counts(np.concatenate(train), facts.vocab_size)))
     opt = make_optimizer([p for p in prior.parameters() if p.requires_grad], cfg.optim)
     o = cfg.optim
     sched = torch.optim.lr_scheduler.LambdaLR(

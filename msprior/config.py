@@ -110,6 +110,9 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay of the weights used for validation/export; 0 = off
     log_every: int = 50  # steps between metric logs
     seed: int = 0
+    # a fresh training starts each quantizer's output bias at the log unigram of its training tokens
+    # (Prior.init_output_bias: no weight, no inference cost); false: zero biases (runs before it)
+    unigram_bias: bool = False
     compile: str = "auto"  # torch.compile the training step: auto (on CUDA only), true, false
     # DDP gradients on the wire: bf16 halves the bytes per step (msprior.train.ddp); auto = bf16 on
     # CUDA (NCCL), none on CPU (gloo); bf16 works on gloo too (tests/test_ddp.py)

@@ -268,3 +268,54 @@ def test_a_checkpoint_from_before_model_predictor_loads_as_it_was_trained(tmp_pa
     loaded = build_prior(Config.from_dict(state["config"]).model, FACTS)
     loaded.load_state_dict(state["model"])  # strict: fails if the default predictor were built
     assert state["config"]["model"]["predictor"] == "linear_film"
+
+
+def _skewed_windows(n=8, t=33, seed=0):
+    """Windows [n, t, Q] of tokens drawn from peaked per-quantizer marginals (no context)."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(Q, V, generator=g) * 2.5, dim=-1)
+    cols = [torch.multinomial(probs[q], n * t, replacement=True, generator=g) for q in range(Q)]
+    return torch.stack(cols, dim=-1).view(n, t, Q)
+
+
+@pytest.mark.parametrize("predictor", ["film", "linear_film"])
+def test_unigram_bias_starts_the_prior_at_the_unigram_floor(predictor):
+    """train.unigram_bias: an untrained prior whose output biases start at the log unigram of the
+    training tokens scores that unigram's cross-entropy (the floor), not ln V."""
+    import math
+
+    import numpy as np
+
+    from msprior.train import quality
+
+    rave = _skewed_windows()
+    prior, _ = tiny("decoder_only", extra=[f"model.predictor={predictor}"])
+    before = prior.quantizer_losses({"rave": rave})
+    counts = quality.token_counts(rave.numpy(), V)
+    prior.init_output_bias(torch.from_numpy(counts))
+    after = prior.quantizer_losses({"rave": rave})
+    floor = quality.unigram_ce(counts, quality.target_counts([{"rave": rave.numpy()}], V))
+    assert np.all(floor < math.log(V) - 0.5)  # peaked marginals: the floor is far below ln V
+    torch.testing.assert_close(before, torch.full((Q,), math.log(V)), atol=0.1, rtol=0)  # small random logits
+    torch.testing.assert_close(after.double(), torch.from_numpy(floor), atol=0.05, rtol=0)
+    torch.testing.assert_close(prior.predictor.out_b.sum(dim=1), torch.zeros(Q), atol=1e-4, rtol=0)  # centred
+    with pytest.raises(ValueError, match="expected"):
+        prior.init_output_bias(torch.ones(Q, V + 1))
+
+
+def test_sampler_counts_are_the_training_chunks_tokens():
+    """What a fresh training initialises the biases from: the tokens of the chunks its window sampler
+    draws from (a chunk too short for a window is not counted), capped at max_frames."""
+    import numpy as np
+
+    from msprior.data.reader import Frames
+    from msprior.data.windows import WindowSampler
+    from msprior.train import quality
+
+    rave = _skewed_windows(1, 100, seed=1)[0].numpy().astype(np.int16)  # chunks of 40, 10 (too short), 50
+    frames = Frames(rave=rave, starts=np.array([0, 40, 50]), lengths=np.array([40, 10, 50]))
+    sampler = WindowSampler(frames, seq_len=16)
+    expected = quality.token_counts(np.concatenate([rave[:40], rave[50:]]), V)
+    np.testing.assert_array_equal(quality.sampler_counts(sampler, V), expected)
+    np.testing.assert_array_equal(quality.sampler_counts(sampler, V, max_frames=45),
+                                  quality.token_counts(np.concatenate([rave[:40], rave[50:55]]), V))

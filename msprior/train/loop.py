@@ -179,8 +179,10 @@ class Worker:
 
             self.uploads.before_upload = lambda name: check_writer(inputs.run_lease, name)
         self._restore(ray.train.get_checkpoint())
-        self._wrap()
         self.data()
+        if self.start_step == 0 and self.cfg.train.unigram_bias:
+            self._unigram_bias()
+        self._wrap()
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else torch.autocast("cpu", enabled=False)
@@ -197,6 +199,19 @@ class Worker:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.best, self.bad = state["step"], state["best_val_loss"], state.get("bad_validations", 0)
         self.start_step = self.step
+
+    def _unigram_bias(self) -> None:
+        """A fresh run's output biases at the log unigram of the training tokens the ranks hold
+        (`Prior.init_output_bias`), counted on each rank and summed over the ranks, so every rank
+        starts from the same weights."""
+        vocab = DatasetFacts.from_manifest(self.manifest).vocab_size
+        counts = torch.from_numpy(quality.sampler_counts(self.sampler.sampler, vocab))
+        if dist.is_initialized():
+            counts = counts.to(self.device)  # nccl reduces CUDA tensors only
+            dist.all_reduce(counts)
+        self.prior.init_output_bias(counts)
+        if self.ema is not None:
+            self.ema.load_state_dict(self.prior.state_dict())
 
     def _wrap(self) -> None:
         """The loss as a module (DDP across workers, gradients compressed as configured), compiled

@@ -11,6 +11,8 @@ One definition each, shared by training's validation, `msprior evaluate` and ben
   weighted by tokens -> nats per token, one value per quantizer [Q].
 * `unigram_ce(fit_counts, eval_counts)`: the cross-entropy of a unigram (per quantizer, fitted on
   token counts with add-one smoothing) on other tokens: what a prior that learnt nothing scores.
+  A fresh training with `train.unigram_bias` starts at that unigram (`sampler_counts`,
+  `Prior.init_output_bias`).
 * `generation_check(prior, ...)`: frames sampled at temperature 1 through the streaming path; the
   KL of the validation tokens' histogram to theirs (mean over quantizers) and the fraction of
   frames that repeat the previous one.
@@ -127,6 +129,23 @@ def token_counts(rave: np.ndarray, vocab_size: int) -> np.ndarray:
     q = rave.shape[-1]
     flat = rave.reshape(-1, q).astype(np.int64) + np.arange(q) * vocab_size
     return np.bincount(flat.ravel(), minlength=q * vocab_size).reshape(q, vocab_size)
+
+
+def sampler_counts(sampler, vocab_size: int, max_frames: int = 1 << 20) -> np.ndarray:
+    """Counts [Q, V] of the training chunks a `msprior.data.windows.WindowSampler` draws from (the
+    chunks holding a window), chunk by chunk in its order up to `max_frames` frames: the tokens a
+    rank holds when its training starts (`train.unigram_bias`)."""
+    rows, left = [], max_frames
+    for part, starts in zip(sampler.parts, sampler.num_starts):
+        for c in np.flatnonzero(starts):
+            if left <= 0:
+                break
+            n = min(int(part.lengths[c]), left)
+            rows.append(np.asarray(part.rave[part.starts[c]:part.starts[c] + n]))
+            left -= n
+    if not rows:
+        raise ValueError("the window sampler holds no training chunk")
+    return token_counts(np.concatenate(rows), vocab_size)
 
 
 def unigram_ce(fit_counts: np.ndarray, eval_counts: np.ndarray) -> np.ndarray:
