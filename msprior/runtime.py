@@ -46,10 +46,12 @@ def _loopback():
 
 
 def ensure_ray(log_to_driver: bool = True) -> bool:
-    """Connect to RAY_ADDRESS or start a local Ray (on 127.0.0.1); True when this call started it."""
+    """Connect to RAY_ADDRESS or start a local Ray (on 127.0.0.1); True when this call started it.
+    Ray's logging (driver and workers) is `msprior.console.ray_init_kwargs`: during a command, what
+    Ray and its workers print lands in the command's log file, redacted."""
     import ray
 
-    from msprior.redact import install_log_redaction
+    from msprior import console
 
     if ray.is_initialized():
         return False
@@ -57,7 +59,7 @@ def ensure_ray(log_to_driver: bool = True) -> bool:
     # The dashboard serves Ray's State API: without it, Ray Train's PlacementGroupCleaner actor
     # fails to query its controller once per second for the whole run and logs a warning each time.
     with _loopback() if address in (None, "local") else contextlib.nullcontext():
-        ray.init(address=address, log_to_driver=log_to_driver, include_dashboard=True,
-                 dashboard_host=LOOPBACK, configure_logging=True, logging_level="WARNING")
-    install_log_redaction()  # Ray's handlers exist now
+        ray.init(address=address, include_dashboard=True, dashboard_host=LOOPBACK,
+                 **console.ray_init_kwargs(log_to_driver))
+    console.adopt_handlers()  # Ray's handlers exist now: into the log, redacted
     return True

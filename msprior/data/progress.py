@@ -1,11 +1,13 @@
-"""Progress: one live line while the encoders work (files and hours encoded, x realtime, ETA).
+"""Progress: the preprocess stage's display (files encoded of the total, hours of audio, x realtime),
+drawn by the one progress component, `msprior.console.progress`.
 
 No part of the table contract: the encoders report (files, seconds of audio) to a Ray queue after
-each batch, never failing a batch for it; a lost report only makes the line lag.
+each batch, never failing a batch for it; a lost report only makes the display lag.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -13,8 +15,7 @@ from msprior import console
 
 
 class Progress(threading.Thread):
-    """One live line: files and hours encoded, x realtime, ETA. On a terminal it is rewritten in
-    place twice a second; in a log, a new line every ~10 s. The encoders report to a Ray queue."""
+    """Drains the encoders' reports from a Ray queue into the stage's progress display twice a second."""
 
     def __init__(self, total_files: int):
         from ray.util.queue import Queue
@@ -23,20 +24,20 @@ class Progress(threading.Thread):
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.total, self.files, self.seconds = total_files, 0, 0.0
         self.stop, self.t0 = threading.Event(), time.monotonic()
-        self.out = console.out()
-        self.tty = getattr(self.out, "isatty", lambda: False)()
+        self.display = contextlib.ExitStack()
+        self.bar = self.display.enter_context(console.progress("preprocess", total_files, "files"))
 
     def run(self) -> None:
-        while not self.stop.wait(0.5 if self.tty else 10.0):
+        while not self.stop.wait(0.5):
             self._drain()
-            self._print(end="" if self.tty else "\n")
+            self._show()
 
     def close(self) -> None:
         self.stop.set()
         self.join(timeout=2)
         self._drain()
-        if self.tty and self.files:
-            self._print(end="\n")
+        self._show()
+        self.display.close()
         try:
             self.queue.shutdown()
         except Exception:
@@ -49,11 +50,7 @@ class Progress(threading.Thread):
         except Exception:
             pass
 
-    def _print(self, end: str) -> None:
+    def _show(self) -> None:
         el = time.monotonic() - self.t0
-        eta = el / self.files * (self.total - self.files) if self.files else float("nan")
-        eta_txt = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta == eta else "--"
-        line = (f"preprocess: {self.files}/{self.total} files, {self.seconds / 3600:.2f} h of audio, "
-                f"{self.seconds / max(el, 1e-9):.1f}x realtime, ETA {eta_txt}")
-        self.out.write(("\r" + line if self.tty else line) + end)
-        self.out.flush()
+        self.bar.update(self.files, note=f"{self.seconds / 3600:.2f} h of audio, "
+                                         f"{self.seconds / max(el, 1e-9):.1f}x realtime")

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from msprior import storage
+from msprior import console, storage
 from msprior.flags import flag
 from msprior.redact import redact_uri, with_credentials
 
@@ -96,12 +96,15 @@ def publish(ts_path: str, *, run: Optional[str] = None, checkpoint: str = "best"
             return {"name": name, "version": str(v.version), "champion": champion == str(v.version),
                     "champion_version": champion, "sha256": digest, "tracking_uri": redact_uri(uri)}
 
-    tags = int8_effect_tags(run, checkpoint, tracking_uri, meta, echo) if (measure_int8 and run) else {}
-    previews = []
-    if preview_secs > 0:
-        wav = preview(ts_path, meta.get("db_path"), preview_secs, echo)
-        previews = [wav] if wav else []
-    info = registry.register_export(ts_path, name=name, tracking_uri=uri, previews=previews, extra_tags=tags)
+    with console.progress("register", 3, "steps") as bar:  # the stage's one progress display
+        bar.update(0, note="int8 effect")
+        tags = int8_effect_tags(run, checkpoint, tracking_uri, meta, echo) if (measure_int8 and run) else {}
+        bar.update(1, note="audio preview")
+        wav = preview(ts_path, meta.get("db_path"), preview_secs, echo) if preview_secs > 0 else None
+        bar.update(2, note="registering")
+        info = registry.register_export(ts_path, name=name, tracking_uri=uri, previews=[wav] if wav else [],
+                                        extra_tags=tags)
+        bar.update(3, note=f"version {info['version']}")
     info["tracking_uri"] = redact_uri(uri)
     echo(f"[register] {info['name']} version {info['version']}"
          + (" is the new champion" if info["champion"] else f" (champion stays version {info['champion_version']}: "

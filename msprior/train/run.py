@@ -10,6 +10,7 @@ and write `run.json`. A sweep opens the table once and hands the same `TableData
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -77,43 +78,36 @@ def _ckpt_uri(checkpoint) -> Optional[str]:
 # --- progress on the console --------------------------------------------------------------------
 
 
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def _fmt_rate(x: float) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
 
 
 class Progress:
-    """Prints the lines rank 0 puts on a Ray queue, instead of Ray's raw log stream."""
+    """Shows what rank 0 puts on a Ray queue in the stage's progress display (`console.progress`):
+    step of max_steps, train loss, tokens/s, last and best validation CE."""
 
-    def __init__(self, name: str, stream=None):
+    def __init__(self, name: str):
         from ray.util.queue import Queue
 
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self.name, self.stream = name, stream or console.out()
-        self.best = math.inf
+        self.name, self.best, self.train_txt, self.val_txt = name, math.inf, "", ""
+        self.display = contextlib.ExitStack()
+        self.bar = self.display.enter_context(console.progress("train", None, "steps"))
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _line(self, m: Dict[str, Any]) -> Optional[str]:
-        step, total = m.get("step", 0), m.get("max_steps", 0)
+    def _show(self, m: Dict[str, Any]) -> None:
         if m["kind"] == "resume":
-            return f"[{self.name}] resumed from the checkpoint at step {step}"
-        eta = (total - step) / m["steps_per_s"] if m.get("steps_per_s") else math.inf
-        head = f"[{self.name}] step {step}/{total}"
-        if m["kind"] == "train":
-            return (f"{head} | loss {m['train_loss']:.4f} | lr {m['lr']:.2e} | "
-                    f"{_fmt_rate(m['tokens_per_s'])} tok/s | ETA {_fmt_eta(eta)}")
-        self.best = min(self.best, m["best_val_loss"])
-        return (f"{head} | val {m['val_loss']:.4f} (best {self.best:.4f}) | top1 {m['val_top1']:.3f} | "
-                f"ppl {m['val_ppl']:.2f}" + (" | early stop" if m.get("early_stopped") else ""))
+            self.val_txt = f"resumed at step {m.get('step', 0)}"
+        elif m["kind"] == "train":
+            self.train_txt = f"loss {m['train_loss']:.3f}, {_fmt_rate(m['tokens_per_s'])} tok/s"
+        else:
+            self.best = min(self.best, m["best_val_loss"])
+            self.val_txt = (f"val {m['val_loss']:.3f} (best {self.best:.3f})"
+                            + (", early stop" if m.get("early_stopped") else ""))
+        note = " | ".join(t for t in (self.train_txt, self.val_txt) if t)
+        self.bar.update(m.get("step", 0), total=m.get("max_steps") or None, note=note)
 
     def _run(self) -> None:
         from ray.util.queue import Empty
@@ -127,13 +121,12 @@ class Progress:
                 continue
             except Exception:  # queue actor gone (Ray shut down)
                 return
-            line = self._line(item)
-            if line:
-                print(line, file=self.stream, flush=True)
+            self._show(item)
 
     def close(self) -> None:
         self.done.set()
         self.thread.join(timeout=5)
+        self.display.close()
         try:
             import ray
 
@@ -349,7 +342,7 @@ def run_training(req: TrainRequest) -> Dict[str, Any]:
     p = plan(req)
     writer = run_lease.start(p.run_dir, req.name, "" if req.ctx.data is not None else p.table.db_path)  # one writer per run
     devices.pin_local_gpu(req.gpu, req.num_workers)  # --gpu N: the only card a local Ray sees
-    started_ray = ensure_ray(log_to_driver=not req.ctx.progress)
+    started_ray = ensure_ray()  # workers' output: into the log file during a command
     try:
         p.device = devices.choose(req.gpu, req.cpu, ray_machine(req), workers=req.num_workers)
         if req.ctx.progress:

@@ -249,39 +249,37 @@ def make_tuner(p: SweepPlan, data, concurrent: int):
 
 
 def _sweep_progress(name: str, total: int):
-    """A Tune callback (it runs on the driver): one console line whenever a trial reports or ends,
-    at most every ~10 s: trials done and running, best validation so far, elapsed time and ETA."""
-    import time
+    """A Tune callback (it runs on the driver): the sweep's progress display (`console.progress`),
+    updated whenever a trial reports or ends: trials done and running, best validation so far."""
+    import contextlib
 
     from ray.tune import Callback
 
     from msprior import console
 
     class SweepProgress(Callback):
-        def __init__(self):
-            self.t0, self.last, self.best, self.done = time.monotonic(), 0.0, None, set()
+        def setup(self, **info):  # on the driver, after the Tuner's state is pickled
+            self.best, self.done = None, set()
+            self.display = contextlib.ExitStack()
+            self.bar = self.display.enter_context(console.progress("tune", total, "trials"))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             loss = result.get("val_loss")
             if loss is not None and (self.best is None or loss < self.best[0]):
                 self.best = (float(loss), trial.trial_id)
-            self._line(trials, force=False)
+            self._show(trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done.add(trial.trial_id)
-            self._line(trials, force=True)
+            self._show(trials)
 
-        def _line(self, trials, force: bool) -> None:
-            now = time.monotonic()
-            if not force and now - self.last < 10.0:
-                return
-            self.last, el = now, now - self.t0
-            n = len(self.done)
+        def on_experiment_end(self, trials, **info):
+            self.display.close()
+
+        def _show(self, trials) -> None:
             running = sum(1 for t in trials if t.status == "RUNNING")
-            eta = f"{int(el / n * (total - n) // 60)}m" if n else "--"
             best = f"best val {self.best[0]:.4f} ({self.best[1]})" if self.best else "no validation yet"
-            console.echo(f"[{name}] trials {n}/{total} done, {running} running | {best} | "
-                         f"{el:.0f} s, ETA {eta}")
+            self.bar.update(len(self.done), note=f"{running} running | {best}")
 
     return SweepProgress()
 
