@@ -43,10 +43,18 @@ def _encoder_resources(req: PreprocessRequest, s: Settings) -> Dict:
     have = ray.cluster_resources()
     num_gpus = min(1.0, have.get("GPU", 0) / req.num_workers) if s.gpu else 0.0
     memory = min(encoder_memory(req, s), 0.8 * have.get("memory", 1e18) / req.num_workers)
-    return {"num_cpus": req.cpus_per_worker, "num_gpus": num_gpus, "memory": memory}
+    extra = devices.parse_resources(req.encoder_resources, "--encoder_resources")  # e.g. msprior_encode=1
+    return {"num_cpus": req.cpus_per_worker, "num_gpus": num_gpus, "memory": memory,
+            **({"resources": extra} if extra else {})}
 
 
-def build_stages(ds, s: Settings, req: PreprocessRequest, rave: RaveInfo):
+def _largest_node_memory() -> float:
+    import ray
+
+    return max((n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=1e18) or 1e18
+
+
+def build_stages(ds, s: Settings, req: PreprocessRequest, rave: RaveInfo, memory: float = 0.0):
     """The decode stage (unless the old path) and the encoder pool."""
     import ray
 
@@ -56,7 +64,7 @@ def build_stages(ds, s: Settings, req: PreprocessRequest, rave: RaveInfo):
         return ds.map_batches(encode.Encoder, batch_size=1, batch_format="numpy", **pool)
     tasks = ray.data.TaskPoolStrategy(size=req.decode_concurrency)  # None: as many as free CPUs allow
     ds = ds.map_batches(decode.decode_task, fn_kwargs={"settings": s}, batch_size=1, batch_format="numpy",
-                        compute=tasks, num_cpus=req.decode_cpus, max_retries=3)
+                        compute=tasks, num_cpus=req.decode_cpus, max_retries=3, **({"memory": memory} if memory else {}))
     return ds.map_batches(encode.ChunkEncoder, batch_size=None, batch_format="pyarrow", **pool)
 
 
@@ -70,12 +78,15 @@ def encode_pending(tasks: List[list], s: Settings, req: PreprocessRequest, rave:
     saved = ctx.max_errored_blocks
     ctx.max_errored_blocks = -1  # a task that keeps failing (a worker killed for memory) costs its
     # few files, reported and retried on resume, never the run
-    dev = devices.choose(req.gpu, req.cpu, devices.Machine.of_ray(), mps=False)  # encoders share the GPUs
+    explicit = devices.normalise(req.gpu, req.cpu) not in (None, devices.CPU)  # --gpu: wait for a GPU node
+    want = {"GPU": 1.0, **devices.parse_resources(req.encoder_resources, "--encoder_resources")}
+    machine = devices.Machine.of_ray(want, req.num_workers if explicit else 0, enough=1)
+    dev = devices.choose(req.gpu, req.cpu, machine, mps=False)  # encoders share the GPUs
     devices.announce(dev if req.num_workers == 1 else dataclasses.replace(dev, index=None), "preprocess")
     s = dataclasses.replace(s, gpu=dev.gpu)
     items = [{"source": [f[0] for f in g], "path": [f[1] for f in g]} for g in tasks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one row (a few files) per task
-    ds = build_stages(ds, s, req, rave)
+    ds = build_stages(ds, s, req, rave, decode.decode_memory(tasks, _largest_node_memory()))
     sink = make_sink(s)
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25, "max_retries": 3,
