@@ -122,6 +122,9 @@ class _LogStream:
     def fileno(self) -> int:  # faulthandler and subprocess(stdout=sys.stdout) want a descriptor
         return self.file.fileno()
 
+    def __getattr__(self, name: str):  # encoding, errors, closed, ...: the file's (Ray Tune asks for them)
+        return getattr(self.file, name)
+
 
 _stream: Optional[_LogStream] = None
 

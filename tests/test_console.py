@@ -47,6 +47,7 @@ def test_a_session_redirects_no_descriptor(tmp_path, monkeypatch, capfd):
     with console.session("probe") as path:
         during = [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
         subprocess.run([sys.executable, "-c", "print('a child process line')"], check=True)
+        assert sys.stdout.encoding and sys.stderr.errors  # libraries read them (Ray Tune does at import)
         print("a python print; key s3cr3t-in-the-env")
         lib.warning("a library warning")
         console.echo("our own line")
