@@ -34,7 +34,7 @@ def test_champion_ignores_a_val_loss_measured_on_another_split(tmp_path):
     assert any("validated on another split (seed=0,val_fraction=0.0)" in line for line in lines), lines
     v3 = registry.register_export(_export(tmp_path, "c", 1.5), tracking_uri=uri)  # the first's split: compared
     assert v3["champion"] and v3["comparable"]
-    c = registry._client(uri)
+    c = registry.registry_client(uri)
     tags = c.get_model_version(v2["name"], v2["version"]).tags
     assert tags["val_split"] == "seed=0,val_fraction=0.0" and tags["val_loss"] == "0.5"
     assert str(c.get_model_version_by_alias(v1["name"], "champion").version) == "3"
