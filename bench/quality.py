@@ -32,7 +32,8 @@ the cached run; results under <cache>/original/<key>/seed<S>/result.json), ablat
         --steps 1512 --jobs 2 --only msprior --override model.dropout=0.01   # any msprior key, repeatable
 
 The original's side alone (cached for later runs): the same with --only original. A results
-JSON's table again, with the original's results cached since: --report <cache>/results/FILE.json. Without --only
+JSON's table again, with the original's results cached since: --report <cache>/results/FILE.json (several,
+comma-separated: msprior's seeds of all of them in one table, e.g. seeds 0,1 and 2,3 run apart). Without --only
 both tools train (the original only where its result is not cached; --retrain_original forces it).
 --jobs N runs N trainings at once, each in its own process with --threads torch threads. Cost per
 training step (batch 16 x 64 frames, one thread): the original 0.54 CPU-s, msprior 0.36 CPU-s, so
@@ -88,8 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--only", choices=["original", "msprior"], default=None,
                    help="train one tool only (the other's cached results, if any, are still reported)")
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once (each its own process when > 1)")
-    p.add_argument("--report", default=None, help="print a results JSON again, with the original's results "
-                   "cached since (trains nothing)")
+    p.add_argument("--report", default=None, help="print a results JSON again (several: comma-separated, msprior's "
+                   "seeds merged), with the original's results cached since (trains nothing)")
     p.add_argument("--msprior_job", type=int, default=None, help=argparse.SUPPRESS)  # internal: one seed
     p.add_argument("--job_out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)

@@ -111,8 +111,9 @@ class TrainConfig:
     log_every: int = 50  # steps between metric logs
     seed: int = 0
     # a fresh training starts each quantizer's output bias at the log unigram of its training tokens
-    # (Prior.init_output_bias: no weight, no inference cost); false: zero biases (runs before it)
-    unigram_bias: bool = False
+    # (Prior.init_output_bias: no weight, no inference cost; docs/QUALITY.md: every quantizer below
+    # the original, 0.02 nats of the mean); false: zero biases (runs before it)
+    unigram_bias: bool = True
     compile: str = "auto"  # torch.compile the training step: auto (on CUDA only), true, false
     # DDP gradients on the wire: bf16 halves the bytes per step (msprior.train.ddp); auto = bf16 on
     # CUDA (NCCL), none on CPU (gloo); bf16 works on gloo too (tests/test_ddp.py)
