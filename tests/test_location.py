@@ -24,8 +24,6 @@ NOT_DATA = {ROOT / "msprior" / "tracking.py"}
 # the local dev stack names the buckets it creates itself (f"s3://{bucket}")
 MAKES_BUCKETS = {ROOT / "msprior" / "devstack.py", ROOT / "msprior" / "devstack" / "servers.py",
                  ROOT / "msprior" / "devstack" / "stack.py"}
-# console.place's `"://" in folder` goes with the console's rewrite to logging (issue 22 item 5)
-LEFT_TO_THE_CONSOLE_REWRITE = {ROOT / "msprior" / "console.py"}
 
 
 def _has_scheme(node: ast.AST) -> bool:
@@ -64,7 +62,7 @@ def test_no_module_but_storage_tests_for_a_scheme():
     files = sorted([*(ROOT / "msprior").rglob("*.py"), *(ROOT / "jobs").rglob("*.py")])
     bad = {}
     for path in files:
-        if STORAGE in path.parents or path in NOT_DATA or path in LEFT_TO_THE_CONSOLE_REWRITE:
+        if STORAGE in path.parents or path in NOT_DATA:
             continue
         found = scheme_tests(path.read_text(), builds_urls=path in MAKES_BUCKETS)
         if found:
