@@ -68,7 +68,7 @@ def mlflow_server(tmp_path_factory):
 def test_stage_records_and_no_credentials_anywhere(ray_session, mlflow_server, tmp_path, capsys):
     from msprior.codec import save_codec
     from msprior.data.synthetic import write_corpus
-    from msprior.registry import _client, all_versions
+    from msprior.registry import all_versions, registry_client as _client
 
     save_codec(str(tmp_path / "rave.ts"), discrete=True)
     write_corpus(str(tmp_path / "corpus"), n_files=3, seconds=6.0, seed=3)
