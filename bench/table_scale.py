@@ -144,7 +144,7 @@ def child_train(db: str, work: str, name: str, steps: int) -> dict:
     from msprior.train.run import train
 
     _ray_init()
-    uri = f"sqlite:///{work}/mlflow-{name}.db"
+    uri = f"sqlite:///{os.environ.get('TABLE_SCALE_MLFLOW_DIR') or work}/mlflow-{name}.db"
     t0 = time.time()
     s = train("decoder_only", db, name, overrides=TINY, num_workers=1, batch_size=8, max_steps=steps,
               val_every=steps, storage_path=f"{work}/runs", tracking_uri=uri, progress=False)
@@ -207,6 +207,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--sweep_steps", type=int, default=300)
     ap.add_argument("--keep_tables", action="store_true")
+    ap.add_argument("--mlflow_dir", default="", help="where the trainings' sqlite MLflow lives (default: --work); "
+                                                     "e.g. /dev/shm to take its per-step commits off the cache's disk")
     ap.add_argument("--skip_train", action="store_true", help="only the sweep (tables kept from an earlier run)")
     ap.add_argument("--child", nargs="+")
     a = ap.parse_args()
@@ -217,6 +219,8 @@ def main() -> None:
         print(json.dumps(out), flush=True)
         return
     work = Path(a.work)
+    if a.mlflow_dir:
+        os.environ["TABLE_SCALE_MLFLOW_DIR"] = a.mlflow_dir  # the children inherit it
     tables = {}
     for tag, gb in (("small", a.small_gb), ("big", a.big_gb)):
         root = work / f"table-{tag}"
