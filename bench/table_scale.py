@@ -146,6 +146,7 @@ def child_train(db: str, work: str, name: str, steps: int) -> dict:
     _ray_init()
     uri = f"sqlite:///{os.environ.get('TABLE_SCALE_MLFLOW_DIR') or work}/mlflow-{name}.db"
     t0 = time.time()
+    Path(work, f"t0-{name}").write_text(str(t0))  # the fill timeline's origin (see `timeline`)
     s = train("decoder_only", db, name, overrides=TINY, num_workers=1, batch_size=8, max_steps=steps,
               val_every=steps, storage_path=f"{work}/runs", tracking_uri=uri, progress=False)
     wall = time.time() - t0
@@ -153,7 +154,8 @@ def child_train(db: str, work: str, name: str, steps: int) -> dict:
     at = {h.step: h.timestamp / 1000 for h in hist}
     first = at[1] - t0
     tail = steps - steps // 3  # the last third of the steps: the rate once most fills have landed
-    return {"wall_s": wall, "first_step_s": first, "step": s["step"], "last_third_s": at[steps] - at[tail]}
+    return {"wall_s": wall, "first_step_s": first, "step": s["step"], "last_third_s": at[steps] - at[tail],
+            "last_step_s": at[steps] - t0}
 
 
 def child_sweep(db: str, work: str, trials: int, steps: int) -> dict:
@@ -186,6 +188,20 @@ def run_child(args: list, cache: Path) -> dict:
         raise SystemExit(f"child {args[:2]} failed ({proc.returncode}):\n{out[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
     return {**result, "peak_mb": mem.peak / 2**20}
+
+
+def timeline(cache: Path, t0: float, last_step_s: float) -> str:
+    """Storage reads by kind (MB), when the node cache's fills landed (s after the train call) and
+    how many had joined the draw by the last step."""
+    rows = [json.loads(line) for line in open(cache / "fills.jsonl")]
+    mb: dict = {}
+    for r in rows:
+        mb[r["kind"]] = mb.get(r["kind"], 0) + r["read_bytes"] / 1e6
+    t = sorted(r["t"] - t0 for r in rows if r["kind"] == "fill" and "t" in r)
+    when = f"fills landed {t[0]:.1f} .. {t[-1]:.1f} s" if t else "no fill"
+    drawn = sum(x <= last_step_s for x in t)
+    return (f"reads (MB) {({k: round(v) for k, v in mb.items()})}; {len(t)} {when}; "
+            f"{drawn} of {len(t)} files in the draw at the last step ({last_step_s:.1f} s)")
 
 
 def reads(cache: Path) -> dict:
@@ -243,6 +259,8 @@ def compare(a, work: Path, tables: dict) -> None:
         res[tag] = run_child(["train", str(tables[tag]), str(work), f"scale-{tag}-{int(time.time())}", str(a.steps)],
                              work / f"cache-{tag}")
         print(f"{tag}: {res[tag]}", flush=True)
+        t0 = max(work.glob("t0-scale-" + tag + "-*"), key=lambda p: p.stat().st_mtime)
+        print(f"{tag}: {timeline(work / f'cache-{tag}', float(t0.read_text()), res[tag]['last_step_s'])}", flush=True)
         shutil.rmtree(work / f"cache-{tag}", ignore_errors=True)
     s, b = res["small"], res["big"]
     print(f"\nbig/small ({a.big_gb:g} GB vs {a.small_gb:g} GB of tokens, {a.steps} steps, object store 1 GB): "

@@ -224,6 +224,21 @@ def _ray_running() -> bool:
         return False
 
 
+def assigned_threads(explicit: int = 0) -> int:
+    """Torch threads for this Ray worker: `explicit`, else the CPUs Ray assigned it (rounded, at
+    least 1). Never os.cpu_count(): that is the host's cores, not this worker's share (KubeRay's
+    limits, other workers and the table's fills on the node)."""
+    if explicit:
+        return explicit
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    except Exception:  # outside a Ray worker (a test calling the class directly)
+        cpus = 1.0
+    return max(1, int(round(cpus)))
+
+
 def torch_device(kind: str):
     """The worker-side torch device for a `Device.kind` other than Ray Train's own choice."""
     import torch

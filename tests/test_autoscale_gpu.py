@@ -152,4 +152,14 @@ def test_train_workers_ask_for_their_pools_slot():
     assert run.worker_resources(req, Device("cuda")) == {"CPU": 8, "GPU": 1.0, "msprior_train": 1.0}
     assert run.worker_resources(req, Device("cpu")) == {"CPU": 8, "msprior_train": 1.0}
     plain = run.TrainRequest(db_path="t", name="n")
-    assert run.worker_resources(plain, Device("cpu")) == {"CPU": plain.cpus_per_worker}
+    assert run.worker_resources(plain, Device("cuda")) == {"CPU": 0.5, "GPU": 1.0}
+
+
+def test_cpu_workers_take_the_nodes_cpus_left_after_the_reads():
+    from msprior.train.run import auto_cpus
+
+    assert auto_cpus(1, [2.0]) == 1.25  # 2 cores: 0.25 for reads + 2 fills x 0.25 stay free
+    assert auto_cpus(1, [8.0]) == 7.25 and auto_cpus(2, [8.0]) == 3.5  # shared by the workers, in quarters
+    assert auto_cpus(4, [8.0, 8.0]) == 3.5  # spread over the nodes
+    assert auto_cpus(1, [4.0, 4.0]) == 3.25  # never more than one node has free: a worker is one process
+    assert auto_cpus(8, [2.0]) == 0.5 and auto_cpus(1, []) == 0.5  # at least the GPU default

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from msprior import cli
+from msprior import cli, devices
 from msprior.data import decode, encode, intent, plan
 from msprior.data.request import PreprocessRequest, RaveInfo, Settings
 
@@ -102,9 +102,9 @@ def test_decode_stage_rows_encode_exactly_like_the_old_in_actor_decode(tmp_path)
 
 def test_torch_threads_are_the_cpus_ray_assigned(ray_session):
     ray = ray_session
-    threads = ray.remote(num_cpus=3)(encode.torch_threads)
+    threads = ray.remote(num_cpus=3)(devices.assigned_threads)
     assert ray.get(threads.remote(0)) == 3  # never os.cpu_count() (2 here)
-    assert ray.get(ray.remote(num_cpus=0.5)(encode.torch_threads).remote(0)) == 1
+    assert ray.get(ray.remote(num_cpus=0.5)(devices.assigned_threads).remote(0)) == 1
     assert ray.get(threads.remote(5)) == 5  # --threads_per_worker wins
 
 

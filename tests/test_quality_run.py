@@ -73,6 +73,7 @@ def test_training_logs_quality_and_the_floor_once(ray_session, train_table, trai
     c = tracking.client(uri)
     m = _check_quality(c, s["mlflow_run_id"], [30, 60])
     assert m["lr_warmup_steps"] == 6  # min(1000, 10% of 60): the run reaches its peak lr
+    assert m["torch_threads"] == 3  # the CPUs Ray assigned (4 logical - 0.75 for reads and fills), not the 2 cores
     assert m["val_loss"] < m["unigram_ce"] - 0.3, m  # it learnt more than the marginals
     r = train("decoder_only", train_table, "q", max_steps=70, resume=True, **kw)
     assert r["mlflow_run_id"] == s["mlflow_run_id"]

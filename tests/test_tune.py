@@ -86,6 +86,25 @@ def test_bad_search_fails_before_anything_starts(tmp_path, train_table, search, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_sweep_trials_ask_for_their_pools_slot(tmp_path, train_table):
+    """`resources: worker_resources` reaches every trial's Train workers; a typo or a bad value is one line."""
+    from msprior.devices import DeviceError
+    from msprior.train import TrainError
+    from msprior.train.tune import SweepRequest, plan_sweep, trial_train_kw
+
+    sweep = tmp_path / "s.yaml"
+    res = {"num_workers": 1, "cpus_per_worker": 0.5, "worker_resources": "msprior_train=1"}
+    sweep.write_text(yaml.safe_dump({**SWEEP, "resources": res}))
+    p = plan_sweep(SweepRequest(sweep=str(sweep), db_path=train_table, name="sw", storage_path=str(tmp_path / "r")))
+    assert trial_train_kw(p)["worker_resources"] == "msprior_train=1" and trial_train_kw(p)["cpus_per_worker"] == 0.5
+    sweep.write_text(yaml.safe_dump({**SWEEP, "resources": {**res, "worker_resource": "x=1"}}))
+    with pytest.raises(TrainError, match="unknown resources key.*worker_resource"):
+        plan_sweep(SweepRequest(sweep=str(sweep), db_path=train_table, name="sw", storage_path=str(tmp_path / "r")))
+    sweep.write_text(yaml.safe_dump({**SWEEP, "resources": {**res, "worker_resources": "msprior_train"}}))
+    with pytest.raises(DeviceError, match="resources.worker_resources"):
+        plan_sweep(SweepRequest(sweep=str(sweep), db_path=train_table, name="sw", storage_path=str(tmp_path / "r")))
+
+
 def test_sweep_name_cannot_leave_the_storage_folder(tmp_path, train_table):
     from msprior.train import TrainError
     from msprior.train.tune import tune

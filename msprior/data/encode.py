@@ -25,26 +25,13 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pyarrow as pa
 
-from msprior import storage
+from msprior import devices, storage
 from msprior.data import decode
 from msprior.data import table as tbl
 from msprior.data.request import Settings
 
 # what an encode row carries besides the data file's columns (tbl.SCHEMA): never written to the table
 ROW_EXTRA = {"n_chunks": pa.int32(), "error": pa.string(), "transient": pa.bool_(), "counts": pa.string()}
-
-
-def torch_threads(explicit: int) -> int:
-    """`explicit`, else the CPUs Ray assigned this actor (rounded, at least 1)."""
-    if explicit:
-        return explicit
-    try:
-        import ray
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
-    except Exception:  # outside a Ray worker (a test calling the class directly)
-        cpus = 1.0
-    return max(1, int(round(cpus)))
 
 
 class _EncoderBase:
@@ -59,7 +46,7 @@ class _EncoderBase:
         # the model's bytes come through the object store (a ref inside a list is not resolved by
         # Ray, so the actor's constructor arguments stay small)
         rave_bytes = rave_ref[0] if isinstance(rave_ref[0], bytes) else ray.get(rave_ref[0])
-        self.threads = torch_threads(settings.threads)
+        self.threads = devices.assigned_threads(settings.threads)
         torch.set_num_threads(self.threads)
         with tempfile.NamedTemporaryFile(suffix=".ts") as f:
             f.write(rave_bytes)

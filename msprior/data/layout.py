@@ -209,12 +209,32 @@ def validation_windows(data: TableData, seq_len: int, batches: int, batch_size: 
     nbytes = file_bytes(data.table)
     task = ray.remote(num_cpus=LOAD_CPU, max_retries=3, scheduling_strategy=OUTSIDE)(this._cut)
     picks = {int(g): np.flatnonzero(part == g) for g in np.unique(part)}
-    refs = {g: task.options(memory=task_memory(nbytes.get(data.layouts[g].file, 0))).remote(
-        spec, data.layouts[g].file, data.layouts[g].row[chunk[i]], first[i], seq_len) for g, i in picks.items()}
-    outs = dict(zip(refs, ray.get(list(refs.values()))))
+    calls = [lambda g=g, i=i: task.options(memory=task_memory(nbytes.get(data.layouts[g].file, 0))).remote(
+        spec, data.layouts[g].file, data.layouts[g].row[chunk[i]], first[i], seq_len) for g, i in picks.items()]
+    outs = dict(zip(picks, bounded(calls)))
     _first_error(list(outs.values()))
     data.memo[key] = _assemble(outs, picks, n, batch_size, spec.conditioning)
     return data.memo[key]
+
+
+def bounded(calls: Sequence, limit: int = 0) -> List:
+    """Results of `calls` (each submits one Ray task), in order, with at most `limit` tasks in
+    flight (default: the cluster's CPUs, at least 2). Each holds a decoded row group (~0.45 GB with
+    its worker, measured): a draw that lands in 8 files must not hold 8 at once, nor one in 1,000
+    files 1,000 (bench/RESULTS.md, "validation windows in flight")."""
+    import ray
+
+    limit = limit or max(2, int(ray.cluster_resources().get("CPU", 2)))
+    refs, out = [], {}
+    for call in calls:
+        running = [r for r in refs if r not in out]
+        if len(running) >= limit:
+            done, _ = ray.wait(running, num_returns=1)
+            out.update(zip(done, ray.get(done)))
+        refs.append(call())
+    rest = [r for r in refs if r not in out]
+    out.update(zip(rest, ray.get(rest)))
+    return [out[r] for r in refs]
 
 
 def _assemble(outs: Dict, picks: Dict, n: int, batch_size: int, conditioning: str) -> List[Dict[str, np.ndarray]]:
@@ -278,7 +298,7 @@ def train_token_counts(data: TableData, vocab: int, seed: int = 0, groups: int =
     chosen = np.random.default_rng(seed).choice(len(cand), size=k, replace=False, p=w / w.sum())
     nbytes = file_bytes(data.table)
     task = ray.remote(num_cpus=LOAD_CPU, max_retries=3, scheduling_strategy=OUTSIDE)(this._count)
-    outs = ray.get([task.options(memory=task_memory(nbytes.get(cand[i][0].file, 0))).remote(
+    outs = bounded([lambda i=i: task.options(memory=task_memory(nbytes.get(cand[i][0].file, 0))).remote(
         data.spec, cand[i][0].file, cand[i][1], cand[i][2], vocab) for i in chosen])
     _first_error(outs)
     data.memo[key] = sum(outs)

@@ -10,7 +10,7 @@ as it is, so the first reader on a node decodes it into flat `.npy` arrays under
     <root>/<key>/source.npy      int32 [C]: the chunk's source, an index into meta.json's "sources"
     <root>/<key>/chunk.npy       int32 [C]: the chunk's number inside its source
     <root>/<key>/meta.json       {"file", "sources", "columns", "cond_ratio", "read_bytes"}
-    <root>/fills.jsonl           one line per storage read on this node: {"kind", "file", "read_bytes", ...}
+    <root>/fills.jsonl           one line per storage read on this node: {"kind", "file", "read_bytes", "t", ...}
                                  (kind "fill": a decode into the cache; "layout", "validation", "floor":
                                  the small reads that bypass it)
 
@@ -32,6 +32,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -153,7 +154,7 @@ def _fill_locked(spec: ReadSpec, rel: str, sources: Sequence[str], root: str, ke
         raise
     with open(os.path.join(root, FILLS), "a") as log:  # one short line per write: O_APPEND keeps lines whole
         log.write(json.dumps({"kind": "fill", "key": key, "file": rel, "read_bytes": read,
-                              "host": socket.gethostname(), "pid": os.getpid()}) + "\n")
+                              "host": socket.gethostname(), "pid": os.getpid(), "t": round(time.time(), 3)}) + "\n")
     return read
 
 
@@ -200,7 +201,7 @@ def record(spec: ReadSpec, kind: str, rel: str, nbytes: int) -> None:
     layout's small columns, validation and floor row groups) count too."""
     with open(os.path.join(cache_root(spec), FILLS), "a") as log:
         log.write(json.dumps({"kind": kind, "file": rel, "read_bytes": int(nbytes), "host": socket.gethostname(),
-                              "pid": os.getpid()}) + "\n")
+                              "pid": os.getpid(), "t": round(time.time(), 3)}) + "\n")
 
 
 def fills(spec: ReadSpec) -> List[dict]:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -28,7 +29,7 @@ LOAD_CPU = 0.25  # reads are I/O: a small CPU share so they never wait behind tr
 TASK_MEMORY = 64 << 20  # bytes a read task holds besides its data (pyarrow buffers, interpreter)
 ROW_GROUP_BYTES = 256 << 20  # the most token bytes a row group is expected to hold (readers hold one at a time)
 FILLS_IN_FLIGHT = 2  # fill tasks a rank keeps running: fill memory does not grow with the table
-FILL_NICE = 10  # CPU priority of a fill's decode thread (0 = the training step's)
+FILL_NICE = 19  # a fill's decode thread: below Ray's workers (nice 15), so below the step it feeds
 # A rank's share up to this many bytes of data files is cached whole before step 1 and added to the
 # draw in its seeded order: same seed, same windows (seconds of decode). Larger shares start with the
 # first file that lands (time to first step flat in the table), their first draws timing-dependent.
@@ -183,20 +184,29 @@ def train_mask(table: Table, cached: "node_cache.CachedFile", mine: Dict[str, Tu
     return keep
 
 
+def background() -> None:
+    """Give the calling thread the lowest CPU priority there is (nice 19; Linux sets it per thread).
+
+    Relative to Ray's workers, which all run at nice 15 (RAY_worker_niceness): the absolute nice 10
+    used before put fills AHEAD of the training worker they feed (steps 5x slower while a 6 GB
+    table filled). Not SCHED_IDLE either: a CPU training that keeps every core busy would starve
+    the fills, and the draw would stay on the first files for the whole run (bench/RESULTS.md,
+    "node-cache fill priority")."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the worker's own priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FILL_NICE)
+
+
 def _fill(spec: ReadSpec, rel: str, sources: List[str], identity):
     """Ray task: the file's node-cache entry (path, bytes read); a table problem as {"error": line}.
 
-    The decode runs in a thread of its own at nice FILL_NICE: a background fill never takes a core
-    from the training step it feeds (Linux sets a nice value per thread; the worker keeps its own)."""
+    The decode runs in a thread of its own under SCHED_IDLE (`background`): a fill never takes a
+    core from the training step it feeds."""
     from concurrent.futures import ThreadPoolExecutor
 
     from msprior.errors import UserError
 
     def niced():
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FILL_NICE)
-        except (OSError, AttributeError):  # not Linux: the fill runs at the worker's priority
-            pass
+        background()
         return node_cache.fill(spec, rel, sources, identity)
 
     try:

@@ -156,8 +156,9 @@ class Worker:
         self.inputs, self.cfg, self.manifest = inputs, inputs.config, inputs.manifest
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        # Ray sets OMP threads to the (fractional) CPU request; use this node's cores instead.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+        # the CPUs Ray assigned this worker (--cpus_per_worker, msprior.train.run.worker_cpus), never
+        # the host's cores: the rest of the node belongs to other workers, trials and the fills
+        torch.set_num_threads(devices.assigned_threads())
         # Ray Train places a worker on CUDA or the CPU; MPS (one worker, macOS) is msprior.devices' choice
         self.device = devices.torch_device("mps") if inputs.mps else ray.train.torch.get_device()
         self.bf16 = devices.bf16_ok(self.device)  # bf16 autocast where the device supports it
@@ -311,7 +312,8 @@ class Logger:
             o = w.cfg.optim
             warmup = warmup_for(o.warmup_steps, w.cfg.train.max_steps, scaled_lr(o, w.world) / o.lr, o.warmup_start)
             grad = ddp.grad_bytes(w.prior, w.compression) if w.world > 1 else 0
-            tracking.log_metrics(self.client, self.run_id, {"lr_warmup_steps": warmup, "grad_bytes_per_step": grad},
+            tracking.log_metrics(self.client, self.run_id, {"lr_warmup_steps": warmup, "grad_bytes_per_step": grad,
+                                                              "torch_threads": torch.get_num_threads()},
                                  w.step)
 
     def restart_clock(self) -> None:  # validation is not training throughput

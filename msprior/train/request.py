@@ -17,7 +17,7 @@ from msprior.devices import CPU_HELP, GPU_HELP, Device
 from msprior.errors import UserError
 from msprior.flags import flag
 
-DEFAULT_CPUS_PER_WORKER = 0.5  # logical: workers set their own torch threads from the node's cores
+DEFAULT_CPUS_PER_WORKER = 0.5  # per worker on GPUs and per sweep trial worker; a worker's torch threads: its CPUs
 CONFIG_HELP = "Shipped config name (msprior/configs/*.yaml) or a YAML path."
 
 
@@ -100,7 +100,8 @@ class TrainRequest:
     resume: bool = flag(False, "Continue the run NAME from its last checkpoint.")
     tracking_uri: Optional[str] = flag(None, "MLflow URI (default MLFLOW_TRACKING_URI or ./mlflow.db).")
     storage_path: Optional[str] = flag(None, "Where runs live (folder or s3://); default MSPRIOR_STORAGE or ./runs.")
-    cpus_per_worker: float = flag(DEFAULT_CPUS_PER_WORKER, "Logical CPUs requested per worker.")
+    cpus_per_worker: Optional[float] = flag(None, "CPUs per worker, its torch threads (rounded); default: 0.5 on GPUs, "
+                                                  "on the CPU the nodes' CPUs left after data reads, shared by the workers.")
     max_failures: int = flag(3, "Worker-group restarts (a worker or node lost) before the run fails.")
     worker_resources: Optional[str] = flag(None, devices.RESOURCES_HELP.format(what="Train worker"))
     # the original MSPrior's train flags, same meaning (train/original.py translates them)

@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
 
 from msprior import console, devices
 from msprior.config import Config
@@ -25,7 +25,7 @@ from msprior.redact import redact_uri
 from msprior.runtime import ensure_ray
 from msprior.train import run_lease
 from msprior.train.plan import Plan, plan, request_record
-from msprior.train.request import TrainContext, TrainError, TrainRequest
+from msprior.train.request import DEFAULT_CPUS_PER_WORKER, TrainContext, TrainError, TrainRequest
 
 if TYPE_CHECKING:
     from msprior.train.inputs import LoopInputs
@@ -138,10 +138,34 @@ class Progress:
 # --- what each worker asks Ray for ---------------------------------------------------------------
 
 
+def auto_cpus(workers: int, node_cpus: Sequence[float]) -> float:
+    """CPUs per worker of a CPU training without --cpus_per_worker: what the nodes have left after
+    the table's reads and fills (`cpu_reserve`), shared by the workers, in quarters, at least
+    DEFAULT_CPUS_PER_WORKER. The worker's torch threads are this, rounded (devices.assigned_threads)."""
+    from msprior.data.windows import FILLS_IN_FLIGHT, LOAD_CPU
+
+    free = [c - DATA_CPU - FILLS_IN_FLIGHT * LOAD_CPU for c in node_cpus if c > 0]
+    if not free:
+        return DEFAULT_CPUS_PER_WORKER
+    share = min(max(free), sum(free) / max(1, workers))
+    return max(DEFAULT_CPUS_PER_WORKER, math.floor(share * 4) / 4)
+
+
+def worker_cpus(req: TrainRequest, device: Optional[Device]) -> float:
+    """--cpus_per_worker, else DEFAULT_CPUS_PER_WORKER on GPUs and `auto_cpus` of the cluster on the CPU."""
+    if req.cpus_per_worker:
+        return req.cpus_per_worker
+    if device is None or device.gpu or device.kind == "mps":
+        return DEFAULT_CPUS_PER_WORKER
+    import ray
+
+    return auto_cpus(req.num_workers, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
+
+
 def worker_resources(req: TrainRequest, device: Optional[Device]) -> Dict[str, float]:
     """What each Train worker asks Ray for: CPUs, its GPU share on GPUs, and --worker_resources (a pool's slot)."""
     on_gpu = device is not None and device.gpu
-    return {"CPU": req.cpus_per_worker, **({"GPU": req.gpus(device)} if on_gpu else {}),
+    return {"CPU": worker_cpus(req, device), **({"GPU": req.gpus(device)} if on_gpu else {}),
             **devices.parse_resources(req.worker_resources, "--worker_resources")}
 
 
@@ -347,7 +371,7 @@ def run_training(req: TrainRequest) -> Dict[str, Any]:
         p.device = devices.choose(req.gpu, req.cpu, ray_machine(req), workers=req.num_workers)
         if req.ctx.progress:
             devices.announce(p.device, "train")
-        check_resources(req.num_workers, req.cpus_per_worker, req.gpus(p.device))
+        check_resources(req.num_workers, worker_cpus(req, p.device), req.gpus(p.device))
         data = req.ctx.data if req.ctx.data is not None else load_data(p)
         val_ref = validation_windows(p, data)
         write_run_request(p.run_dir, request_record(p.cfg, p.table))

@@ -10,7 +10,7 @@
       train.ema: 0.999                  # a constant
     scheduler: {grace_period: 2, reduction_factor: 2}   # ASHAScheduler's arguments, in validations
     num_samples: 8                      # TuneConfig(num_samples=...)
-    resources: {num_workers: 1, cpus_per_worker: 0.5, gpus_per_trial: 0}
+    resources: {num_workers: 1, cpus_per_worker: 0.5, gpus_per_trial: 0}   # worker_resources: "msprior_train=1"
     train: {max_steps: 20000, val_every: 1000, batch_size: 64}   # batch_size: per worker
 
 A search space is `{tune.<function>: arguments}` with any of `ray.tune`'s samplers (`SAMPLERS`):
@@ -42,6 +42,8 @@ SAMPLERS: Dict[str, tuple] = {
 }
 OPTIONAL = {"base"}  # every other argument must be given
 SWEEP_KEYS = {"base", "overrides", "param_space", "search", "scheduler", "num_samples", "resources", "train"}
+# per trial; worker_resources: each Train worker's custom resources (a node pool's slot, `msprior train --worker_resources`)
+RESOURCE_KEYS = {"num_workers", "cpus_per_worker", "gpus_per_trial", "worker_resources"}
 LOADED_ONCE = ("model.conditioning", "model.cond_ratio")  # with data.*: what the shared table depends on
 
 
@@ -122,6 +124,9 @@ def load_sweep(path: str) -> Dict[str, Any]:
     unknown = set(sweep) - SWEEP_KEYS
     if unknown:
         raise TrainError(f"{path}: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(SWEEP_KEYS))})")
+    bad = set(sweep.get("resources") or {}) - RESOURCE_KEYS
+    if bad:
+        raise TrainError(f"{path}: unknown resources key(s) {sorted(bad)} (known: {', '.join(sorted(RESOURCE_KEYS))})")
     if "search" in sweep and "param_space" in sweep:
         raise TrainError(f"{path}: both search and param_space: keep param_space (search is its older name)")
     space = sweep.pop("search", None) or sweep.get("param_space") or {}

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from msprior.devices import parse_resources
 from msprior.redact import RedactedError, install_log_redaction
 from msprior.runtime import ensure_ray
 from msprior.flags import flag, like
@@ -104,6 +105,7 @@ class SweepPlan:
     num_workers: int  # Ray Train workers per trial
     gpus_per_trial: float
     cpus_per_worker: float
+    worker_resources: Optional[str]  # each Train worker's custom resources ("msprior_train=1"), checked
     max_steps: int
     val_every: int  # ASHA's time unit
     batch_size: Optional[int]
@@ -131,6 +133,7 @@ def plan_sweep(req: SweepRequest) -> SweepPlan:
         num_workers=int(req.num_workers or res.get("num_workers", 1)),
         gpus_per_trial=float(req.gpus_per_trial if req.gpus_per_trial is not None else res.get("gpus_per_trial", 0) or 0),
         cpus_per_worker=float(res.get("cpus_per_worker", DEFAULT_CPUS_PER_WORKER)),
+        worker_resources=res.get("worker_resources"),
         max_steps=int(req.max_steps or tr.get("max_steps", 20000)),
         val_every=int(req.val_every or tr.get("val_every", 1000)),
         batch_size=req.batch_size or tr.get("batch_size"),
@@ -139,6 +142,7 @@ def plan_sweep(req: SweepRequest) -> SweepPlan:
     # a bad base config / override / search key fails here, not late inside every trial
     p.base_cfg = resolve_config(base, p.overrides, batch_size=p.batch_size, max_steps=p.max_steps, val_every=p.val_every)
     check_space(req.sweep, p.base_cfg, spec["param_space"])
+    parse_resources(p.worker_resources, f"{req.sweep}: resources.worker_resources")  # one line, before Ray
     started = sweep_exists(p.experiment_path)
     if started and not req.resume:
         raise TrainError(f"sweep {req.name!r} already exists in {p.storage_path}: pass --resume to continue it or "
@@ -216,6 +220,14 @@ def start_parent(p: SweepPlan) -> None:
     p.parent_run_id, p.tracking = parent, {"uri": uri, "client": client}
 
 
+def trial_train_kw(p: SweepPlan) -> Dict[str, Any]:
+    """What every trial's `msprior.train.run.train` call is given besides its config."""
+    return dict(num_workers=p.num_workers, gpu=p.gpus_per_trial > 0,
+                gpus_per_worker=p.gpus_per_trial / p.num_workers if p.gpus_per_trial else None,
+                cpus_per_worker=p.cpus_per_worker, worker_resources=p.worker_resources, max_steps=p.max_steps,
+                val_every=p.val_every, batch_size=p.batch_size, tracking_uri=p.tracking.get("uri"))
+
+
 def make_tuner(p: SweepPlan, data, concurrent: int):
     """A new Tuner, or the preempted one restored from its folder (`--resume`)."""
     from ray import tune as rtune
@@ -228,9 +240,7 @@ def make_tuner(p: SweepPlan, data, concurrent: int):
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                               grace_period=min(max_t, int(sched.get("grace_period", 1))),
                               reduction_factor=float(sched.get("reduction_factor", 2)))
-    train_kw = dict(num_workers=p.num_workers, gpu=p.gpus_per_trial > 0, gpus_per_worker=p.gpus_per_trial / p.num_workers if p.gpus_per_trial else None,
-                    cpus_per_worker=p.cpus_per_worker, max_steps=p.max_steps, val_every=p.val_every, batch_size=p.batch_size,
-                    tracking_uri=p.tracking["uri"])
+    train_kw = trial_train_kw(p)
     trainable = rtune.with_resources(rtune.with_parameters(
         _trial, base=p.base, overrides=p.overrides, data=data, sweep_name=p.req.name, train_kw=train_kw,
         parent_run_id=p.parent_run_id, runs_root=p.storage_path), {"CPU": TRIAL_DRIVER_CPU})
