@@ -27,7 +27,7 @@ def test_decode_memory_follows_the_largest_file_and_its_codec():
 
 @pytest.fixture
 def stages(ray_session, tmp_path):
-    def build(**req_kw):
+    def build(branches=None, **req_kw):
         loc = storage.Location.of(str(tmp_path))
         s = Settings(audio_root=loc, out_path=loc, run_id="r", sr=44100, ratio=2048, chunk_samples=2048 * 64,
                      min_frames=1, resolution=64, batch_size=1, condition_ratio=0, centroids=None, scale=None)
@@ -35,18 +35,36 @@ def stages(ray_session, tmp_path):
         import ray.data
 
         ds = ray.data.from_items([{"source": ["a.wav"], "path": [str(tmp_path / "a.wav")]}])
-        out = flow.build_stages(ds, s, req, RaveInfo(data=b"rave", sha256="0" * 64, facts={}), memory=123 * MB)
-        ops, op = {}, out._logical_plan.dag
-        while op is not None:
-            ops[op.name] = getattr(op, "ray_remote_args", None) or getattr(op, "_ray_remote_args", {})
-            op = op.input_dependencies[0] if op.input_dependencies else None
+        out = flow.build_stages(branches or [(ds, 123 * MB)], s, req, RaveInfo(data=b"rave", sha256="0" * 64, facts={}))
+        ops, todo = [], [out._logical_plan.dag]
+        while todo:  # every operator, through both sides of a union
+            op = todo.pop()
+            ops.append((op.name, getattr(op, "ray_remote_args", None) or getattr(op, "_ray_remote_args", {})))
+            todo += list(op.input_dependencies)
         return ops
     return build
 
 
 def test_the_decode_stage_asks_its_memory_and_encoders_their_pool(stages):
     ops = stages(encoder_resources="msprior_encode=1")
-    decode_args = next(v for k, v in ops.items() if "decode_task" in k)
+    decode_args = next(v for k, v in ops if "decode_task" in k)
     assert decode_args["memory"] == 123 * MB
-    encoder_args = next(v for k, v in ops.items() if "Encoder" in k)
+    encoder_args = next(v for k, v in ops if "Encoder" in k)
     assert encoder_args["resources"] == {"msprior_encode": 1.0}
+
+
+def test_a_long_file_decodes_in_a_stage_of_its_own(stages):
+    """One 3-hour file must not set every decode task's memory: it goes to a stage of its own."""
+    import ray.data
+
+    short = [[("a.wav", "/c/a.wav", 10 * MB), ("long.wav", "/c/long.wav", 1900 * MB)], [("c.mp3", "/c/c.mp3", 5 * MB)]]
+    regular, long = decode.split_long(short)
+    assert regular == [[("a.wav", "/c/a.wav", 10 * MB)], [("c.mp3", "/c/c.mp3", 5 * MB)]]
+    assert long == [[("long.wav", "/c/long.wav", 1900 * MB)]]
+    assert decode.decode_memory(regular, 64e9) < 1e9 < 20e9 < decode.decode_memory(long, 64e9)
+    assert decode.split_long(regular) == (regular, [])  # nothing long: one stage, as before
+    rows = [ray.data.from_items([{"source": [f[0] for f in t], "path": [f[1] for f in t]} for t in part])
+            for part in (regular, long)]
+    ops = stages(branches=[(rows[0], 1 * MB), (rows[1], 2 * MB)])
+    assert sorted(v["memory"] for k, v in ops if "decode_task" in k) == [1 * MB, 2 * MB]
+    assert sum("Encoder" in k for k, _ in ops) == 1 and any(k.startswith("Union") for k, _ in ops)

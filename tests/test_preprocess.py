@@ -269,3 +269,26 @@ def test_data_files_mix_the_corpus_and_the_old_decode_path_gives_the_same_table(
     preprocess(str(tmp_path / "c"), str(tmp_path / "old"), codecs["discrete"], decode_in_encoder=True, **kw)
     key = [("source", "ascending"), ("chunk", "ascending")]
     assert read_table(str(tmp_path / "old")).sort_by(key).equals(read_table(str(tmp_path / "new")).sort_by(key))
+
+
+def test_long_files_decode_in_their_own_stage_into_the_same_table(ray_session, codecs, tmp_path, monkeypatch):
+    """A file decoding past decode.LONG_DECODED goes to a decode stage of its own (its `memory=`
+    does not throttle every other decode); the two stages feed one encoder pool, same table."""
+    from msprior.data import decode, flow
+
+    rng = np.random.default_rng(6)
+    (tmp_path / "c").mkdir()
+    for i, seconds in enumerate([1.0] * 5 + [3.0] * 2):
+        sf.write(str(tmp_path / "c" / f"f{i}.wav"), 0.4 * melody(seconds, 44100, rng), 44100)
+    seen, build = [], flow.build_stages
+    monkeypatch.setattr(flow, "build_stages", lambda branches, *a: seen.append([m for _, m in branches]) or build(
+        branches, *a))
+    kw = {**OPTS, "files_per_task": 3, "target_file_mb": 0.001, "condition_ratio": 0}
+    monkeypatch.setattr(decode, "LONG_DECODED", 4 * 2 * 44100 * 2)  # 2 s of PCM16 decoded: the 3 s files are long
+    split = preprocess(str(tmp_path / "c"), str(tmp_path / "split"), codecs["discrete"], **kw)
+    monkeypatch.setattr(decode, "LONG_DECODED", 1 << 40)
+    one = preprocess(str(tmp_path / "c"), str(tmp_path / "one"), codecs["discrete"], **kw)
+    assert len(seen[0]) == 2 and seen[0][0] < seen[0][1] and len(seen[1]) == 1, seen
+    assert split["files_encoded"] == one["files_encoded"] == 7
+    key = [("source", "ascending"), ("chunk", "ascending")]
+    assert read_table(str(tmp_path / "split")).sort_by(key).equals(read_table(str(tmp_path / "one")).sort_by(key))

@@ -125,14 +125,14 @@ def test_decode_is_a_stage_of_cpu_tasks_before_the_encoder_pool(ray_session, tmp
     ray, s, rave = ray_session, _settings(tmp_path), RaveInfo(data=b"ts", sha256="", facts={})
     ds = ray.data.from_items([{"source": ["a.wav"], "path": ["/a.wav"]}])
     req = PreprocessRequest("a", "o", "r", decode_concurrency=3, decode_cpus=2.0, num_workers=2)
-    _, dec, enc = _ops(flow.build_stages(ds, s, req, rave))
+    _, dec, enc = _ops(flow.build_stages([(ds, 0.0)], s, req, rave))
     assert dec.fn is decode.decode_task and isinstance(dec.compute, ray.data.TaskPoolStrategy)
     assert dec.compute.size == 3 and dec.ray_remote_args["num_cpus"] == 2.0 and not dec.ray_remote_args.get("num_gpus")
     assert enc.fn is encode.ChunkEncoder and isinstance(enc.compute, ray.data.ActorPoolStrategy)
     assert enc.compute.max_size == 2 and enc.batch_size is None  # whole blocks: whole files
-    auto = _ops(flow.build_stages(ds, s, PreprocessRequest("a", "o", "r"), rave))[1]
+    auto = _ops(flow.build_stages([(ds, 0.0)], s, PreprocessRequest("a", "o", "r"), rave))[1]
     assert auto.compute.size is None  # autoscaled: as many tasks as free CPUs allow
-    old = _ops(flow.build_stages(ds, s, PreprocessRequest("a", "o", "r", decode_in_encoder=True), rave))
+    old = _ops(flow.build_stages([(ds, 0.0)], s, PreprocessRequest("a", "o", "r", decode_in_encoder=True), rave))
     assert [op.fn for op in old[1:]] == [encode.Encoder]
 
 

@@ -166,12 +166,25 @@ def decode_memory(tasks: List[list], node_memory: float) -> int:
     """Ray `memory=` of a decode task: its largest file decoded (a row holds a whole file, a multi-hour
     file included), so that Ray starts no more decodes on a node than its memory holds; never more than
     80% of the largest node's memory (a task that fits nowhere would wait forever)."""
-    def decoded(f) -> float:
-        ext = f[0].rsplit(".", 1)[-1].lower() if "." in f[0] else ""
-        return f[2] * EXPANSION.get(ext, LOSSY_EXPANSION)
-
-    largest = max((decoded(f) for t in tasks for f in t), default=0.0)
+    largest = max((decoded_bytes(f) for t in tasks for f in t), default=0.0)
     return int(min(DECODE_BASE + COPIES * largest, 0.8 * node_memory))
+
+
+LONG_DECODED = 1 << 30  # a file decoding to more than this (~1.7 h of 44.1 kHz mono float32) decodes apart
+
+
+def decoded_bytes(f) -> float:
+    """What a pending file (source, path, size) takes once decoded: its size x its codec's expansion."""
+    ext = f[0].rsplit(".", 1)[-1].lower() if "." in f[0] else ""
+    return f[2] * EXPANSION.get(ext, LOSSY_EXPANSION)
+
+
+def split_long(tasks: List[list]) -> Tuple[List[list], List[list]]:
+    """(tasks without their long files, one task per long file). The decode stage's `memory=` is
+    one figure for all its tasks: with a 3-hour file among them every decode would ask for that
+    file's memory and a node would run a few decodes instead of one per CPU."""
+    regular = [[f for f in t if decoded_bytes(f) <= LONG_DECODED] for t in tasks]
+    return [t for t in regular if t], [[f] for t in tasks for f in t if decoded_bytes(f) > LONG_DECODED]
 
 
 def decode_task(batch: Dict[str, np.ndarray], settings: Settings) -> Iterator[pa.Table]:

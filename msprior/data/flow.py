@@ -17,7 +17,7 @@ each encoder actor: `encode.Encoder`) for comparison.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pyarrow as pa
 
@@ -54,18 +54,33 @@ def _largest_node_memory() -> float:
     return max((n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")), default=1e18) or 1e18
 
 
-def build_stages(ds, s: Settings, req: PreprocessRequest, rave: RaveInfo, memory: float = 0.0):
-    """The decode stage (unless the old path) and the encoder pool."""
+def build_stages(branches: List[Tuple["ray.data.Dataset", float]], s: Settings, req: PreprocessRequest,
+                 rave: RaveInfo):
+    """The decode stage (unless the old path) and the encoder pool. `branches`: (task rows, decode
+    `memory=`) pairs, one decode stage each (`decode.split_long`: long files apart), one pool for all."""
     import ray
 
     pool = dict(compute=ray.data.ActorPoolStrategy(size=req.num_workers), max_restarts=-1, max_task_retries=2,
                 fn_constructor_kwargs={"rave_ref": [ray.put(rave.data)], "settings": s}, **_encoder_resources(req, s))
     if req.decode_in_encoder:
-        return ds.map_batches(encode.Encoder, batch_size=1, batch_format="numpy", **pool)
+        return _union([ds for ds, _ in branches]).map_batches(encode.Encoder, batch_size=1, batch_format="numpy", **pool)
     tasks = ray.data.TaskPoolStrategy(size=req.decode_concurrency)  # None: as many as free CPUs allow
-    ds = ds.map_batches(decode.decode_task, fn_kwargs={"settings": s}, batch_size=1, batch_format="numpy",
-                        compute=tasks, num_cpus=req.decode_cpus, max_retries=3, **({"memory": memory} if memory else {}))
-    return ds.map_batches(encode.ChunkEncoder, batch_size=None, batch_format="pyarrow", **pool)
+    decoded = [ds.map_batches(decode.decode_task, fn_kwargs={"settings": s}, batch_size=1, batch_format="numpy",
+                              compute=tasks, num_cpus=req.decode_cpus, max_retries=3,
+                              **({"memory": memory} if memory else {})) for ds, memory in branches]
+    return _union(decoded).map_batches(encode.ChunkEncoder, batch_size=None, batch_format="pyarrow", **pool)
+
+
+def _union(parts: list):
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _rows(tasks: List[list]):
+    """One Ray Data row (a few files) per task."""
+    import ray
+
+    items = [{"source": [f[0] for f in g], "path": [f[1] for f in g]} for g in tasks]
+    return ray.data.from_items(items, override_num_blocks=len(items))
 
 
 def encode_pending(tasks: List[list], s: Settings, req: PreprocessRequest, rave: RaveInfo) -> List[Dict]:
@@ -84,9 +99,9 @@ def encode_pending(tasks: List[list], s: Settings, req: PreprocessRequest, rave:
     dev = devices.choose(req.gpu, req.cpu, machine, mps=False)  # encoders share the GPUs
     devices.announce(dev if req.num_workers == 1 else dataclasses.replace(dev, index=None), "preprocess")
     s = dataclasses.replace(s, gpu=dev.gpu)
-    items = [{"source": [f[0] for f in g], "path": [f[1] for f in g]} for g in tasks]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one row (a few files) per task
-    ds = build_stages(ds, s, req, rave, decode.decode_memory(tasks, _largest_node_memory()))
+    node = _largest_node_memory()
+    ds = build_stages([(_rows(part), decode.decode_memory(part, node)) for part in decode.split_long(tasks) if part],
+                      s, req, rave)
     sink = make_sink(s)
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25, "max_retries": 3,
