@@ -31,7 +31,7 @@ from msprior.config import load_config  # noqa: E402
 from msprior.model import DatasetFacts, build_prior  # noqa: E402
 from msprior.data.reader import frames_from_arrow, open_table, read_split  # noqa: E402
 from msprior.data.windows import WindowSampler  # noqa: E402
-from msprior.train.loop import LossModule, shard_kwargs, to_device  # noqa: E402
+from msprior.train.loop import LossModule, to_device  # noqa: E402
 from msprior.train.schedule import make_optimizer, make_scheduler  # noqa: E402
 
 
@@ -82,8 +82,9 @@ def main():
     cfg = load_config(args.config, overrides + [f"train.batch_size={args.batch_size}", f"train.max_steps={total}",
                                                 f"train.val_every={total}"])
     table = open_table(f"{work}/table", cfg.data.val_fraction, cfg.data.seed, cfg.model.conditioning)
-    frames = frames_from_arrow(read_split(table, val=False), **shard_kwargs(cfg, table.manifest))
-    sampler = WindowSampler(frames, cfg.model.seq_len, cfg.model.conditioning, cfg.model.cond_ratio, seed=0)
+    frames = frames_from_arrow(read_split(table, val=False), DatasetFacts.from_manifest(table.manifest).num_quantizers,
+                              table.cond)
+    sampler = WindowSampler(frames, cfg.model.seq_len, table.cond, seed=0)
     batches = [to_device(sampler.sample(args.batch_size), torch.device("cpu")) for _ in range(total)]
     tokens_per_step = args.batch_size * cfg.model.seq_len * args.quantizers
     print(f"config {args.config}: batch {args.batch_size} x seq_len {cfg.model.seq_len} x Q {args.quantizers}, "

@@ -108,6 +108,26 @@ class ConditioningSpec:
         return len(self.names)
 
     @property
+    def column(self) -> Optional[str]:
+        """The table column a prior of this spec reads ("tokens" or "features"); None without."""
+        return self.kind if self.kind in (TOKENS, FEATURES) else None
+
+    @property
+    def step(self) -> int:
+        """Decoder frames per conditioning frame as the read path steps: windows start on its
+        multiples so that frame t sees conditioning frames 0 .. t // r (1 without conditioning)."""
+        return self.ratio if self.column else 1
+
+    @property
+    def per_frame(self) -> int:
+        """Values per conditioning frame in the column: F features, or 1 token."""
+        return self.num_features if self.kind == FEATURES else 1
+
+    def frames(self, lengths):
+        """Conditioning frames of chunks of `lengths` decoder frames: ceil(T / r) (int or array)."""
+        return -(-lengths // self.step)
+
+    @property
     def channels(self) -> int:
         """Conditioning inputs of an export (nn~ inlets after the Q latents): 0, 1 token or F features."""
         return {NONE: 0, TOKENS: 1, FEATURES: self.num_features}.get(self.kind, 0)

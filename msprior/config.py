@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
+from msprior import conditioning
 from msprior.strict import ConfigError, build, choice, suggest
 
 
@@ -37,7 +38,7 @@ class ModelConfig:
 
     def validate(self, where: str) -> None:
         choice(where, "model.family", self.family, ("transformer", "gru"))
-        choice(where, "model.conditioning", self.conditioning, ("none", "tokens", "features"))
+        choice(where, "model.conditioning", self.conditioning, conditioning.KINDS)
         choice(where, "model.predictor", self.predictor, ("film", "linear_film"))
         for key in ("dim", "num_layers", "num_heads", "head_dim", "ff_mult", "seq_len", "cond_ratio"):
             if getattr(self, key) < 1:

@@ -121,3 +121,40 @@ def test_resume_refuses_a_table_with_other_feature_names(tmp_path):
         check_resume("r", run_dir, cfg, table_b)
     assert str(e.value) == (f"--resume r: the run's table ({a}) vs {b}: conditioning names differs ([f0, f1, f2] vs "
                             f"[{', '.join(NAMES)}]); resume with its table or choose another --name")
+
+
+@pytest.mark.parametrize("kind,column,per_frame", [(NONE, None, 1), (TOKENS, "tokens", 1), (FEATURES, "features", 3)])
+def test_the_read_path_carries_the_tables_spec(tmp_path, kind, column, per_frame):
+    """open_table sets the prior's spec from the manifest; ReadSpec, frames_from_arrow and the
+    windows read column, step and shape from it (no loose kind / ratio / feature count)."""
+    from msprior.data.reader import ReadSpec, frames_from_arrow, open_table, read_split
+    from msprior.data.windows import WindowSampler
+
+    write_synthetic_table(tmp_path / "t", num_files=2)  # ratio 4, 8 token classes, 3 features
+    table = open_table(str(tmp_path / "t"), 0.0, 0, kind)
+    spec = ReadSpec.of(table)
+    assert spec.cond == table.cond and (spec.cond.kind, spec.cond.column, spec.cond.per_frame) == (kind, column, per_frame)
+    assert spec.cond.step == (4 if column else 1) and (column in table.columns) == bool(column)
+    frames = frames_from_arrow(read_split(table, val=False), 4, spec.cond)
+    assert frames.rave.shape == (2 * 4 * 64, 4)
+    assert (frames.cond is None) == (column is None)
+    if column:
+        assert frames.cond.shape[0] == 2 * 4 * spec.cond.frames(64) == 2 * 4 * 16
+    batch = WindowSampler(frames, 16, spec.cond, seed=0).sample(4)
+    assert (column in batch) == bool(column)
+    if column:
+        assert batch[column].shape[:2] == (4, 4)  # ceil(16 / 4) conditioning frames per window
+
+
+def test_training_refuses_a_config_ratio_other_than_the_tables(tmp_path):
+    """The read path steps by the table's ratio: a config whose model.cond_ratio differs is refused
+    before any data is read, in one line naming the override."""
+    from msprior.config import load_config
+    from msprior.data import load_manifest
+    from msprior.train.plan import TrainError, check_table_vs_config
+
+    write_synthetic_table(tmp_path / "t", num_files=2)
+    manifest = load_manifest(str(tmp_path / "t"))
+    check_table_vs_config(load_config("encoder_decoder", ["model.cond_ratio=4"]), manifest, "t")
+    with pytest.raises(TrainError, match=r"model.cond_ratio=4$"):
+        check_table_vs_config(load_config("encoder_decoder", ["model.cond_ratio=2"]), manifest, "t")

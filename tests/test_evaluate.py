@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from msprior.train import quality
+from msprior.conditioning import ConditioningSpec
 from tests.export_runs import make_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,7 +36,7 @@ def test_windows_cover_each_chunk_once_in_order():
     assert len(set(targets.tolist())) == len(targets)  # no frame is a target twice
     cond = Frames(rave=rave, starts=frames.starts, lengths=lengths, cond=np.arange(40, dtype=np.int16),
                   cond_starts=np.concatenate([[0], np.cumsum(-(-lengths // 3))[:-1]]))
-    wc = quality.tile_windows(cond, 16, "tokens", 3)  # stride 15: starts on conditioning frames
+    wc = quality.tile_windows(cond, 16, ConditioningSpec(kind="tokens", ratio=3))  # stride 15: starts on conditioning frames
     assert wc.cond.shape == (len(wc), 6) and wc.rave[1, 0, 0] // 2 == 15 and wc.cond[1, 0] == 5
 
 

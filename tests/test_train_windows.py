@@ -12,7 +12,6 @@ import torch
 from msprior.config import load_config
 from msprior.data.reader import DataError, frames_from_arrow, open_table, read_split, split_sources, unigram_entropy
 from msprior.data.windows import WindowSampler
-from msprior.train.loop import shard_kwargs
 
 TINY = ["model.dim=32", "model.num_layers=1", "model.num_heads=2", "model.head_dim=16", "model.cond_layers=1",
         "model.seq_len=16", "optim.warmup_steps=10", "optim.lr=0.003", "data.val_fraction=0.25"]
@@ -38,9 +37,9 @@ def test_table_split_windows_and_conditioning_alignment(train_table):
     assert set(val["source"].to_pylist()) == set(table.val_sources)
     assert not set(train["source"].to_pylist()) & set(table.val_sources)  # split by file, never by chunk
 
-    frames = frames_from_arrow(train, **shard_kwargs(cfg, table.manifest))
+    frames = frames_from_arrow(train, 4, table.cond)
     assert frames.rave.shape == (6 * 4 * 64, 4) and frames.cond.shape == (6 * 4 * 16,)
-    sampler = WindowSampler(frames, seq_len=16, conditioning="tokens", cond_ratio=4, seed=0)
+    sampler = WindowSampler(frames, seq_len=16, cond=table.cond, seed=0)
     batch = sampler.sample(32)
     assert batch["rave"].shape == (32, 17, 4) and batch["rave"].dtype == np.int64
     assert batch["tokens"].shape == (32, 4)
@@ -52,10 +51,9 @@ def test_table_split_windows_and_conditioning_alignment(train_table):
 
 
 def test_features_windows_and_clear_errors(train_table):
-    cfg = load_config("encoder_decoder_continuous", TINY)
     table = open_table(train_table, 0.25, 0, "features")
-    frames = frames_from_arrow(read_split(table, val=False), **shard_kwargs(cfg, table.manifest))
-    batch = WindowSampler(frames, 16, "features", 4, seed=1).sample(8)
+    frames = frames_from_arrow(read_split(table, val=False), 4, table.cond)
+    batch = WindowSampler(frames, 16, table.cond, seed=1).sample(8)
     assert batch["features"].shape == (8, 4, 3) and batch["features"].dtype == np.float32
     with pytest.raises(DataError, match="lower model.seq_len"):
         WindowSampler(frames, seq_len=64, seed=0)  # chunks hold 64 frames: 65 do not fit
@@ -208,7 +206,7 @@ def test_out_of_range_tokens_are_refused_naming_the_file(ray_session, tmp_path, 
     bad = tmp_path / "t" / "latents" / "00000002.parquet"
     _edit_rows(str(bad), column, value)
     table = open_table(str(tmp_path / "t"), 0.0, 0, conditioning)
-    spec = ReadSpec.of(table, conditioning, 4)
+    spec = ReadSpec.of(table)
     with pytest.raises(DataError) as fill:
         node_cache.fill(spec, "latents/00000002.parquet", ["dir/file_02.wav"])
     data = open_data(table, spec)  # schema only: no token is read before training
@@ -231,7 +229,7 @@ def test_rank_windows_through_the_node_cache(ray_session, tmp_path, monkeypatch)
     monkeypatch.setenv("MSPRIOR_CACHE_DIR", str(tmp_path / "cache"))
     write_synthetic_table(tmp_path / "t", num_files=8, sources_per_file=2)
     table = open_table(str(tmp_path / "t"), 0.25, 0, "tokens")
-    data = open_data(table, ReadSpec.of(table, "tokens", 4))
+    data = open_data(table, ReadSpec.of(table))
     assert data.train_chunks == 6 * 4 and data.val_chunks == 2 * 4
     ranks = [TrainWindows(data.for_workers(), r, 2, 16, seed=r) for r in range(2)]
     for w in ranks:

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from msprior.conditioning import ConditioningSpec
 from msprior.data import node_cache
 from msprior.data.reader import READ_THREADS, DataError, ReadSpec, Table, check_rows, open_parquet
 from msprior.data.windows import LOAD_CPU, admissible_starts, draw, file_bytes, task_memory
@@ -157,8 +158,7 @@ def _row_groups(pf, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 def _cut(spec: ReadSpec, rel: str, rows: np.ndarray, first: np.ndarray, seq_len: int):
     """Ray task: windows of seq_len + 1 frames at (file row, start index) pairs, reading only their
     row groups; {"rave": int16 [n, T+1, Q], "cond": ... or None}, or {"error": line}."""
-    step = spec.cond_ratio if spec.conditioning != "none" else 1
-    clen = -(-seq_len // step)
+    step, clen, col = spec.cond.step, spec.cond.frames(seq_len), spec.cond.column
     q = spec.num_quantizers
     out = {"rave": np.empty((len(rows), seq_len + 1, q), np.int16), "cond": [None] * len(rows)}
     try:
@@ -171,15 +171,15 @@ def _cut(spec: ReadSpec, rel: str, rows: np.ndarray, first: np.ndarray, seq_len:
             for i in np.flatnonzero(group == g):
                 s = int(first[i]) * step
                 out["rave"][i] = t["rave"][int(inner[i])].values.to_numpy().reshape(-1, q)[s:s + seq_len + 1]
-                if spec.conditioning != "none":
-                    c = t[spec.conditioning][int(inner[i])].values.to_numpy()
-                    c = c.reshape(-1, spec.cond_features) if spec.conditioning == "features" else c
+                if col:
+                    c = t[col][int(inner[i])].values.to_numpy()
+                    c = c.reshape(-1, spec.cond.per_frame) if col == "features" else c
                     out["cond"][i] = c[s // step:s // step + clen]
     except UserError as e:
         return {"error": str(e).splitlines()[0]}
     except (OSError, pa.ArrowInvalid) as e:
         return {"error": f"{spec.db_path}/{rel}: unreadable ({str(e).splitlines()[0]}); re-run preprocess"}
-    out["cond"] = np.stack(out["cond"]) if spec.conditioning != "none" else None
+    out["cond"] = np.stack(out["cond"]) if col else None
     return out
 
 
@@ -197,7 +197,7 @@ def validation_windows(data: TableData, seq_len: int, batches: int, batch_size: 
     from msprior.data import layout as this
 
     spec = data.spec
-    step = spec.cond_ratio if spec.conditioning != "none" else 1
+    step = spec.cond.step
     masks = data.masks(val=bool(data.val_chunks))
     starts = [admissible_starts(lay.lengths, seq_len, step, m) for lay, m in zip(data.layouts, masks)]
     if not sum(int(s.sum()) for s in starts):
@@ -213,7 +213,7 @@ def validation_windows(data: TableData, seq_len: int, batches: int, batch_size: 
         spec, data.layouts[g].file, data.layouts[g].row[chunk[i]], first[i], seq_len) for g, i in picks.items()]
     outs = dict(zip(picks, bounded(calls)))
     _first_error(list(outs.values()))
-    data.memo[key] = _assemble(outs, picks, n, batch_size, spec.conditioning)
+    data.memo[key] = _assemble(outs, picks, n, batch_size, spec.cond.kind)
     return data.memo[key]
 
 
@@ -266,7 +266,7 @@ def _count(spec: ReadSpec, rel: str, group: int, inner: np.ndarray, vocab: int):
         pf, path, _ = open_parquet(spec, rel)
         t = pf.read_row_group(group, columns=["source", "frames", "rave"])
         node_cache.record(spec, "floor", rel, _group_bytes(pf, group, ["source", "frames", "rave"]))
-        check_rows(t, dataclasses.replace(spec, columns=["source", "frames", "rave"], conditioning="none"), path)
+        check_rows(t, dataclasses.replace(spec, columns=["source", "frames", "rave"], cond=ConditioningSpec()), path)
     except UserError as e:
         return {"error": str(e).splitlines()[0]}
     rave = pc.list_flatten(t.take(pa.array(inner))["rave"]).to_numpy().astype(np.int64).reshape(-1, spec.num_quantizers)

@@ -64,7 +64,7 @@ def _stat(spec: ReadSpec, rel: str):
 
 
 def entry_key(spec: ReadSpec, rel: str, sources: Sequence[str], size: int, mtime_ns: int) -> str:
-    what = [spec.db_path, rel, size, mtime_ns, sorted(spec.columns), spec.conditioning, sorted(set(sources))]
+    what = [spec.db_path, rel, size, mtime_ns, sorted(spec.columns), spec.cond.kind, sorted(set(sources))]
     stem = os.path.splitext(os.path.basename(rel))[0][:40]
     return f"{stem}-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:24]}"
 
@@ -103,7 +103,7 @@ def _write_entry(spec: ReadSpec, rel: str, sources: Sequence[str], tmp: str) -> 
             k, row = keep[row:row + rows.num_rows], row + rows.num_rows
             rows = rows if k.all() else rows.filter(pa.array(k))
             check_rows(rows, spec, path)  # schema, token ranges: one line naming the file
-            f = frames_from_arrow(rows, spec.num_quantizers, spec.conditioning, spec.cond_ratio, spec.cond_features)
+            f = frames_from_arrow(rows, spec.num_quantizers, spec.cond)
             for i, part in enumerate((f.rave, f.cond)):
                 if part is not None:
                     out[i][done[i]:done[i] + len(part)] = part
@@ -119,7 +119,7 @@ def _write_entry(spec: ReadSpec, rel: str, sources: Sequence[str], tmp: str) -> 
             .to_numpy().astype(np.int32))
     np.save(os.path.join(tmp, "chunk.npy"), small["chunk"].to_numpy().astype(np.int32))
     with open(os.path.join(tmp, "meta.json"), "w") as meta:
-        json.dump({"file": rel, "sources": names, "columns": list(spec.columns), "cond_ratio": spec.cond_ratio,
+        json.dump({"file": rel, "sources": names, "columns": list(spec.columns), "cond_ratio": spec.cond.step,
                    "read_bytes": size}, meta)
     return size
 
@@ -129,11 +129,11 @@ def _arrays(spec: ReadSpec, tmp: str, lengths: np.ndarray):
     from numpy.lib.format import open_memmap
 
     rave = open_memmap(os.path.join(tmp, "rave.npy"), "w+", np.int16, (int(lengths.sum()), spec.num_quantizers))
-    if spec.conditioning == "none":
+    if not spec.cond.column:
         return [rave, None]
-    clen = int((-(-lengths // spec.cond_ratio)).sum())  # ceil(T / r) conditioning frames per chunk
-    if spec.conditioning == "features":
-        return [rave, open_memmap(os.path.join(tmp, "cond.npy"), "w+", np.float32, (clen, spec.cond_features))]
+    clen = int(spec.cond.frames(lengths).sum())  # ceil(T / r) conditioning frames per chunk
+    if spec.cond.kind == "features":
+        return [rave, open_memmap(os.path.join(tmp, "cond.npy"), "w+", np.float32, (clen, spec.cond.per_frame))]
     return [rave, open_memmap(os.path.join(tmp, "cond.npy"), "w+", np.int16, (clen,))]
 
 

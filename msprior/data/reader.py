@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -76,6 +76,7 @@ class Table:
     sources: List[str]
     val_sources: List[str]
     val_from: Optional[int] = None  # a one-file corpus: its chunks from this index on are validation
+    cond: ConditioningSpec = field(default_factory=ConditioningSpec)  # what the prior reads of it
 
     def is_val(self, rows: pa.Table) -> pa.Array:
         """Which rows are validation: those of the validation files, or the one file's last chunks."""
@@ -122,12 +123,14 @@ def open_table(db_path: str, val_fraction: float, seed: int, conditioning: str =
             f"{db_path}: config model.conditioning={conditioning!r} but the table has no conditioning; "
             "preprocess with conditioning or train a config without it"
         )
+    cond = ConditioningSpec.from_manifest(manifest).use(conditioning, db_path)
     index = read_table_index(db_path)
     sources = sorted(index["source"].to_pylist())
-    columns = ["source", "frames", "rave"] + ([conditioning] if conditioning != "none" else [])
+    columns = ["source", "frames", "rave"] + ([cond.column] if cond.column else [])
     val_from = one_file_split(db_path, index, val_fraction)
     return Table(db_path=db_path, manifest=manifest, index=index, columns=columns + ["chunk"] * (val_from is not None),
-                 sources=sources, val_sources=split_sources(sources, val_fraction, seed), val_from=val_from)
+                 sources=sources, val_sources=split_sources(sources, val_fraction, seed), val_from=val_from,
+                 cond=cond)
 
 
 def one_file_split(db_path: str, index: pa.Table, val_fraction: float) -> Optional[int]:
@@ -153,10 +156,7 @@ class ReadSpec:
     columns: List[str]
     num_quantizers: int
     vocab_size: int
-    conditioning: str = "none"
-    cond_ratio: int = 1
-    cond_features: int = 0
-    cond_vocab: int = 0
+    cond: ConditioningSpec = field(default_factory=ConditioningSpec)  # the prior's (Table.cond)
     cache_dir: Optional[str] = None  # the node cache's root (msprior.data.node_cache); None: each node's default
     where: Optional[Location] = None  # db_path resolved where the spec is made (the driver): its S3 settings travel
 
@@ -165,18 +165,12 @@ class ReadSpec:
             self.where = Location.of(self.db_path)
 
     @classmethod
-    def of(cls, table: Table, conditioning: str = "none", cond_ratio: int = 1) -> "ReadSpec":
+    def of(cls, table: Table) -> "ReadSpec":
         from msprior.model import DatasetFacts  # the one reader of the manifest's shapes
 
         f = DatasetFacts.from_manifest(table.manifest)
         return cls(db_path=table.db_path, columns=table.columns, num_quantizers=f.num_quantizers,
-                   vocab_size=f.vocab_size, conditioning=conditioning, cond_ratio=cond_ratio,
-                   cond_features=f.cond_features, cond_vocab=f.cond_vocab,
-                   cache_dir=os.environ.get(CACHE_ENV) or None)
-
-    def frames_kwargs(self) -> Dict:
-        return dict(num_quantizers=self.num_quantizers, conditioning=self.conditioning,
-                    cond_ratio=self.cond_ratio, cond_features=self.cond_features)
+                   vocab_size=f.vocab_size, cond=table.cond, cache_dir=os.environ.get(CACHE_ENV) or None)
 
 
 def _value_range(column: pa.ChunkedArray) -> Tuple[Optional[int], Optional[int]]:
@@ -198,14 +192,14 @@ def check_rows(rows: pa.Table, spec: ReadSpec, where: str) -> None:
     if pc.any(bad).as_py():
         raise DataError(f"{where}: a row's rave list is not frames x {q} quantizers long; re-run preprocess")
     checks = [("rave", spec.vocab_size, "rave.vocab_size")]
-    if spec.conditioning == "tokens":
-        checks.append(("tokens", spec.cond_vocab, "conditioning.tokens.vocab_size"))
+    if spec.cond.kind == "tokens":
+        checks.append(("tokens", spec.cond.vocab_size, "conditioning.tokens.vocab_size"))
     for col, vocab, key in checks:
         lo, hi = _value_range(rows[col])
         if lo is not None and (lo < 0 or hi >= vocab):
             raise DataError(f"{where}: column {col} holds values in [{lo}, {hi}] but the manifest's {key} is "
                             f"{vocab}: tokens must lie in [0, {vocab}); re-run preprocess with the table's RAVE model")
-    if spec.conditioning == "features" and rows.num_rows:
+    if spec.cond.kind == "features" and rows.num_rows:
         flat = pc.list_flatten(rows["features"])
         if not pc.all(pc.is_finite(flat)).as_py():
             raise DataError(f"{where}: column features holds NaN or inf values; re-run preprocess")
@@ -264,8 +258,7 @@ def read_files(spec: ReadSpec, files: Sequence[str], sources: Sequence[str]) -> 
 def read_split(table: Table, val: bool = True) -> pa.Table:
     """The validation (or train) rows read in the calling process (small tables, export, benches)."""
     chosen = set(table.val_sources)
-    cond = next((c for c in ("tokens", "features") if c in table.columns), "none")
-    spec = ReadSpec.of(table, cond)
+    spec = ReadSpec.of(table)
     if table.val_from is not None:  # one file: its last chunks are validation
         rows = read_files(spec, table.files, table.sources)
         mask = table.is_val(rows)
@@ -294,9 +287,9 @@ class Frames:
         return len(self.lengths)
 
 
-def frames_from_arrow(table: pa.Table, num_quantizers: int, conditioning: str = "none",
-                      cond_ratio: int = 1, cond_features: int = 0) -> Frames:
-    """Flatten chunk rows (Parquet columns of docs/ARCHITECTURE.md) into `Frames`."""
+def frames_from_arrow(table: pa.Table, num_quantizers: int, cond: ConditioningSpec = ConditioningSpec()) -> Frames:
+    """Flatten chunk rows (Parquet columns of docs/ARCHITECTURE.md) into `Frames`; with `cond` (the
+    prior's spec, `Table.cond`), its column too."""
     lengths = table["frames"].to_numpy().astype(np.int64)
     rave = pc.list_flatten(table["rave"]).to_numpy().astype(np.int16, copy=False)
     if rave.size != lengths.sum() * num_quantizers:
@@ -306,16 +299,16 @@ def frames_from_arrow(table: pa.Table, num_quantizers: int, conditioning: str = 
         )
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     out = Frames(rave=rave.reshape(-1, num_quantizers), starts=starts, lengths=lengths)
-    if conditioning != "none":
-        clen = -(-lengths // cond_ratio)  # ceil(T / r) conditioning frames per chunk
-        flat = pc.list_flatten(table[conditioning]).to_numpy()
-        per = cond_features if conditioning == "features" else 1
+    if cond.column:
+        clen = cond.frames(lengths)  # ceil(T / r) conditioning frames per chunk
+        flat = pc.list_flatten(table[cond.column]).to_numpy()
+        per = cond.per_frame
         if flat.size != clen.sum() * per:
             raise DataError(
-                f"latent table: column {conditioning!r} holds {flat.size} values, expected "
-                f"{clen.sum()} x {per} for ratio {cond_ratio}; re-run preprocess"
+                f"latent table: column {cond.column!r} holds {flat.size} values, expected "
+                f"{clen.sum()} x {per} for ratio {cond.ratio}; re-run preprocess"
             )
-        out.cond = flat.astype(np.float32).reshape(-1, per) if conditioning == "features" else flat.astype(np.int16)
+        out.cond = flat.astype(np.float32).reshape(-1, per) if cond.kind == "features" else flat.astype(np.int16)
         out.cond_starts = np.concatenate([[0], np.cumsum(clen)[:-1]]).astype(np.int64)
     return out
 

@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from msprior.conditioning import ConditioningSpec
 from msprior.data import node_cache
 from msprior.data.reader import DataError, Frames, ReadSpec, Table
 
@@ -77,11 +77,12 @@ class WindowSampler:
     sees conditioning frames 0 .. t // r of the window (docs/ARCHITECTURE.md).
     """
 
-    def __init__(self, frames: Union[Frames, Sequence[Frames]], seq_len: int, conditioning: str = "none",
-                 cond_ratio: int = 1, seed: int = 0, masks: Optional[Sequence[np.ndarray]] = None):
+    def __init__(self, frames: Union[Frames, Sequence[Frames]], seq_len: int,
+                 cond: ConditioningSpec = ConditioningSpec(), seed: int = 0,
+                 masks: Optional[Sequence[np.ndarray]] = None):
         parts = [frames] if isinstance(frames, Frames) else list(frames)
-        self.seq_len, self.conditioning = seq_len, conditioning
-        self.step = cond_ratio if conditioning != "none" else 1  # window start granularity
+        self.seq_len, self.conditioning = seq_len, cond.kind
+        self.step = cond.step  # window start granularity
         self.parts: List[Frames] = []
         self.num_starts: List[np.ndarray] = []
         self.cums: List[np.ndarray] = []
@@ -91,7 +92,7 @@ class WindowSampler:
             self.add(p, None if masks is None else masks[i])
         self.rng = np.random.default_rng(seed)
         self.offsets = np.arange(seq_len + 1)
-        self.cond_offsets = np.arange(math.ceil(seq_len / cond_ratio))
+        self.cond_offsets = np.arange(cond.frames(seq_len))
         if parts and self.total == 0:
             raise self.too_short()
 
@@ -246,7 +247,7 @@ class TrainWindows:
         order = np.random.default_rng(seed).permutation(sorted(self.mine))  # no region of the corpus first
         self.queue = [(str(f), indexed[f]) for f in order]
         self.nbytes, self.pending, self.read_bytes = file_bytes(self.table), [], 0
-        self.sampler = WindowSampler([], seq_len, self.spec.conditioning, self.spec.cond_ratio, seed=seed)
+        self.sampler = WindowSampler([], seq_len, self.spec.cond, seed=seed)
         if sum(self.nbytes.get(f, 0) for f in self.mine) <= WAIT_ALL_BYTES:
             self._fill_all()
         self.submit()

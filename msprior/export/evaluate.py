@@ -26,7 +26,7 @@ def validation_batches(config: Config, db_path: str, batches: int = 8, batch_siz
 
     m = config.model
     table = reader.open_table(db_path, config.data.val_fraction, config.data.seed, m.conditioning)
-    cond = ConditioningSpec.from_manifest(table.manifest).use(m.conditioning, db_path)
+    cond = table.cond
     if trained is not None:
         trained.check_compatible(cond, f"{db_path}: the prior's conditioning vs this table's",
                                  "score the export on the table it was trained on")
@@ -34,8 +34,8 @@ def validation_batches(config: Config, db_path: str, batches: int = 8, batch_siz
     if arrow.num_rows == 0:
         arrow = reader.read_split(table, val=False)
     facts = DatasetFacts.from_manifest(table.manifest)
-    frames = reader.frames_from_arrow(arrow, facts.num_quantizers, m.conditioning, m.cond_ratio, cond.num_features)
-    sampler = WindowSampler(frames, m.seq_len, m.conditioning, m.cond_ratio, seed=seed)
+    frames = reader.frames_from_arrow(arrow, facts.num_quantizers, cond)
+    sampler = WindowSampler(frames, m.seq_len, cond, seed=seed)
     return [{k: torch.from_numpy(v) for k, v in sampler.sample(batch_size).items()} for _ in range(batches)]
 
 

@@ -77,8 +77,8 @@ def evaluate(req: EvaluateRequest, echo: Optional[Callable[[str], Any]] = None) 
         raise EvaluateError(f"--batch_size {req.batch_size}: must be >= 1")
     prior = build_prior(m, DatasetFacts.from_manifest(state["manifest"]))
     prior.load_state_dict(state["model"])
-    manifest, frames = quality.read_frames(db_path, m.conditioning, m.cond_ratio)
-    windows = quality.tile_windows(frames, m.seq_len, m.conditioning, m.cond_ratio)
+    table, frames = quality.read_frames(db_path, m.conditioning)
+    manifest, windows = table.manifest, quality.tile_windows(frames, m.seq_len, table.cond)
     if not len(windows):
         raise EvaluateError(f"--db_path {req.db_path}: no chunk holds seq_len + 1 = {m.seq_len + 1} frames; "
                             "nothing to score")

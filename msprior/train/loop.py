@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from msprior import devices
-from msprior.config import Config, scaled_lr
+from msprior.config import scaled_lr
 from msprior.checkpoint import CHECKPOINT_FILE, save_checkpoint
 from msprior.model import DatasetFacts
 from msprior.train import ddp, quality
@@ -43,12 +43,6 @@ class LossModule(torch.nn.Module):
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         return self.prior.loss(batch)
-
-
-def shard_kwargs(cfg: Config, manifest: Dict) -> Dict[str, Any]:
-    facts = DatasetFacts.from_manifest(manifest)
-    return dict(num_quantizers=facts.num_quantizers, conditioning=cfg.model.conditioning,
-                cond_ratio=cfg.model.cond_ratio, cond_features=facts.cond_features)
 
 
 def to_device(batch: Dict[str, np.ndarray], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -228,9 +222,8 @@ class Worker:
         import ray
 
         cfg, rank, world = self.cfg, self.rank, self.world
-        kw = shard_kwargs(cfg, self.manifest)
         self.local_bs = cfg.train.batch_size  # per worker: the global batch is world x batch_size
-        self.seq_q = cfg.model.seq_len * kw["num_quantizers"]  # tokens (frames x quantizers) per window
+        self.seq_q = cfg.model.seq_len * DatasetFacts.from_manifest(self.manifest).num_quantizers  # tokens (frames x quantizers) per window
         # seeded by (seed, rank, step): a resumed run draws fresh windows, each rank its own
         self.sampler = TrainWindows(self.inputs.train_data, rank, world, cfg.model.seq_len,
                                     seed=np.random.SeedSequence([cfg.train.seed, rank, self.step]).generate_state(1)[0])

@@ -26,6 +26,8 @@ from typing import Dict, Iterator, Optional
 import numpy as np
 import torch
 
+from msprior.conditioning import ConditioningSpec
+
 SMOOTH = 0.5  # add-1/2 counts per token in the generation check's histograms (finite KL)
 GEN_STREAMS = 8  # streams sampled in parallel by the generation check
 GEN_FRAMES = 64  # frames per stream (at most seq_len: the conditioning of one validation window)
@@ -62,9 +64,10 @@ class Windows:
             yield batch
 
 
-def tile_windows(frames, seq_len: int, conditioning: str = "none", cond_ratio: int = 1) -> Windows:
-    """Every window of `frames` (msprior.data.reader.Frames), in chunk order: starts 0, stride, ..."""
-    r = cond_ratio if conditioning != "none" else 1
+def tile_windows(frames, seq_len: int, cond: ConditioningSpec = ConditioningSpec()) -> Windows:
+    """Every window of `frames` (msprior.data.reader.Frames), in chunk order: starts 0, stride, ...
+    `cond`: the prior's conditioning (`Table.cond`), whose frames the windows carry."""
+    conditioning, r = cond.kind, cond.step
     stride = max(r, seq_len // r * r)  # conditioned windows start on a conditioning frame
     room = frames.lengths - (seq_len + 1)
     per_chunk = np.where(room >= 0, room // stride + 1, 0)
@@ -73,29 +76,29 @@ def tile_windows(frames, seq_len: int, conditioning: str = "none", cond_ratio: i
     rows = (frames.starts[chunk] + start)[:, None] + np.arange(seq_len + 1)
     out = Windows(rave=frames.rave[rows], conditioning=conditioning)
     if conditioning != "none":
-        crows = (frames.cond_starts[chunk] + start // r)[:, None] + np.arange(-(-seq_len // r))
+        crows = (frames.cond_starts[chunk] + start // r)[:, None] + np.arange(cond.frames(seq_len))
         out.cond = frames.cond[crows]  # tokens [N, Tc] or features [N, Tc, F]
     return out
 
 
-def read_frames(db_path: str, conditioning: str = "none", cond_ratio: int = 1):
-    """(manifest, Frames) of a whole table, every indexed source, checked as training checks it."""
+def read_frames(db_path: str, conditioning: str = "none"):
+    """(Table, Frames) of a whole table, every indexed source, checked as training checks it; the
+    prior reads `conditioning` (a kind) of it."""
     from msprior.data import reader
     from msprior.model import DatasetFacts
 
     table = reader.open_table(db_path, 0.0, 0, conditioning)  # fraction 0: no validation split
     rows = reader.read_split(table, val=False)
     facts = DatasetFacts.from_manifest(table.manifest)
-    frames = reader.frames_from_arrow(rows, facts.num_quantizers, conditioning, cond_ratio, facts.cond_features)
-    return table.manifest, frames
+    return table, reader.frames_from_arrow(rows, facts.num_quantizers, table.cond)
 
 
-def held_out_windows(db_path: str, seq_len: int, conditioning: str = "none", cond_ratio: int = 1) -> Windows:
+def held_out_windows(db_path: str, seq_len: int, conditioning: str = "none") -> Windows:
     """Every window of the whole table at `db_path` (see the module's docstring); deterministic."""
     from msprior.data.reader import DataError
 
-    _, frames = read_frames(db_path, conditioning, cond_ratio)
-    windows = tile_windows(frames, seq_len, conditioning, cond_ratio)
+    table, frames = read_frames(db_path, conditioning)
+    windows = tile_windows(frames, seq_len, table.cond)
     if not len(windows):
         raise DataError(f"{db_path}: no chunk holds seq_len + 1 = {seq_len + 1} frames (longest: "
                         f"{int(frames.lengths.max(initial=0))}); nothing to score")

@@ -193,8 +193,7 @@ def load_data(p: Plan):
     from msprior.data.layout import open_data
     from msprior.data.reader import ReadSpec
 
-    m = p.cfg.model
-    return open_data(p.table, ReadSpec.of(p.table, m.conditioning, m.cond_ratio))
+    return open_data(p.table, ReadSpec.of(p.table))
 
 
 def validation_windows(p: Plan, data):

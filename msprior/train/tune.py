@@ -198,7 +198,7 @@ def load_shared(p: SweepPlan):
     cfg = p.base_cfg
     table = open_table(st.absolute(p.req.db_path), cfg.data.val_fraction, cfg.data.seed, cfg.model.conditioning)
     check_table_vs_config(cfg, table.manifest, table.db_path)
-    return table, ReadSpec.of(table, cfg.model.conditioning, cfg.model.cond_ratio)
+    return table, ReadSpec.of(table)
 
 
 def start_parent(p: SweepPlan) -> None:
