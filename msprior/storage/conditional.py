@@ -94,28 +94,37 @@ def _local_tag(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+def _s3_get(loc: Location, fs, p: str) -> Tuple[bytes, str, float]:
+    """(bytes, ETag, age in s on the server's clock) of an object; FileNotFoundError when missing."""
+    import email.utils
+
+    import fsspec.asyn
+
+    bucket, key = _s3_split(p)
+
+    async def get():
+        r = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with r["Body"] as body:
+            data = await body.read()
+        now = email.utils.parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return data, str(r.get("ETag", "")), (now - r["LastModified"]).total_seconds()
+
+    try:
+        return fsspec.asyn.sync(fs.loop, get)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        if "NoSuchKey" in str(e) or "404" in str(e):
+            raise FileNotFoundError(loc.url) from None
+        raise
+
+
 def read_versioned(where: Where) -> Tuple[bytes, str]:
     """(bytes, version tag) of a file or object; FileNotFoundError when it is missing."""
     loc = Location.of(where)
     fs, p = loc.fs()
     if not loc.is_local:
-        import fsspec.asyn
-
-        bucket, key = _s3_split(p)
-
-        async def get():
-            r = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-            async with r["Body"] as body:
-                return await body.read(), str(r.get("ETag", ""))
-
-        try:
-            return fsspec.asyn.sync(fs.loop, get)
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            if "NoSuchKey" in str(e) or "404" in str(e):
-                raise FileNotFoundError(loc.url) from None
-            raise
+        return _s3_get(loc, fs, p)[:2]
     with open(p, "rb") as f:
         data = f.read()
     return data, _local_tag(data)
@@ -129,27 +138,7 @@ def read_aged(where: Where) -> Tuple[bytes, str, float]:
     loc = Location.of(where)
     fs, p = loc.fs()
     if not loc.is_local:
-        import email.utils
-
-        import fsspec.asyn
-
-        bucket, key = _s3_split(p)
-
-        async def get():
-            r = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-            async with r["Body"] as body:
-                data = await body.read()
-            now = email.utils.parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
-            return data, str(r.get("ETag", "")), (now - r["LastModified"]).total_seconds()
-
-        try:
-            return fsspec.asyn.sync(fs.loop, get)
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            if "NoSuchKey" in str(e) or "404" in str(e):
-                raise FileNotFoundError(loc.url) from None
-            raise
+        return _s3_get(loc, fs, p)
     with open(p, "rb") as f:
         data = f.read()
         written = os.fstat(f.fileno()).st_mtime
