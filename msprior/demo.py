@@ -19,9 +19,10 @@ DEMO_OVERRIDES = [
     "optim.warmup_steps=50", "optim.lr=2e-3", "train.batch_size=16", "train.val_batches=4",
 ]
 # The demo corpus (6,896 frames) is one epoch per ~7 steps of 16 x 64 frames: validation CE is best
-# at step 50-75 and rises after (memorising; bench/RESULTS.md, "The demo's steps"). 150 steps,
-# validated every 50, export the best.
-DEMO_VAL_EVERY = 50
+# at step 50-75 and rises after (memorising; bench/RESULTS.md, "The demo's steps"): validate every
+# 25 steps and stop after 2 validations without a new best (~100 steps); the best is exported.
+DEMO_VAL_EVERY = 25
+DEMO_STOP = ["train.patience=2"]
 
 
 @dataclass
@@ -29,7 +30,8 @@ class DemoRequest:
     """`msprior demo`: the embedded default, with nothing to pass."""
 
     workdir: str = flag("msprior-demo", "Work folder (codec, corpus, table, runs, mlflow.db).")
-    max_steps: int = flag(150, "Training steps of the small demo prior (validated every 50; the best is exported).")
+    max_steps: int = flag(300, "At most this many training steps of the small demo prior (validated every 25, "
+                                "stopped after 2 validations without a new best; the best is exported).")
 
 
 @dataclass
@@ -59,7 +61,7 @@ def run_demo(workdir: str = DemoRequest.workdir, max_steps: int = DemoRequest.ma
         echo(f"[demo] synthetic corpus (melodies, chords, noise) -> {audio}")
     tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     req = PipelineRequest(audio, rave, os.path.join(workdir, "out"), config="decoder_only", name="demo",
-                          overrides=DEMO_OVERRIDES, max_steps=max_steps, val_every=DEMO_VAL_EVERY, num_secs=8.0,
+                          overrides=DEMO_OVERRIDES + DEMO_STOP, max_steps=max_steps, val_every=DEMO_VAL_EVERY, num_secs=8.0,
                           tracking_uri=tracking)
     result = run_pipeline(req, echo=echo)
     reg = result["registered"]

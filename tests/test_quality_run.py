@@ -101,3 +101,20 @@ def test_sweep_trial_logs_quality(ray_session, train_table, train_dirs, tmp_path
     assert len(trial["val_ce_q"]) == Q and sum(trial["val_ce_q"]) / Q == pytest.approx(trial["val_loss"], abs=1e-6)
     parent = _metrics(c, s["parent_run_id"])
     assert [parent[f"best_val_ce_q{q}"] for q in range(Q)] == pytest.approx(trial["val_ce_q"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_training_stops_after_patience_validations_without_a_new_best(ray_session, train_table, train_dirs):
+    """`train.patience` (the demo's stop): an lr far below fp32's resolution leaves the weights as
+    they are, so every validation after the first is no new best; with patience 2 and val_every 10
+    the run stops at step 30 of 100 and says so in its summary (run.json)."""
+    from msprior.train import train, tracking
+
+    storage, uri = train_dirs
+    s = train("decoder_only", train_table, "stop", max_steps=100, num_workers=1, batch_size=8, val_every=10,
+              overrides=TINY + ["optim.lr=1e-30", "train.patience=2"], storage_path=storage, tracking_uri=uri)
+    hist = tracking.client(uri).get_metric_history(s["mlflow_run_id"], "val_loss")
+    assert sorted(m.step for m in hist) == [10, 20, 30], hist
+    assert len({m.value for m in hist}) == 1  # no weight moved: the same loss at every validation
+    assert s["step"] == 30 and s["early_stopped"] is True  # run.json says why it ended before max_steps

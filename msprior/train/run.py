@@ -325,6 +325,7 @@ def finish(req: TrainRequest, p: Plan, result, wall: float) -> Dict[str, Any]:
         "last_checkpoint": _ckpt_uri(result.checkpoint),
         "best_val_loss": metrics.get("best_val_loss"),
         "step": metrics.get("step"),
+        "early_stopped": bool(metrics.get("early_stopped")),  # train.patience validations without a new best
         "mlflow_run_id": run_id,
         "tracking_uri": redact_uri(p.tracking["uri"]),  # run.json travels; a password must not
         "db_path": p.table.db_path,
