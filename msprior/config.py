@@ -349,12 +349,5 @@ def apply_overrides(cfg: Config, overrides: Sequence[str], where: str = "config"
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str):  # YAML 1.1 reads "2e-3" as a string: numbers as a user means them
-            for cast in (int, float):
-                try:
-                    value = cast(value)
-                    break
-                except ValueError:
-                    pass
-        data[section][name] = value
+        data[section][name] = value  # "2e-3" (a string to YAML 1.1): strict.check_value reads the number
     return build(Config, data, f"{where} (with --override)", prefix="").validate(where)

@@ -47,8 +47,21 @@ def build(cls, data: Any, where: str, prefix: str):
     return cls(**kwargs)
 
 
+def number(value: Any) -> Any:
+    """PyYAML reads YAML 1.1, where `1e-4` (no dot) is a string: the number a user means; any other
+    value as it is. The one place such strings become numbers (config files, overrides, sweeps)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def check_value(value: Any, hint: Any, where: str, key: str) -> Any:
     origin = typing.get_origin(hint)
+    if hint in (int, float) and isinstance(value, str):
+        value = number(value)
     if origin in (list, List):
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):

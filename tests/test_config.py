@@ -40,6 +40,22 @@ def test_mistyped_value_names_key_and_file(tmp_path):
         load_config(p)
 
 
+def test_yaml_1_1_exponents_are_numbers_in_files_overrides_and_sweeps(tmp_path):
+    """PyYAML reads `1e-4` (no dot) as a string; a config file, an override and a sweep's range all
+    take it as the number it is (one rule: strict.number), and a non-number still fails."""
+    from msprior.train.sweep_file import parse_space
+
+    p = tmp_path / "mine.yaml"
+    p.write_text("optim:\n  lr: 1e-4\n  betas: [9e-1, 0.99]\ntrain:\n  max_steps: 2e4\nmodel:\n  family: gru\n")
+    cfg = load_config(p)
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.train.max_steps) == (1e-4, [0.9, 0.99], 20000)
+    assert load_config("decoder_only", ["optim.lr=3e-4"]).optim.lr == 3e-4
+    assert parse_space({"tune.loguniform": ["1e-4", "3e-3"]}, "s").args == {"lower": 1e-4, "upper": 3e-3}
+    p.write_text("train:\n  max_steps: 2e-3\n")
+    with pytest.raises(ConfigError, match="train.max_steps must be an integer, got 0.002"):
+        load_config(p)
+
+
 def test_overrides():
     cfg = load_config("decoder_only", ["model.num_layers=4", "optim.betas=[0.8, 0.9]", "train.ema=0.999",
                                        "optim.lr=2e-3"])

@@ -29,6 +29,7 @@ from typing import Any, Dict, List
 
 import yaml
 
+from msprior.strict import number
 from msprior.train.request import TrainError
 
 # ray.tune's samplers and their arguments, in order (a list is positional, a mapping by name)
@@ -72,16 +73,6 @@ class Sampler:
         return getattr(tune, self.kind)(**self.args)
 
 
-def _number(v: Any) -> Any:
-    """YAML 1.1 reads `1e-4` as a string: a number, as the user meant it."""
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
-
-
 def parse_space(spec: Any, where: str) -> Any:
     """A `param_space` value -> a Sampler, or the constant it is."""
     if isinstance(spec, list):
@@ -107,7 +98,7 @@ def parse_space(spec: Any, where: str) -> Any:
     missing = [n for n in names if n not in args and n not in OPTIONAL]
     if missing:
         raise TrainError(f"{where}: tune.{kind} needs {', '.join(missing)}")
-    return Sampler(kind, {k: v if kind in ("choice", "grid_search") else _number(v) for k, v in args.items()})
+    return Sampler(kind, {k: v if kind in ("choice", "grid_search") else number(v) for k, v in args.items()})
 
 
 def load_sweep(path: str) -> Dict[str, Any]:
