@@ -2,11 +2,12 @@
 a finished `make demo` (msprior-demo/out/data): what `msprior demo`'s max_steps / val_every rest on.
 
     python bench/demo_steps.py DROPOUT MAX_STEPS VAL_EVERY NAME [override ...]
-    python bench/demo_steps.py 0.01 300 100 b300     # the demo before 2026-12-07 (the baseline)
-    python bench/demo_steps.py 0.01 150 50 s150      # the demo since
+    python bench/demo_steps.py 0.01 300 100 b300                    # the demo before 2026-12-07 (baseline)
+    python bench/demo_steps.py 0.01 300 25 p2 train.patience=2      # the demo since (msprior.demo)
 
 Prints validation CE by step (MLflow's val_loss) and the training wall; compare runs made back to
-back on the same machine. `--table` / `--work` via the environment: DEMO_TABLE, DEMO_WORK.
+back on the same machine. The table and the work folder come from the environment: DEMO_TABLE
+(default msprior-demo/out/data), DEMO_WORK (default /var/tmp/demoexp).
 """
 
 import os

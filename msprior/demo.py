@@ -61,8 +61,8 @@ def run_demo(workdir: str = DemoRequest.workdir, max_steps: int = DemoRequest.ma
         echo(f"[demo] synthetic corpus (melodies, chords, noise) -> {audio}")
     tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     req = PipelineRequest(audio, rave, os.path.join(workdir, "out"), config="decoder_only", name="demo",
-                          overrides=DEMO_OVERRIDES + DEMO_STOP, max_steps=max_steps, val_every=DEMO_VAL_EVERY, num_secs=8.0,
-                          tracking_uri=tracking)
+                          overrides=DEMO_OVERRIDES + DEMO_STOP, max_steps=max_steps, val_every=DEMO_VAL_EVERY,
+                          num_secs=8.0, tracking_uri=tracking)
     result = run_pipeline(req, echo=echo)
     reg = result["registered"]
     ref = f"{reg['name']}@champion"

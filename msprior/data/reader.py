@@ -118,12 +118,13 @@ def read_table_index(db_path: str) -> pa.Table:
 def open_table(db_path: str, val_fraction: float, seed: int, conditioning: str = "none") -> Table:
     """Read the manifest and the index (two small files) and split by source file."""
     manifest = read_manifest(db_path)
-    if not ConditioningSpec.from_manifest(manifest).has(conditioning):
+    table_cond = ConditioningSpec.from_manifest(manifest)
+    if not table_cond.has(conditioning):
         raise DataError(
             f"{db_path}: config model.conditioning={conditioning!r} but the table has no conditioning; "
             "preprocess with conditioning or train a config without it"
         )
-    cond = ConditioningSpec.from_manifest(manifest).use(conditioning, db_path)
+    cond = table_cond.use(conditioning, db_path)
     index = read_table_index(db_path)
     sources = sorted(index["source"].to_pylist())
     columns = ["source", "frames", "rave"] + ([cond.column] if cond.column else [])

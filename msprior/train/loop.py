@@ -222,8 +222,9 @@ class Worker:
         import ray
 
         cfg, rank, world = self.cfg, self.rank, self.world
+        facts = DatasetFacts.from_manifest(self.manifest)
         self.local_bs = cfg.train.batch_size  # per worker: the global batch is world x batch_size
-        self.seq_q = cfg.model.seq_len * DatasetFacts.from_manifest(self.manifest).num_quantizers  # tokens (frames x quantizers) per window
+        self.seq_q = cfg.model.seq_len * facts.num_quantizers  # tokens (frames x quantizers) per window
         # seeded by (seed, rank, step): a resumed run draws fresh windows, each rank its own
         self.sampler = TrainWindows(self.inputs.train_data, rank, world, cfg.model.seq_len,
                                     seed=np.random.SeedSequence([cfg.train.seed, rank, self.step]).generate_state(1)[0])
@@ -231,7 +232,7 @@ class Worker:
         self.val_batches = [to_device({k: v.copy() for k, v in b.items()}, self.device)  # own (writable) copies
                             for b in every[rank::world]]
         # the generation check (rank 0): validation tokens' histogram, windows that seed the streams
-        self.val_counts = quality.target_counts(every, DatasetFacts.from_manifest(self.manifest).vocab_size)
+        self.val_counts = quality.target_counts(every, facts.vocab_size)
         self.gen_batch = to_device({k: v[:quality.GEN_STREAMS].copy() for k, v in every[0].items()}, self.device)
 
     def train_step(self) -> torch.Tensor:
